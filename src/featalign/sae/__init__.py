@@ -1,0 +1,5 @@
+"""Sparse autoencoders: architectures and formats (model), training, metrics, matching."""
+
+from .model import SAE, SAEConfig, check_fits, load_gemma_scope, load_sae, load_saelens
+
+__all__ = ["SAE", "SAEConfig", "check_fits", "load_gemma_scope", "load_sae", "load_saelens"]

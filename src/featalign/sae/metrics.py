@@ -1,0 +1,111 @@
+"""SAE metrics on held-out activations: MSE, normalised MSE / explained variance, L0, dead and dense
+latents, and CE loss recovered / KL when the reconstruction is spliced into the model."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..models import decoder_layers
+
+
+@contextlib.contextmanager
+def splice(model, layer: int, fn):
+    """Replace decoder ``layer``'s output hidden state h by ``fn(h)`` for the duration of the block."""
+
+    def hook(_m, _i, out):
+        if isinstance(out, tuple):
+            return (fn(out[0]),) + tuple(out[1:])
+        return fn(out)
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _ce_and_logp(model, ids, att):
+    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
+    logp = logits.log_softmax(-1)
+    mask = att[:, 1:].bool()
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return nll[mask], logp[mask]
+
+
+@torch.no_grad()
+def evaluate_sae(sae, model, tokenizer, docs: list[list[int]], layer: int, max_tokens: int = 8192,
+                 batch_size: int = 32, max_length: int = 128, dense_threshold: float = 0.1) -> dict:
+    """All metrics in one pass over ``docs`` (token id lists), stopping after ``max_tokens`` tokens."""
+    device = next(model.parameters()).device
+    sae = sae.to(device)
+    pad = tokenizer.pad_token_id
+    sq_err = sq_dev = l0 = 0.0
+    sum_x = None
+    xs_for_var = []
+    fire_count = torch.zeros(sae.d_sae, device=device)
+    n_tok = 0
+    ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    kl_sum = 0.0
+    n_pred = 0
+    captured = {}
+
+    def recon(h):
+        flat = h.float()
+        captured["h"] = flat
+        return sae(flat).to(h.dtype)
+
+    for i in range(0, len(docs), batch_size):
+        seqs = [d[:max_length] for d in docs[i : i + batch_size]]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+        att = torch.zeros_like(ids)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s, device=device)
+            att[r, : len(s)] = 1
+        nll_clean, logp_clean = _ce_and_logp(model, ids, att)
+        with splice(model, layer, recon):
+            nll_spliced, logp_spliced = _ce_and_logp(model, ids, att)
+        with splice(model, layer, torch.zeros_like):
+            nll_zero, _ = _ce_and_logp(model, ids, att)
+        ce["clean"] += nll_clean.sum().item()
+        ce["spliced"] += nll_spliced.sum().item()
+        ce["zero"] += nll_zero.sum().item()
+        kl_sum += (logp_clean.exp() * (logp_clean - logp_spliced)).sum().item()
+        n_pred += nll_clean.numel()
+        x = captured["h"][att.bool()]
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+        sq_err += (x - x_hat).pow(2).sum().item()
+        xs_for_var.append(x)
+        l0 += (f > 0).sum().item()
+        fire_count += (f > 0).sum(0)
+        n_tok += len(x)
+        if n_tok >= max_tokens:
+            break
+    allx = torch.cat(xs_for_var)
+    sq_dev = (allx - allx.mean(0)).pow(2).sum().item()
+    frac = fire_count / n_tok
+    denom = ce["zero"] - ce["clean"]
+    return {
+        "tokens": n_tok,
+        "mse": sq_err / n_tok,
+        "normalized_mse": sq_err / sq_dev,
+        "explained_variance": 1 - sq_err / sq_dev,
+        "l0": l0 / n_tok,
+        "dead_fraction": float((fire_count == 0).float().mean()),
+        "dense_fraction": float((frac > dense_threshold).float().mean()),
+        "ce_clean": ce["clean"] / n_pred,
+        "ce_spliced": ce["spliced"] / n_pred,
+        "ce_zero_ablation": ce["zero"] / n_pred,
+        "ce_loss_recovered": (ce["zero"] - ce["spliced"]) / denom if abs(denom) > 1e-12 else float("nan"),
+        "kl_to_clean": kl_sum / n_pred,
+    }
+
+
+def format_table(report: dict) -> str:
+    rows = [("metric", "value")] + [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in report.items()]
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)

@@ -1,0 +1,251 @@
+"""Train SAEs on a causal LM's residual stream at one layer: TopK + AuxK, JumpReLU (straight-through
+estimator), ReLU + decoder-norm-weighted L1. Activations are streamed through a shuffle buffer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError
+from ..models import check_layer, hidden_size, run_to_layer
+from .model import SAE, SAEConfig
+
+
+@dataclass
+class SAETrainConfig:
+    model: str = ""
+    data: str = ""
+    layer: int = 2
+    out: str = "runs/sae"
+    architecture: str = "topk"
+    d_sae: int = 512
+    k: int = 32
+    l1_coeff: float = 5.0
+    l0_coeff: float = 1e-3
+    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.001
+    aux_k: int | None = None
+    aux_coeff: float = 1 / 32
+    dead_tokens: int = 20_000
+    tokens: int = 600_000
+    batch_tokens: int = 1024
+    lr: float = 1e-3
+    buffer_tokens: int = 32_768
+    model_batch_size: int = 32
+    max_length: int = 128
+    eval_tokens: int = 40_000
+    seed: int = 0
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- activations
+def read_texts(path: str, tokenizer) -> list[list[int]]:
+    """Token ids per document from JSONL: ``text``; ``prompt`` + ``response``; or preference records
+    (prompt + chosen and prompt + rejected). Prompts go through the tokenizer's chat template."""
+    from ..data import encode_prompt, encode_response, read_records
+
+    docs = []
+    for line, rec in read_records(path):
+        if not isinstance(rec, dict):
+            raise DataError("a record must be an object", path, line)
+        if "text" in rec:
+            docs.append(tokenizer(rec["text"])["input_ids"])
+        elif "prompt" in rec and ("response" in rec or "chosen" in rec):
+            p = encode_prompt(tokenizer, rec["prompt"])
+            for key in ("response", "chosen", "rejected"):
+                if isinstance(rec.get(key), str):
+                    docs.append(p + encode_response(tokenizer, rec[key]))
+        else:
+            raise DataError("needs 'text', or 'prompt' with 'response'/'chosen'", path, line)
+    if not docs:
+        raise DataError("holds no documents", path)
+    return docs
+
+
+@torch.no_grad()
+def iter_activations(model, tokenizer, docs: list[list[int]], layer: int, batch_size: int = 32, max_length: int = 128,
+                     seed: int = 0, loop: bool = True) -> Iterator[torch.Tensor]:
+    """Yield [n_tokens, d] residual-stream activations at ``layer`` (padding removed), cycling over docs."""
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id
+    while True:
+        order = list(range(len(docs)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            seqs = [docs[j][:max_length] for j in order[i : i + batch_size]]
+            width = max(map(len, seqs))
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            att = torch.zeros_like(ids)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s)
+                att[r, : len(s)] = 1
+            h = run_to_layer(model, layer, input_ids=ids.to(device), attention_mask=att.to(device))
+            yield h[att.to(device).bool()].float()
+        if not loop:
+            return
+
+
+def shuffle_buffer(source: Iterator[torch.Tensor], buffer_tokens: int, batch_tokens: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Mix tokens from many documents: fill a buffer, hand out a random half in batches, refill."""
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.empty(0)
+    for chunk in source:
+        buf = chunk if buf.numel() == 0 else torch.cat([buf, chunk.to(buf.device)])
+        if len(buf) < buffer_tokens:
+            continue
+        perm = torch.randperm(len(buf), generator=g).to(buf.device)
+        buf = buf[perm]
+        half = len(buf) // 2
+        for i in range(0, half - batch_tokens + 1, batch_tokens):
+            yield buf[i : i + batch_tokens]
+        buf = buf[half:]
+
+
+# ---------------------------------------------------------------- JumpReLU straight-through estimators
+def _rect(z: torch.Tensor) -> torch.Tensor:
+    return ((z > -0.5) & (z < 0.5)).to(z.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, threshold, bandwidth):
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return x * (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        gx = (x > threshold).to(x.dtype) * grad
+        gt = -(threshold / eps) * _rect((x - threshold) / eps) * grad
+        return gx, gt.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, threshold, bandwidth):
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        gt = -(1.0 / eps) * _rect((x - threshold) / eps) * grad
+        return torch.zeros_like(x), gt.sum(0), None
+
+
+# ---------------------------------------------------------------- training
+def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, model_name: str) -> SAE:
+    g = torch.Generator().manual_seed(cfg.seed)
+    sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.architecture, k=cfg.k if cfg.architecture == "topk" else None,
+                        apply_b_dec_to_input=True, layer=layer, model=model_name))
+    with torch.no_grad():
+        w = torch.randn(cfg.d_sae, d_in, generator=g)
+        w /= w.norm(dim=-1, keepdim=True)
+        if cfg.architecture != "topk":
+            w *= 0.1
+        sae.W_dec.copy_(w)
+        sae.W_enc.copy_(w.T)
+        sae.b_dec.copy_(first.mean(0))
+        if cfg.architecture == "jumprelu":
+            sae.threshold.fill_(cfg.jumprelu_init_threshold)
+    return sae
+
+
+def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    pre = sae.encode_pre(x)
+    arch = cfg.architecture
+    aux = torch.zeros((), device=x.device)
+    if arch == "jumprelu":
+        thr = sae.threshold
+        f = _JumpReLU.apply(torch.relu(pre), thr, cfg.jumprelu_bandwidth)
+        l0_ste = _Step.apply(torch.relu(pre), thr, cfg.jumprelu_bandwidth).sum(-1).mean()
+    else:
+        f = sae.activate(pre)
+    x_hat = sae.decode(f)
+    err = x - x_hat
+    mse = err.pow(2).sum(-1).mean()
+    var = (x - x.mean(0)).pow(2).sum(-1).mean()
+    if arch == "topk":
+        loss = mse
+        if dead is not None and dead.any():
+            k_aux = min(cfg.aux_k or max(1, x.shape[-1] // 2), int(dead.sum()))
+            dead_pre = pre.masked_fill(~dead, -float("inf"))
+            vals, idx = dead_pre.topk(k_aux, dim=-1)
+            e_hat = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ sae.W_dec
+            target = err.detach()
+            aux = (e_hat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp(min=1e-8)
+            loss = loss + cfg.aux_coeff * aux
+    elif arch == "jumprelu":
+        loss = mse + cfg.l0_coeff * l0_ste
+    else:
+        loss = mse + cfg.l1_coeff * (f * sae.W_dec.norm(dim=-1)).sum(-1).mean()
+    return loss, {"mse": mse.detach(), "ev": 1 - mse.detach() / var.clamp(min=1e-8), "l0": (f > 0).float().sum(-1).mean().detach(),
+                  "aux": aux.detach(), "fired": (f > 0).any(0)}
+
+
+def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dict]:
+    """Train an SAE on ``cfg.model`` at ``cfg.layer`` over ``cfg.tokens`` tokens; save it to ``cfg.out``."""
+    from ..models import load_model, load_tokenizer
+    from .metrics import evaluate_sae
+
+    torch.manual_seed(cfg.seed)
+    model = model if model is not None else load_model(cfg.model)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    model.eval()
+    layer = check_layer(model, cfg.layer)
+    d_in = hidden_size(model)
+    docs = read_texts(cfg.data, tokenizer)
+    rng = random.Random(cfg.seed)
+    rng.shuffle(docs)
+    n_eval_docs = max(1, len(docs) // 10)
+    eval_docs, train_docs = docs[:n_eval_docs], docs[n_eval_docs:]
+    stream = shuffle_buffer(iter_activations(model, tokenizer, train_docs, layer, cfg.model_batch_size, cfg.max_length, cfg.seed),
+                            cfg.buffer_tokens, cfg.batch_tokens, cfg.seed)
+    first = next(stream)
+    sae = init_sae(cfg, d_in, first, layer, cfg.model)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    steps = max(1, cfg.tokens // cfg.batch_tokens)
+    decay_from = int(0.8 * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from)))
+    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+    bar = tqdm(range(steps), desc=f"sae {cfg.architecture}", disable=not cfg.progress)
+    x = first
+    for step in bar:
+        if step:
+            x = next(stream)
+        dead = since_fired > cfg.dead_tokens if cfg.architecture == "topk" else None
+        loss, m = sae_loss(sae, x, cfg, dead)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            if cfg.architecture == "topk":
+                sae.normalize_decoder()
+            if cfg.architecture == "jumprelu":
+                sae.threshold.clamp_(min=1e-6)
+        since_fired += len(x)
+        since_fired[m["fired"]] = 0
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(mse=f"{m['mse'].item():.4f}", ev=f"{m['ev'].item():.3f}", l0=f"{m['l0'].item():.1f}",
+                            dead=int((since_fired > cfg.dead_tokens).sum()))
+    sae.eval().requires_grad_(False)
+    report = evaluate_sae(sae, model, tokenizer, eval_docs, layer, max_tokens=cfg.eval_tokens, batch_size=cfg.model_batch_size,
+                          max_length=cfg.max_length)
+    report["train_dead_fraction"] = float((since_fired > cfg.dead_tokens).float().mean())
+    sae.save(cfg.out, extra={"train_config": asdict(cfg), "eval": report})
+    with open(os.path.join(cfg.out, "eval.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return sae, report
+

@@ -1,0 +1,411 @@
+"""The preference-training loop: one config dataclass, an `accelerate` loop, every method in `losses.METHODS`.
+
+Why an `accelerate` loop rather than a `transformers.Trainer` subclass: FPO's point is what is *not* in
+memory (no reference model), TDPO needs the reference's full distributions, TR-DPO mutates the reference
+between steps, and exact resume needs control over data order. A 300-line loop states all of that
+plainly; `accelerate` still gives DDP/FSDP/DeepSpeed, mixed precision and gradient accumulation.
+
+Reference handling per method:
+- dpo, ipo, dpo_ln, fpo: the reference enters only through an offline cache (built first from the
+  reference model if ``cache`` is not given, then the reference is freed); FPO's cache adds top-k pooled
+  SAE activations.
+- simpo: no reference at all.
+- tdpo1, tdpo2, trdpo: a live reference model (full next-token distributions; in-training updates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as D
+from .errors import ConfigError, TrainingDivergedError
+from .losses import METHODS, compute_loss, feature_mse
+from .models import capture_layer, load_model, load_tokenizer, pool_response, response_logps, sequential_kl
+
+
+@dataclass
+class TrainConfig:
+    method: str = "fpo"
+    model: str = ""
+    data: str = ""
+    out: str = "runs/train"
+    ref_model: str | None = None
+    sae: str | None = None
+    layer: int | None = None
+    cache: str | None = None
+    split: str = "train"
+    limit: int | None = None
+    # loss settings (None: the method's published default, see losses.METHODS)
+    beta: float | None = None
+    alpha: float | None = None
+    gamma: float | None = None
+    k: int = 50
+    topk_from: str = "union"
+    trdpo_alpha: float = 0.6
+    trdpo_tau: int = 512
+    # optimisation
+    lr: float = 5e-6
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    max_prompt_length: int = 256
+    seed: int = 0
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    lora_r: int = 0
+    lora_alpha: int = 16
+    # bookkeeping
+    log_every: int = 10
+    save_every: int = 0
+    resume: bool = True
+    progress: bool = True
+    tensorboard: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown train setting(s) {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        if not self.model or not self.data:
+            raise ConfigError("both --model and --data are required")
+        if METHODS[self.method].features and (self.sae is None or self.layer is None):
+            raise ConfigError("FPO needs an SAE and its layer (--sae, --layer)")
+        if self.topk_from not in ("union", "policy"):
+            raise ConfigError("topk_from must be 'union' or 'policy'")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return f
+
+
+def _atomic_dir(final: str, write) -> None:
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    old = f"{final}.old-{os.getpid()}"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+
+        cfg.validate()
+        self.cfg = cfg
+        self.spec = METHODS[cfg.method]
+        use_bf16 = cfg.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_bf16 else "no")
+        self.device = self.acc.device
+        os.makedirs(cfg.out, exist_ok=True)
+        self.stats = D.DataStats()
+        self.tokenizer = load_tokenizer(cfg.model)
+        pairs = D.load_pairs(cfg.data, cfg.split, cfg.limit, self.stats)
+        self.pairs = D.tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length, self.stats)
+        self.model = load_model(cfg.model)
+        self.sae = None
+        if self.spec.features:
+            from .sae import check_fits, load_sae
+
+            self.sae = load_sae(cfg.sae, cfg.layer).to(self.device)
+            check_fits(self.sae, self.model, cfg.layer)
+        self.ref_model = None
+        self.cache = None
+        if self.spec.live_reference:
+            self.ref_model = load_model(cfg.ref_model or cfg.model).to(self.device).eval().requires_grad_(False)
+        elif self.spec.ref_logps:
+            self.cache = self._offline_reference()
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if cfg.lora_r:
+            from peft import LoraConfig, get_peft_model
+
+            self.model = get_peft_model(self.model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear"))
+        per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
+        self.steps_per_epoch = max(1, len(self.pairs) // per_step)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * self.steps_per_epoch))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total_steps, int(cfg.warmup_ratio * self.total_steps)))
+        # the scheduler is stepped by hand once per optimiser step, so the schedule is the same for any process count
+        self.model, self.opt = self.acc.prepare(self.model, self.opt)
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ reference
+    def _offline_reference(self):
+        from .reference import CacheSettings, ReferenceCache, build_cache, expected_manifest
+
+        cfg = self.cfg
+        settings = CacheSettings(layer=cfg.layer if self.sae is not None else None, k=cfg.k,
+                                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        ref_path = cfg.ref_model or cfg.model
+        expected = expected_manifest(ref_path, cfg.data, cfg.sae if self.sae is not None else None, settings)
+        cache_dir = cfg.cache
+        if cache_dir is None:
+            cache_dir = os.path.join(cfg.out, "ref_cache")
+            if self.acc.is_main_process:
+                ref = load_model(ref_path).to(self.device)
+                build_cache(ref, self.tokenizer, self.pairs, cache_dir, expected, self.sae, cfg.layer, cfg.k,
+                            progress=cfg.progress)
+                del ref
+            self.acc.wait_for_everyone()
+        cache = ReferenceCache(cache_dir, expected, n_pairs=len(self.pairs))
+        if self.sae is not None and not cache.has_features:
+            raise ConfigError(f"{cache_dir}: FPO needs a cache with SAE features (build it with --sae and --layer)")
+        return cache
+
+    @torch.no_grad()
+    def _update_reference(self) -> None:
+        """TR-DPO: theta_ref <- a * theta + (1 - a) * theta_ref (a = 1: hard copy)."""
+        a = self.cfg.trdpo_alpha
+        pol = self.acc.unwrap_model(self.model).state_dict()
+        for name, p in self.ref_model.state_dict().items():
+            if p.dtype.is_floating_point:
+                p.mul_(1 - a).add_(pol[name].to(p.dtype), alpha=a)
+
+    # ------------------------------------------------------------------ one batch
+    def batch_terms(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-pair tensors the losses need, from one forward pass of the policy (and of a live reference)."""
+        cfg = self.cfg
+        ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        n = ids.shape[0] // 2
+        if self.sae is not None:
+            with capture_layer(model, cfg.layer) as box:
+                logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+        lp, length = response_logps(logits, ids, resp)
+        t = {"policy_chosen_logps": lp[:n], "policy_rejected_logps": lp[n:], "chosen_len": length[:n], "rejected_len": length[n:]}
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_logits = self.ref_model(input_ids=ids, attention_mask=att, use_cache=False).logits
+            rlp, _ = response_logps(ref_logits, ids, resp)
+            t.update(ref_chosen_logps=rlp[:n], ref_rejected_logps=rlp[n:])
+            if self.cfg.method.startswith("tdpo"):
+                kl = sequential_kl(logits, ref_logits, resp)
+                t.update(kl_chosen=kl[:n], kl_rejected=kl[n:])
+        elif self.cache is not None:
+            c = self.cache.batch(batch["index"], self.device)
+            t.update(ref_chosen_logps=c["chosen_logps"], ref_rejected_logps=c["rejected_logps"],
+                     ref_chosen_avg_logps=c["chosen_logps"] / c["chosen_len"].clamp(min=1),
+                     ref_rejected_avg_logps=c["rejected_logps"] / c["rejected_len"].clamp(min=1))
+            if self.sae is not None:
+                pooled = pool_response(self.sae.encode(box["h"].float()), resp)
+                d_c = feature_mse(pooled[:n], c["chosen_feat_idx"], c["chosen_feat_val"], cfg.k, cfg.topk_from)
+                d_r = feature_mse(pooled[n:], c["rejected_feat_idx"], c["rejected_feat_val"], cfg.k, cfg.topk_from)
+                t.update(feat_mse_chosen=d_c, feat_mse_rejected=d_r)
+        return t
+
+    def loss(self, model, batch):
+        terms = self.batch_terms(model, batch)
+        c = self.cfg
+        return compute_loss(c.method, terms, beta=c.beta, alpha=c.alpha, gamma=c.gamma)
+
+    # ------------------------------------------------------------------ data order
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's micro-batches for an epoch: a seeded permutation, split across processes."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        perm = torch.randperm(len(self.pairs), generator=g).tolist()
+        bs, world, rank = self.cfg.batch_size, self.acc.num_processes, self.acc.process_index
+        global_bs = bs * world
+        out = []
+        for i in range(0, len(perm) - global_bs + 1, global_bs):
+            out.append(perm[i + rank * bs : i + (rank + 1) * bs])
+        return out
+
+    def _micro_batches(self):
+        accum = self.cfg.grad_accum
+        micro = self.step * accum
+        epoch = 0
+        while True:
+            batches = self._epoch_batches(epoch)
+            n_full = (len(batches) // accum) * accum
+            if micro < n_full:
+                for b in batches[micro:n_full]:
+                    yield b
+                micro = 0
+            else:
+                micro -= n_full
+            epoch += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.out, "checkpoint")
+
+    def save_checkpoint(self) -> None:
+        if not self.acc.is_main_process:
+            return
+
+        def write(tmp):
+            from safetensors.torch import save_file
+
+            model = self.acc.unwrap_model(self.model)
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+            state = {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "py_rng": random.getstate()}
+            if self.ref_model is not None:
+                state["ref"] = self.ref_model.state_dict()
+            torch.save(state, os.path.join(tmp, "state.pt"))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": self.step, "config": asdict(self.cfg), "history": self.history}, f)
+
+        _atomic_dir(self.ckpt_dir(), write)
+
+    def load_checkpoint(self) -> bool:
+        d = self.ckpt_dir()
+        if not (self.cfg.resume and os.path.exists(os.path.join(d, "trainer_state.json"))):
+            return False
+        from safetensors.torch import load_file
+
+        with open(os.path.join(d, "trainer_state.json")) as f:
+            meta = json.load(f)
+        self.acc.unwrap_model(self.model).load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+        state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["py_rng"])
+        if self.ref_model is not None and "ref" in state:
+            self.ref_model.load_state_dict(state["ref"])
+        self.step, self.history = meta["step"], meta["history"]
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        resumed = self.load_checkpoint()
+        torch.manual_seed(cfg.seed + self.step)
+        writer = None
+        if cfg.tensorboard and self.acc.is_main_process:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(os.path.join(cfg.out, "tb"))
+            except ImportError:
+                writer = None
+        log_path = os.path.join(cfg.out, "metrics.jsonl")
+        if not resumed and self.acc.is_main_process and os.path.exists(log_path):
+            os.remove(log_path)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
+                   disable=not (cfg.progress and self.acc.is_main_process))
+        t0 = time.time()
+        tokens = 0
+        self.model.train()
+        micro = self._micro_batches()
+        window: dict[str, list[float]] = {}
+        while self.step < self.total_steps:
+            for _ in range(cfg.grad_accum):
+                idx = next(micro)
+                batch = D.collate_pairs([self.pairs[i] for i in idx], self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                tokens += int(batch["attention_mask"].sum())
+                with self.acc.accumulate(self.model):
+                    loss, metrics = self.loss(self.model, batch)
+                    if not torch.isfinite(loss):
+                        raise TrainingDivergedError(
+                            f"loss is {loss.item()} at step {self.step} on pairs {idx[:8]}{'...' if len(idx) > 8 else ''}; "
+                            f"last checkpoint kept in {self.ckpt_dir()}")
+                    self.acc.backward(loss)
+                    if self.acc.sync_gradients and cfg.max_grad_norm:
+                        self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    self.opt.step()
+                    if self.acc.sync_gradients:
+                        self.sched.step()
+                    self.opt.zero_grad(set_to_none=True)
+                window.setdefault("loss", []).append(loss.item())
+                for k, v in metrics.items():
+                    if v.dim() == 0:
+                        window.setdefault(k, []).append(v.item())
+            self.step += 1
+            if self.ref_model is not None and cfg.method == "trdpo" and self.step % cfg.trdpo_tau == 0:
+                self._update_reference()
+            bar.update(1)
+            bar.set_postfix(loss=f"{window['loss'][-1]:.4f}", acc=f"{window['rewards/accuracies'][-1]:.2f}")
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                rec = {"step": self.step, "lr": self.sched.get_last_lr()[0],
+                       **{k: sum(v) / len(v) for k, v in window.items()}}
+                rec = {k: (self.acc.reduce(torch.tensor(v, device=self.device), "mean").item() if isinstance(v, float) and k != "lr" else v)
+                       for k, v in rec.items()}
+                window = {}
+                self.history.append(rec)
+                if self.acc.is_main_process:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if writer is not None:
+                        for k, v in rec.items():
+                            if k != "step":
+                                writer.add_scalar(k, v, self.step)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        wall = time.time() - t0
+        summary = {
+            "method": cfg.method, "steps": self.step, "wall_seconds": round(wall, 2),
+            "tokens_per_second": round(tokens * self.acc.num_processes / max(wall, 1e-9), 1),
+            "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+            "reference_model_loaded": self.ref_model is not None,
+            "final": self.history[-1] if self.history else {}, "data_notes": self.stats.notes,
+        }
+        self.save_final()
+        if self.acc.is_main_process:
+            with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary
+
+    def save_final(self) -> str:
+        final = os.path.join(self.cfg.out, "final")
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.model)
+            if self.cfg.lora_r:
+                model = model.merge_and_unload()
+
+            def write(tmp):
+                model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+
+            _atomic_dir(final, write)
+        return final
+
+
+def train(cfg: TrainConfig) -> dict:
+    return Trainer(cfg).train()
