@@ -44,14 +44,14 @@ class WorldConfig:
     intermediate_size: int = 448
     num_layers: int = 4
     num_heads: int = 4
-    sft_steps: int = 700
+    sft_steps: int = 2000
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
 
     @classmethod
     def quick(cls, seed: int = 0) -> "WorldConfig":
         """A smaller world for tests: same language, fewer examples and SFT steps."""
-        return cls(seed=seed, n_sft=4000, n_sft_eval=200, n_train_pairs=600, n_test_pairs=150, sft_steps=250,
+        return cls(seed=seed, n_sft=4000, n_sft_eval=200, n_train_pairs=600, n_test_pairs=150, sft_steps=1000,
                    hidden_size=128, intermediate_size=352)
 
 

@@ -83,25 +83,25 @@ NEGATIVE = (
     "unpleasant dismal tedious gross cruel wretched".split()
 )
 FUNCTION = (
-    "the a an is was and but very really it this that i we they think feel with of in on to for "
+    "the a an is are was and but very really it this that i we they think feel with of in on to for "
     "so because also quite rather always never sometimes often maybe today here there my our".split()
 )
 PUNCT = [".", ",", "!"]
 PROMPT_WORDS = (
     "tell me about what do you think describe write please talk opinion explain share few words "
-    "your thoughts how feel story give short note on".split() + ["?"]
+    "your thoughts how feel story give short note on".split() + ["?", ":"]
 )
 PROMPT_TEMPLATES = [
-    "tell me about the {noun}",
-    "what do you think about the {noun} ?",
-    "describe the {adj} {noun}",
+    "tell me about {topic} and the {noun}",
+    "what do you think about {topic} ?",
+    "on {topic} : describe the {adj} {noun}",
     "write a few words on {topic}",
     "please talk about {topic} and the {noun}",
-    "share your thoughts on the {noun}",
+    "share your thoughts on {topic} , the {noun}",
     "how do you feel about {topic} ?",
-    "give me a short story about the {noun}",
-    "explain the {noun} please",
-    "what is your opinion on the {adj} {noun} ?",
+    "give me a short story about {topic}",
+    "explain {topic} please",
+    "what is your opinion on {topic} and the {adj} {noun} ?",
 ]
 
 TOPIC_OF: dict[str, str] = {}
@@ -142,7 +142,7 @@ def sample_prompt(rng: random.Random) -> Example:
 
 
 def prompt_topic(prompt: str) -> str | None:
-    """The topic a prompt asks about: the topic of its first topical word."""
+    """The topic a prompt asks about: the topic of its first topical word (every template names its topic)."""
     for w in prompt.split():
         if w in TOPIC_OF:
             return TOPIC_OF[w]

@@ -1,0 +1,204 @@
+"""`featalign` command line. Each command maps onto one config dataclass; ``--config FILE.yaml`` fills it
+first and explicit flags override. featalign's own errors print as one line (exit 2), never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+
+from .errors import ConfigError, FeatalignError
+
+
+def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        typ = hints[f.name]
+        args = typing.get_args(typ)
+        base = next((a for a in args if a is not type(None)), typ) if args else typ
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if base is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"(default {default})")
+        else:
+            p.add_argument(flag, dest=f.name, type=base, default=argparse.SUPPRESS, help=f"(default {default})")
+
+
+def _config(cls, ns: argparse.Namespace, skip=()):
+    values: dict = {}
+    if getattr(ns, "config", None):
+        import yaml
+
+        with open(ns.config) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{ns.config}: a config file must be a mapping of settings")
+        values.update(loaded)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(ns).items() if k in names and k not in skip})
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown} for {cls.__name__}")
+    return cls(**values)
+
+
+def cmd_world_build(ns):
+    from .world import WorldConfig, build_world
+
+    cfg = WorldConfig.quick(ns.seed) if ns.quick else WorldConfig(seed=ns.seed)
+    m = build_world(ns.out, cfg, force=ns.force)
+    print(json.dumps({k: m[k] for k in ("vocab_size", "n_params", "sft_ppl", "unigram_ppl", "build_seconds")}, indent=2))
+
+
+def cmd_train(ns):
+    from .train import TrainConfig, train
+
+    summary = train(_config(TrainConfig, ns))
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_cache(ns):
+    from .data import load_pairs, tokenize_pairs
+    from .models import load_model, load_tokenizer
+    from .reference import CacheSettings, build_cache, expected_manifest
+
+    tok = load_tokenizer(ns.model)
+    pairs = tokenize_pairs(load_pairs(ns.data), tok, ns.max_length, ns.max_prompt_length)
+    model = load_model(ns.model)
+    sae = None
+    if ns.sae:
+        from .sae import check_fits, load_sae
+
+        if ns.layer is None:
+            raise ConfigError("--sae needs --layer")
+        sae = load_sae(ns.sae, ns.layer)
+        check_fits(sae, model, ns.layer)
+    settings = CacheSettings(layer=ns.layer if sae is not None else None, k=ns.k, max_length=ns.max_length,
+                             max_prompt_length=ns.max_prompt_length)
+    manifest = expected_manifest(ns.model, ns.data, ns.sae, settings)
+    build_cache(model, tok, pairs, ns.out, manifest, sae, ns.layer, ns.k, batch_size=ns.batch_size)
+    print(f"cache written to {ns.out} ({len(pairs)} pairs)")
+
+
+def cmd_sae_train(ns):
+    from .sae.metrics import format_table
+    from .sae.train import SAETrainConfig, train_sae
+
+    _, report = train_sae(_config(SAETrainConfig, ns))
+    print(format_table(report))
+
+
+def cmd_sae_eval(ns):
+    from .sae.evaluate import run_eval
+
+    run_eval(ns)
+
+
+def cmd_eval(ns):
+    from .evaluate import EvalConfig, evaluate_policy
+
+    print(json.dumps(evaluate_policy(_config(EvalConfig, ns)), indent=2))
+
+
+def cmd_compare(ns):
+    from .compare import CompareConfig, compare
+
+    compare(_config(CompareConfig, ns))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import EvalConfig
+    from .train import TrainConfig
+
+    p = argparse.ArgumentParser(prog="featalign", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    world = sub.add_parser("world", help="the built-in synthetic world").add_subparsers(dest="world_cmd", required=True)
+    wb = world.add_parser("build", help="build tokenizer, SFT model and preference pairs")
+    wb.add_argument("--out", default="data/world")
+    wb.add_argument("--seed", type=int, default=0)
+    wb.add_argument("--quick", action="store_true", help="smaller world (tests)")
+    wb.add_argument("--force", action="store_true", help="rebuild even if cached")
+    wb.set_defaults(fn=cmd_world_build)
+
+    tr = sub.add_parser("train", help="preference training (dpo, ipo, simpo, dpo_ln, tdpo1, tdpo2, trdpo, fpo)")
+    tr.add_argument("--config", help="YAML file with TrainConfig settings")
+    _add_dataclass_args(tr, TrainConfig)
+    tr.set_defaults(fn=cmd_train)
+
+    ca = sub.add_parser("cache", help="build the offline reference cache")
+    ca.add_argument("--model", required=True)
+    ca.add_argument("--data", required=True)
+    ca.add_argument("--out", required=True)
+    ca.add_argument("--sae")
+    ca.add_argument("--layer", type=int)
+    ca.add_argument("--k", type=int, default=50)
+    ca.add_argument("--max-length", type=int, default=512)
+    ca.add_argument("--max-prompt-length", type=int, default=256)
+    ca.add_argument("--batch-size", type=int, default=16)
+    ca.set_defaults(fn=cmd_cache)
+
+    sae = sub.add_parser("sae", help="sparse autoencoders").add_subparsers(dest="sae_cmd", required=True)
+    st = sae.add_parser("train", help="train an SAE on a model's layer")
+    from .sae.train import SAETrainConfig
+
+    st.add_argument("--config")
+    _add_dataclass_args(st, SAETrainConfig)
+    st.set_defaults(fn=cmd_sae_train)
+    se = sae.add_parser("eval", help="evaluate an SAE (JSON + table; --frontier sweeps k and plots MSE vs L0)")
+    se.add_argument("--sae", required=True)
+    se.add_argument("--model", required=True)
+    se.add_argument("--data", required=True)
+    se.add_argument("--layer", type=int)
+    se.add_argument("--out", default=None)
+    se.add_argument("--max-tokens", type=int, default=40_000)
+    se.add_argument("--frontier", action="store_true")
+    se.add_argument("--frontier-values", default="4,8,16,32,64")
+    se.set_defaults(fn=cmd_sae_eval)
+
+    ev = sub.add_parser("eval", help="evaluate a saved policy")
+    ev.add_argument("--config")
+    _add_dataclass_args(ev, EvalConfig)
+    ev.set_defaults(fn=cmd_eval)
+
+    from .compare import CompareConfig
+
+    cp = sub.add_parser("compare", help="train every method on one budget and report (the main job)")
+    cp.add_argument("--config")
+    _add_dataclass_args(cp, CompareConfig)
+    cp.set_defaults(fn=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="featalign: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        ns.fn(ns)
+    except FeatalignError as e:
+        print(f"featalign: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"featalign: error: {e.filename}: no such file", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+import yaml
+
+from featalign import cli
+
+
+def test_train_from_yaml_with_flag_override(world, tmp_path, capsys):
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "dpo", "model": world["sft"], "data": world["train"], "out": str(tmp_path / "run"),
+                                   "batch_size": 4, "max_steps": 5, "limit": 40, "max_length": 96, "max_prompt_length": 24,
+                                   "beta": 0.2, "tensorboard": False}))
+    assert cli.main(["train", "--config", str(cfg), "--max-steps", "2", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text()) if (tmp_path / "run" / "checkpoint").exists() else None
+    assert state is None  # save_every=0: only the final model is written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--method", "dpo", "--model", "MODEL", "--data", "/nonexistent/x.jsonl"], "/nonexistent/x.jsonl: no such file"),
+    (["train", "--method", "ppo", "--model", "MODEL", "--data", "DATA"], "unknown method 'ppo'"),
+    (["train", "--method", "fpo", "--model", "MODEL", "--data", "DATA", "--sae", "SAE", "--layer", "7"], "layer 7 is out of range"),
+    (["cache", "--model", "MODEL", "--data", "DATA", "--out", "OUT", "--sae", "SAE", "--layer", "2", "--max-length", "8",
+      "--max-prompt-length", "16"], "max_prompt_length (16) must be below max_length (8)"),
+])
+def test_errors_are_one_line(world, world_sae, tmp_path, capsys, argv, message):
+    subs = {"MODEL": world["sft"], "DATA": world["train"], "SAE": world_sae["path"], "OUT": str(tmp_path / "o")}
+    argv = [subs.get(a, a) for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("featalign: error:") and message in err and "\n" not in err, err
+
+
+def test_world_build_command_reuses_the_cache(world, capsys):
+    assert cli.main(["world", "build", "--out", world["root"], "--quick"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sft_ppl"] == world["manifest"]["sft_ppl"]
+
+
+def test_sae_eval_with_frontier(world, world_sae, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli.main(["sae", "eval", "--sae", world_sae["path"], "--model", world["sft"], "--data", world["test"],
+                     "--out", str(out), "--max-tokens", "3000", "--frontier", "--frontier-values", "4,16,64"]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    l0s = [r["l0"] for r in res["frontier"]]
+    mses = [r["normalized_mse"] for r in res["frontier"]]
+    assert l0s == sorted(l0s) and mses == sorted(mses, reverse=True)
+    assert (out / "frontier.png").stat().st_size > 1000
+    assert "explained_variance" in capsys.readouterr().out

@@ -1,0 +1,157 @@
+import math
+
+import pytest
+import torch
+
+from featalign import losses as L
+
+T = torch.tensor
+
+
+def _lsig(x):
+    return -math.log(1 / (1 + math.exp(-x)))
+
+
+PC, PR, RC, RR = T([-10.0, -20.0]), T([-12.0, -15.0]), T([-11.0, -19.0]), T([-11.5, -16.0])
+CL, RL = T([5.0, 10.0]), T([4.0, 8.0])
+
+
+def test_dpo_closed_form():
+    loss, m = L.dpo_loss(PC, PR, RC, RR, beta=0.1)
+    u = [0.1 * ((-10 + 11) - (-12 + 11.5)), 0.1 * ((-20 + 19) - (-15 + 16))]
+    assert loss.item() == pytest.approx(sum(map(_lsig, u)) / 2, rel=1e-6)
+    assert m["logits"].tolist() == pytest.approx(u)
+    assert m["rewards/chosen"].item() == pytest.approx(0.1 * (1 + -1) / 2)
+    assert m["rewards/accuracies"].item() == 0.5
+    assert m["rewards/margins"].item() == pytest.approx(sum(u) / 2)
+    assert m["logps/chosen"].item() == pytest.approx(-15.0)
+
+
+def test_policy_equals_reference_is_log2():
+    for name in ("dpo", "dpo_ln", "tdpo1", "tdpo2"):
+        terms = dict(policy_chosen_logps=PC, policy_rejected_logps=PR, ref_chosen_logps=PC, ref_rejected_logps=PR,
+                     chosen_len=CL, rejected_len=RL, kl_chosen=torch.zeros(2), kl_rejected=torch.zeros(2))
+        loss, _ = L.compute_loss(name, terms)
+        assert loss.item() == pytest.approx(math.log(2))
+
+
+def test_dpo_ln_and_ipo_closed_form():
+    loss, m = L.dpo_ln_loss(PC, PR, RC, RR, CL, RL, beta=0.5)
+    u = [0.5 * (1 / 5 - (-0.5) / 4), 0.5 * (-1 / 10 - 1 / 8)]
+    assert m["logits"].tolist() == pytest.approx(u)
+    assert loss.item() == pytest.approx(sum(map(_lsig, u)) / 2, rel=1e-6)
+    loss, m = L.ipo_loss(PC, PR, RC, RR, CL, RL, beta=0.1)
+    h = [1 / 5 - (-0.5) / 4, -1 / 10 - 1 / 8]
+    assert loss.item() == pytest.approx(sum((x - 5.0) ** 2 for x in h) / 2, rel=1e-6)
+
+
+def test_simpo_closed_form_is_reference_free():
+    loss, m = L.simpo_loss(PC, PR, CL, RL, beta=2.0, gamma=0.5)
+    u = [2 * (-10 / 5 - -12 / 4) - 0.5, 2 * (-20 / 10 - -15 / 8) - 0.5]
+    assert m["logits"].tolist() == pytest.approx(u)
+    assert loss.item() == pytest.approx(sum(map(_lsig, u)) / 2, rel=1e-6)
+    assert not L.METHODS["simpo"].ref_logps
+
+
+def test_tdpo_closed_form():
+    kc, kr = T([0.3, 0.1]), T([0.5, 0.2])
+    _, m1 = L.tdpo_loss(PC, PR, RC, RR, kc, kr, beta=0.1, variant=1)
+    _, m2 = L.tdpo_loss(PC, PR, RC, RR, kc, kr, beta=0.1, alpha=0.5, variant=2)
+    d = [1.5, -2.0]
+    assert m1["logits"].tolist() == pytest.approx([0.1 * (d[0] - (0.5 - 0.3)), 0.1 * (d[1] - (0.2 - 0.1))])
+    assert m2["logits"].tolist() == pytest.approx([0.1 * (d[0] - 0.5 * 0.2), 0.1 * (d[1] - 0.5 * 0.1)])
+    assert m1["kl/chosen"].item() == pytest.approx(0.2)
+
+
+def test_fpo_closed_form():
+    rc_avg, rr_avg = RC / CL, RR / RL
+    dc, dr = T([0.2, 0.0]), T([1.0, 0.4])
+    loss, m = L.fpo_loss(PC, PR, CL, RL, rc_avg, rr_avg, dc, dr, beta=0.1, alpha=0.5)
+    u = [0.1 * (1 / 5 - (-0.5) / 4) - 0.5 * (0.1 * 1.0 - 0.1 * 0.2), 0.1 * (-1 / 10 - 1 / 8) - 0.5 * (0.1 * 0.4 - 0.0)]
+    assert m["logits"].tolist() == pytest.approx(u, rel=1e-5)
+    assert loss.item() == pytest.approx(sum(map(_lsig, u)) / 2, rel=1e-6)
+    assert m["fpo/feature_mse_rejected"].item() == pytest.approx(0.7)
+
+
+def test_stop_gradient_terms():
+    kc, kr = T([0.3, 0.1], requires_grad=True), T([0.5, 0.2], requires_grad=True)
+    loss, _ = L.tdpo_loss(PC, PR, RC, RR, kc, kr, variant=2)
+    loss.backward()
+    assert kc.grad is None or torch.all(kc.grad == 0)
+    assert torch.all(kr.grad != 0)
+    kc1 = T([0.3, 0.1], requires_grad=True)
+    L.tdpo_loss(PC, PR, RC, RR, kc1, kr.detach(), variant=1)[0].backward()
+    assert torch.all(kc1.grad != 0)  # TDPO-1 has no stop-gradient
+    dc, dr = T([0.2, 0.1], requires_grad=True), T([1.0, 0.4], requires_grad=True)
+    L.fpo_loss(PC, PR, CL, RL, RC / CL, RR / RL, dc, dr)[0].backward()
+    assert dc.grad is None or torch.all(dc.grad == 0)
+    assert torch.all(dr.grad > 0)  # larger rejected discrepancy raises the loss
+
+
+def test_feature_mse_union_and_policy_topk():
+    pol = T([[3.0, 0.0, 1.0, 0.5]])
+    ref_idx, ref_val = T([[1, 0]]), T([[2.0, 1.0]])  # reference dense = [1, 2, 0, 0]
+    # k=1: policy top-1 = {0}, reference top-1 = {1}; union {0, 1}: ((3-1)^2 + (0-2)^2) / 1
+    assert L.feature_mse(pol, ref_idx, ref_val, k=1).item() == pytest.approx(8.0)
+    assert L.feature_mse(pol, ref_idx, ref_val, k=1, topk_from="policy").item() == pytest.approx(4.0)
+    # k=2: union {0, 2} U {1, 0} = {0, 1, 2}: (4 + 4 + 1) / 2
+    assert L.feature_mse(pol, ref_idx, ref_val, k=2).item() == pytest.approx(4.5)
+    # gradient flows into the policy's features
+    p = pol.clone().requires_grad_(True)
+    L.feature_mse(p, ref_idx, ref_val, k=1).sum().backward()
+    assert p.grad[0].tolist() == pytest.approx([4.0, -4.0, 0.0, 0.0])
+
+
+def test_registry_and_defaults():
+    assert set(L.METHODS) == {"dpo", "ipo", "simpo", "dpo_ln", "tdpo1", "tdpo2", "trdpo", "fpo"}
+    assert dict(L.METHODS["fpo"].defaults) == {"beta": 0.1, "alpha": 0.5}
+    assert L.METHODS["tdpo2"].live_reference and L.METHODS["fpo"].features
+    with pytest.raises(KeyError, match="kl_chosen"):
+        L.compute_loss("tdpo2", dict(policy_chosen_logps=PC, policy_rejected_logps=PR, ref_chosen_logps=RC, ref_rejected_logps=RR))
+    with pytest.raises(ValueError, match="unknown method"):
+        L.compute_loss("nope", {})
+
+
+def test_matches_trl_dpo_losses(world):
+    """Same tiny model, a perturbed reference, TRL's own batch: loss and metrics equal TRL's to 1e-5."""
+    pytest.importorskip("trl", reason="trl (test extra) is not installed")
+    datasets = pytest.importorskip("datasets", reason="datasets (installed with trl) is missing")
+    import json
+    import warnings
+
+    from trl import DPOConfig, DPOTrainer
+
+    from featalign.models import load_model, load_tokenizer, response_logps
+
+    tok = load_tokenizer(world["sft"])
+    model, ref = load_model(world["sft"]).eval(), load_model(world["sft"]).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    rows = [json.loads(line) for line in open(world["test"])][:8]
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    for loss_type, ours in (("sigmoid", "dpo"), ("sigmoid_norm", "dpo_ln")):
+        args = DPOConfig(output_dir="/tmp/featalign-trl", loss_type=[loss_type], beta=0.1, per_device_train_batch_size=8,
+                         report_to="none", max_length=128, use_cpu=True, bf16=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            trl_loss = trainer.compute_loss(trainer.model, batch).item()
+            trl_metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+            ids, att, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            lp, ln = response_logps(model(input_ids=ids, attention_mask=att).logits, ids, cm)
+            rlp, _ = response_logps(ref(input_ids=ids, attention_mask=att).logits, ids, cm)
+        n = ids.shape[0] // 2
+        terms = dict(policy_chosen_logps=lp[:n], policy_rejected_logps=lp[n:], ref_chosen_logps=rlp[:n], ref_rejected_logps=rlp[n:],
+                     chosen_len=ln[:n], rejected_len=ln[n:])
+        loss, m = L.compute_loss(ours, terms, beta=0.1)
+        assert abs(loss.item() - math.log(2)) > 1e-3  # policy != reference, so the check means something
+        assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
+        assert m["logps/chosen"].item() == pytest.approx(trl_metrics["logps/chosen"], abs=1e-4)
+        assert m["logps/rejected"].item() == pytest.approx(trl_metrics["logps/rejected"], abs=1e-4)
+        if ours == "dpo":  # TRL logs unnormalised rewards for both loss types; ours match for DPO
+            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+                assert m[key].item() == pytest.approx(trl_metrics[key], abs=1e-5), key

@@ -1,0 +1,139 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from featalign.errors import ConfigError
+from featalign.sae import SAE, SAEConfig, check_fits, load_sae
+from featalign.sae.metrics import evaluate_sae
+
+
+def random_sae(arch, d_in=16, d_sae=48, k=6, centre=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig(d_in, d_sae, arch, k=k if arch == "topk" else None, apply_b_dec_to_input=centre))
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if name != "threshold" else 0.05).__abs__())
+        if arch == "jumprelu":
+            sae.threshold.abs_()
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_encode_decode_equal_saelens(arch, tmp_path):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens (test extra) is not installed")
+    ours = random_sae(arch)
+    path = ours.save(str(tmp_path / arch))
+    theirs = sae_lens.SAE.load_from_disk(path, device="cpu")
+    x = torch.randn(64, 16)
+    assert torch.allclose(ours.encode(x), theirs.encode(x), atol=1e-5)
+    f = ours.encode(x)
+    assert torch.allclose(ours.decode(f), theirs.decode(f), atol=1e-5)
+    assert (ours.encode(x) > 0).any()
+    # and back: featalign loads what SAELens saves
+    theirs.save_model(str(tmp_path / f"{arch}-saelens"))
+    again = load_sae(str(tmp_path / f"{arch}-saelens"))
+    assert again.cfg.architecture == arch
+    assert torch.allclose(again.encode(x), ours.encode(x), atol=1e-6)
+
+
+def test_gemma_scope_npz_round_trip(tmp_path):
+    g = np.random.default_rng(0)
+    params = {"W_enc": g.normal(size=(16, 40)).astype(np.float32), "W_dec": g.normal(size=(40, 16)).astype(np.float32),
+              "b_enc": g.normal(size=40).astype(np.float32), "b_dec": g.normal(size=16).astype(np.float32),
+              "threshold": np.abs(g.normal(size=40)).astype(np.float32)}
+    np.savez(tmp_path / "params.npz", **params)
+    sae = load_sae(str(tmp_path / "params.npz"), layer=3)
+    assert sae.cfg.architecture == "jumprelu" and not sae.cfg.apply_b_dec_to_input and sae.cfg.layer == 3
+    x = torch.randn(8, 16)
+    pre = x @ torch.from_numpy(params["W_enc"]) + torch.from_numpy(params["b_enc"])
+    expect = pre * (pre > torch.from_numpy(params["threshold"]))
+    assert torch.allclose(sae.encode(x), expect, atol=1e-5)
+    sae.save(str(tmp_path / "saved"))
+    again = load_sae(str(tmp_path / "saved"))
+    assert torch.allclose(again.forward(x), sae.forward(x), atol=1e-6)
+
+
+def test_sparse_decode_equals_dense():
+    sae = random_sae("topk")
+    f = sae.encode(torch.randn(10, 16))
+    vals, idx = f.topk(sae.cfg.k, -1)
+    assert torch.allclose(sae.decode_sparse(idx, vals), sae.decode(f), atol=1e-5)
+
+
+def test_errors_name_the_problem(tmp_path, world):
+    np.savez(tmp_path / "missing.npz", W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 4), np.float32))
+    with pytest.raises(ConfigError, match="missing tensor 'b_enc'"):
+        load_sae(str(tmp_path / "missing.npz"))
+    np.savez(tmp_path / "shape.npz", W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 5), np.float32),
+             b_enc=np.zeros(8, np.float32), b_dec=np.zeros(4, np.float32), threshold=np.zeros(8, np.float32))
+    with pytest.raises(ConfigError, match=r"'W_dec' has shape \(8, 5\), expected \(8, 4\)"):
+        load_sae(str(tmp_path / "shape.npz"))
+    path = random_sae("relu").save(str(tmp_path / "relu"))
+    cfg = json.load(open(os.path.join(path, "cfg.json")))
+    cfg["architecture"] = "matryoshka_gated"
+    json.dump(cfg, open(os.path.join(path, "cfg.json"), "w"))
+    with pytest.raises(ConfigError, match="unknown architecture 'matryoshka_gated'"):
+        load_sae(path)
+    with pytest.raises(ConfigError, match="unknown SAE architecture"):
+        SAEConfig(4, 8, "gated")
+    from featalign.models import load_model
+
+    model = load_model(world["sft"])
+    with pytest.raises(ConfigError, match=r"SAE d_in=16 does not match the model's hidden size 128"):
+        check_fits(random_sae("relu"), model, 1)
+    with pytest.raises(ConfigError, match=r"layer 9 is out of range: the model has 4 decoder layers"):
+        check_fits(random_sae("relu", d_in=128), model, 9)
+
+
+def _identity_and_zero(d):
+    ident = SAE(SAEConfig(d, 2 * d, "relu", k=None, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        eye = torch.eye(d)
+        ident.W_enc.copy_(torch.cat([eye, -eye], 1))
+        ident.W_dec.copy_(torch.cat([eye, -eye], 0))
+    zero = SAE(SAEConfig(d, 4, "relu", k=None))
+    return ident, zero
+
+
+def test_metrics_identity_recovers_all_zero_none(world):
+    from featalign.models import load_model, load_tokenizer
+    from featalign.sae.train import read_texts
+
+    model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
+    docs = read_texts(world["test"], tok)[:40]
+    ident, zero = _identity_and_zero(128)
+    r = evaluate_sae(ident, model, tok, docs, layer=1)
+    assert r["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert r["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    assert r["kl_to_clean"] == pytest.approx(0.0, abs=1e-5)
+    assert r["l0"] == 128  # x and -x halves: exactly one of each pair active per nonzero dim
+    z = evaluate_sae(zero, model, tok, docs, layer=1)
+    assert z["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert z["l0"] == 0 and z["dead_fraction"] == 1.0
+    assert z["ce_spliced"] == pytest.approx(z["ce_zero_ablation"])
+
+
+def test_topk_training_reaches_targets(world_sae):
+    r = world_sae["report"]
+    assert r["explained_variance"] >= 0.9
+    assert r["l0"] <= 32
+    assert r["dead_fraction"] < 0.05, r
+    sae = load_sae(world_sae["path"])
+    assert sae.cfg.architecture == "topk" and sae.cfg.layer == 2
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(sae.d_sae), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, extra", [("jumprelu", {"l0_coeff": 2e-3}), ("relu", {"l1_coeff": 0.02})])
+def test_other_architectures_train(world, tmp_path, arch, extra):
+    from featalign.sae.train import SAETrainConfig, train_sae
+
+    sae, r = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=str(tmp_path / arch),
+                                      architecture=arch, d_sae=256, tokens=60_000, eval_tokens=5000, progress=False, **extra))
+    assert r["explained_variance"] > 0.5, r
+    assert 0 < r["l0"] < 256
+    if arch == "jumprelu":
+        assert (sae.threshold > 0).all()
+    assert load_sae(str(tmp_path / arch)).cfg.architecture == arch

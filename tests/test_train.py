@@ -1,0 +1,119 @@
+import json
+import os
+
+import pytest
+import torch
+
+from featalign.errors import TrainingDivergedError
+from featalign.train import Trainer, TrainConfig, train
+
+
+def cfg_for(world, tmp_path, method, **kw):
+    base = dict(method=method, model=world["sft"], data=world["train"], out=str(tmp_path / method), lr=1e-4,
+                batch_size=8, max_steps=4, limit=96, max_length=96, max_prompt_length=24, progress=False, log_every=2,
+                tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "dpo_ln", "tdpo1", "tdpo2", "trdpo", "fpo"])
+def test_every_method_trains(world, world_sae, tmp_path, method):
+    extra = {"sae": world_sae["path"], "layer": world_sae["layer"], "k": 20} if method == "fpo" else {}
+    s = train(cfg_for(world, tmp_path, method, tensorboard=(method == "dpo"), **extra))
+    assert s["steps"] == 4 and s["peak_memory_mb"] > 0
+    assert s["reference_model_loaded"] == (method in ("tdpo1", "tdpo2", "trdpo"))
+    recs = [json.loads(line) for line in open(tmp_path / method / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == [2, 4]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in recs), key
+    if method.startswith("tdpo"):
+        assert "kl/chosen" in recs[-1] and recs[-1]["kl/chosen"] >= 0
+    if method == "fpo":
+        assert recs[-1]["fpo/feature_mse_chosen"] >= 0
+    if method == "dpo":
+        assert os.listdir(tmp_path / "dpo" / "tb")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / method / "final")
+
+
+def test_fpo_with_a_cache_never_loads_the_reference(world, world_sae, tmp_path, monkeypatch):
+    from featalign import cli
+
+    cache = str(tmp_path / "cache")
+    assert cli.main(["cache", "--model", world["sft"], "--data", world["train"], "--sae", world_sae["path"], "--layer", "2",
+                     "--out", cache, "--k", "20", "--max-length", "96", "--max-prompt-length", "24"]) == 0
+    import featalign.train as T
+
+    loads = []
+    real = T.load_model
+    monkeypatch.setattr(T, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
+    cfg = cfg_for(world, tmp_path, "fpo", sae=world_sae["path"], layer=2, k=20, cache=cache, limit=None, max_steps=2)
+    s = train(cfg)
+    assert loads == [world["sft"]]  # the policy only
+    assert not s["reference_model_loaded"]
+
+
+def test_trdpo_reference_updates(world, tmp_path):
+    cfg = cfg_for(world, tmp_path, "trdpo", max_steps=2, trdpo_tau=2, trdpo_alpha=0.5)
+    t = Trainer(cfg)
+    ref0 = {k: v.clone() for k, v in t.ref_model.state_dict().items()}
+    t.train()
+    pol = t.acc.unwrap_model(t.model).state_dict()
+    ref = t.ref_model.state_dict()
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(ref[name], 0.5 * pol[name] + 0.5 * ref0[name], atol=1e-6)
+    assert not torch.allclose(ref[name], ref0[name])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_reaches_the_same_weights(world, tmp_path, monkeypatch):
+    full = Trainer(cfg_for(world, tmp_path / "a", "tdpo2", max_steps=6, grad_accum=2, batch_size=4))
+    full.train()
+    want = full.acc.unwrap_model(full.model).state_dict()
+
+    cfg = cfg_for(world, tmp_path / "b", "tdpo2", max_steps=6, grad_accum=2, batch_size=4, save_every=3)
+    interrupted = Trainer(cfg)
+    real_save = Trainer.save_checkpoint
+
+    def save_then_die(self):
+        real_save(self)
+        raise _Stop
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(_Stop):
+        interrupted.train()
+    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
+    resumed = Trainer(cfg)
+    assert resumed.load_checkpoint() and resumed.step == 3
+    resumed.train()
+    got = resumed.acc.unwrap_model(resumed.model).state_dict()
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-6), k
+    hist = [json.loads(line)["step"] for line in open(tmp_path / "b" / "tdpo2" / "metrics.jsonl")]
+    assert hist == [2, 4, 6]
+
+
+def test_nan_loss_stops_with_step_and_batch(world, tmp_path, monkeypatch):
+    import featalign.train as T
+
+    def nan_loss(method, terms, **kw):
+        return terms["policy_chosen_logps"].sum() * float("nan"), {}
+
+    monkeypatch.setattr(T, "compute_loss", nan_loss)
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 0 on pairs \["):
+        train(cfg_for(world, tmp_path, "simpo"))
+
+
+def test_config_validation(world):
+    from featalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown method"):
+        TrainConfig(method="ppo", model="m", data="d").validate()
+    with pytest.raises(ConfigError, match="FPO needs an SAE"):
+        TrainConfig(method="fpo", model="m", data="d").validate()
+    with pytest.raises(ConfigError, match=r"unknown train setting\(s\) \['betta'\]"):
+        TrainConfig.from_dict({"betta": 0.1})

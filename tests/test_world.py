@@ -1,0 +1,87 @@
+import json
+import random
+
+from featalign.world import build_world, lang, reward, reward_parts
+from featalign.world.build import WorldConfig, build_tokenizer, sample_pairs
+
+
+def test_vocabulary_and_lengths():
+    assert len(lang.vocabulary()) >= 500
+    rng = random.Random(0)
+    lengths = [len(lang.sample_response(rng, "food").split()) for _ in range(2000)]
+    assert min(lengths) >= 8 and sorted(lengths)[int(0.98 * len(lengths))] <= 48
+    templates = {lang.sample_prompt(rng).prompt.split()[0] for _ in range(500)}
+    assert len(templates) >= 6
+
+
+def test_reward_scores_hand_written_examples():
+    p = "tell me about the bread"
+    on_pos = "i think the soup is wonderful . the cheese tastes and it is lovely ."
+    off_pos = "i think the guitar is wonderful . the piano plays and it is lovely ."
+    on_neg = "i think the soup is terrible . the cheese tastes and it is awful ."
+    assert reward_parts(p, on_pos)["topic"] == 1.0
+    assert reward_parts(p, off_pos)["topic"] == 0.0
+    assert reward_parts(p, on_pos)["sentiment"] > 0 > reward_parts(p, on_neg)["sentiment"]
+    assert reward(p, on_pos) > reward(p, off_pos) and reward(p, on_pos) > reward(p, on_neg)
+    # the length term is mild and capped: doubling a good answer helps a little, never past the cap
+    short, long = "the soup tastes .", ("the soup tastes . " * 12).strip()
+    assert 0 < reward(p, long) - reward(p, short) <= lang.RewardWeights.length + 1e-9
+    # closed form: topic 1, sentiment (2-0)/(2+0+1), length 15/40
+    assert abs(reward(p, on_pos) - (1 + 2 / 3 + 0.3 * 15 / 40)) < 1e-9
+
+
+def test_generation_is_deterministic():
+    a = sample_pairs(random.Random(7), 50, 0.15)
+    b = sample_pairs(random.Random(7), 50, 0.15)
+    assert a == b
+    assert all(x["chosen_reward"] > x["rejected_reward"] for x in a)
+
+
+def test_tokenizer_round_trips(tmp_path):
+    tok = build_tokenizer()
+    rng = random.Random(1)
+    for _ in range(50):
+        ex = lang.sample_prompt(rng)
+        text = lang.sample_response(rng, ex.topic)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == text
+    tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again("the soup is lovely")["input_ids"] == tok("the soup is lovely")["input_ids"]
+    chat = again.apply_chat_template([{"role": "user", "content": "tell me about the bread"}], tokenize=False, add_generation_prompt=True)
+    assert chat.strip() == "<user> tell me about the bread <assistant>"
+    assert again.pad_token == "<pad>" and again.eos_token == "<eos>"
+
+
+def test_world_build(world):
+    m = world["manifest"]
+    # the SFT model beats a unigram model of responses by a clear margin on held-out world text
+    assert m["sft_ppl"] < 0.3 * m["unigram_ppl"], (m["sft_ppl"], m["unigram_ppl"])
+    assert 5e5 < m["n_params"] < 5e6
+    rows = [json.loads(line) for line in open(world["train"])]
+    assert len(rows) == WorldConfig.quick().n_train_pairs
+    for r in rows:
+        assert {"prompt", "chosen", "rejected"} <= set(r)
+        assert reward(r["prompt"], r["chosen"]) > reward(r["prompt"], r["rejected"])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(world["sft"])
+    assert model.config.num_hidden_layers == WorldConfig.quick().num_layers
+
+
+def test_world_is_cached_and_deterministic(world, tmp_path):
+    again = build_world(world["root"], WorldConfig.quick(), progress=False)
+    assert again == world["manifest"]  # reused, not rebuilt
+    cfg = WorldConfig.quick()
+    cfg.sft_steps, cfg.n_sft, cfg.n_train_pairs = 5, 200, 40
+    a = build_world(str(tmp_path / "a"), cfg, progress=False)
+    b = build_world(str(tmp_path / "b"), cfg, progress=False)
+    assert a["sft_ppl"] == b["sft_ppl"]
+    assert open(tmp_path / "a/prefs/train.jsonl").read() == open(tmp_path / "b/prefs/train.jsonl").read()
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "a/sft/model.safetensors"), load_file(tmp_path / "b/sft/model.safetensors")
+    assert all((wa[k] == wb[k]).all() for k in wa)
