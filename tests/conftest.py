@@ -28,6 +28,6 @@ def world_sae(world, tmp_path_factory):
     from featalign.sae.train import SAETrainConfig, train_sae
 
     out = str(tmp_path_factory.mktemp("sae") / "topk")
-    _, report = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=out, d_sae=256, k=16,
-                                         tokens=120_000, eval_tokens=20_000, progress=False))
+    _, report = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=out, d_sae=256, k=32,
+                                         tokens=150_000, eval_tokens=20_000, progress=False))
     return {"path": out, "report": report, "layer": 2}

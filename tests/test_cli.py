@@ -44,7 +44,7 @@ def test_world_build_command_reuses_the_cache(world, capsys):
 def test_sae_eval_with_frontier(world, world_sae, tmp_path, capsys):
     out = tmp_path / "eval"
     assert cli.main(["sae", "eval", "--sae", world_sae["path"], "--model", world["sft"], "--data", world["test"],
-                     "--out", str(out), "--max-tokens", "3000", "--frontier", "--frontier-values", "4,16,64"]) == 0
+                     "--out", str(out), "--max-tokens", "3000", "--frontier", "--frontier-values", "2,4,8,16"]) == 0
     res = json.loads((out / "eval.json").read_text())
     l0s = [r["l0"] for r in res["frontier"]]
     mses = [r["normalized_mse"] for r in res["frontier"]]

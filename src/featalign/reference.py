@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .errors import CacheMismatchError, ConfigError
 
 MANIFEST = "manifest.json"
+IDENTITY = ("model", "data", "sae", "settings")
 
 
 def file_hash(path: str) -> str:
@@ -102,7 +103,7 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
     if os.path.exists(mpath):
         with open(mpath) as f:
             old = json.load(f)
-        if {k_: v for k_, v in old.items() if k_ != "complete"} != manifest:
+        if {k_: old.get(k_) for k_ in IDENTITY} != {k_: manifest.get(k_) for k_ in IDENTITY}:
             for f in glob.glob(os.path.join(out, "shard-*.safetensors")):
                 os.remove(f)
     _write_json(mpath, {**manifest, "complete": False})

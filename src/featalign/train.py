@@ -274,10 +274,9 @@ class Trainer:
             return
 
         def write(tmp):
-            from safetensors.torch import save_file
+            from safetensors.torch import save_model
 
-            model = self.acc.unwrap_model(self.model)
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+            save_model(self.acc.unwrap_model(self.model), os.path.join(tmp, "model.safetensors"))
             state = {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "torch_rng": torch.get_rng_state(),
                      "py_rng": random.getstate()}
             if self.ref_model is not None:
@@ -292,11 +291,11 @@ class Trainer:
         d = self.ckpt_dir()
         if not (self.cfg.resume and os.path.exists(os.path.join(d, "trainer_state.json"))):
             return False
-        from safetensors.torch import load_file
+        from safetensors.torch import load_model as load_weights
 
         with open(os.path.join(d, "trainer_state.json")) as f:
             meta = json.load(f)
-        self.acc.unwrap_model(self.model).load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+        load_weights(self.acc.unwrap_model(self.model), os.path.join(d, "model.safetensors"))
         state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
