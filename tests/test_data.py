@@ -93,3 +93,29 @@ def test_tokenizer_without_pad_token_uses_eos(world):
     tok.pad_token = None
     with pytest.raises(ConfigError, match="neither a pad token nor an eos token"):
         D.prepare_tokenizer(tok)
+
+
+def test_fuzz_records_load_or_raise_data_error():
+    """Random records either become pairs or raise featalign's DataError, never anything else."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12), st.booleans())
+    message = st.fixed_dictionaries({}, optional={"role": st.one_of(st.sampled_from(["user", "assistant", "system"]), scalar),
+                                                  "content": scalar})
+    value = st.one_of(scalar, st.lists(st.one_of(message, scalar), max_size=3))
+    record = st.one_of(scalar, st.lists(scalar, max_size=2),
+                       st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "other"]), value, max_size=4))
+
+    @settings(max_examples=400, deadline=None)
+    @given(record)
+    def check(rec):
+        try:
+            pair = D.to_pair(rec, "fuzz.jsonl", 1)
+        except DataError as e:
+            assert str(e).startswith("fuzz.jsonl:1: ")
+            return
+        assert isinstance(pair.chosen, str) and pair.chosen.strip()
+        assert isinstance(pair.rejected, str) and pair.rejected.strip()
+
+    check()

@@ -1,0 +1,100 @@
+"""Peak memory of one training run per method, each in its own process, on the same model and data.
+
+The world's 1.4M-parameter model is too small for the reference model to show in a process's peak RSS
+(the torch runtime dominates), so this benchmark uses a wider Llama (random init, the world tokenizer)
+and an SAE of matching width. FPO and DPO read the offline cache built beforehand by `featalign cache`
+in a separate process, so their training processes never hold a reference model; TDPO-2 keeps one live.
+
+Usage: python bench/memory.py [--hidden 512 --layers 8 --steps 20]  -> bench/results/memory-<device>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--methods", default="fpo,dpo,simpo,tdpo2")
+    ap.add_argument("--world", default=os.path.join(ROOT, "data", "world-quick"))
+    args = ap.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from featalign.models import load_tokenizer
+    from featalign.sae import SAE, SAEConfig
+    from featalign.world import WorldConfig, build_world, world_paths
+
+    build_world(args.world, WorldConfig.quick())
+    wp = world_paths(args.world)
+    tok = load_tokenizer(wp["sft"])
+    tmp = tempfile.mkdtemp(prefix="featalign-mem-")
+    model_dir, sae_dir, cache_dir = (os.path.join(tmp, x) for x in ("model", "sae", "cache"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=int(2.75 * args.hidden),
+                      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    sae = SAE(SAEConfig(args.hidden, 8 * args.hidden, "topk", k=32, layer=args.layers // 2))
+    with torch.no_grad():
+        sae.W_dec.normal_()
+        sae.normalize_decoder()
+        sae.W_enc.copy_(sae.W_dec.T)
+    sae.save(sae_dir)
+    layer = str(args.layers // 2)
+    common = ["--max-length", "96", "--max-prompt-length", "32"]
+    run([sys.executable, "-m", "featalign", "cache", "--model", model_dir, "--data", wp["train"], "--sae", sae_dir, "--layer", layer,
+         "--out", cache_dir, *common])
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+               "model_params": n_params, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
+               "batch_size": args.batch_size, "runs": {}}
+    for m in args.methods.split(","):
+        out = os.path.join(tmp, m)
+        cmd = [sys.executable, "-m", "featalign", "train", "--method", m, "--model", model_dir, "--data", wp["train"], "--out", out,
+               "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", "1e-5", "--no-progress",
+               "--no-tensorboard", "--no-resume", *common]
+        if m in ("dpo", "ipo", "dpo_ln", "fpo"):
+            cmd += ["--cache", cache_dir]
+        if m == "fpo":
+            cmd += ["--sae", sae_dir, "--layer", layer]
+        run(cmd)
+        s = json.load(open(os.path.join(out, "summary.json")))
+        results["runs"][m] = {k: s[k] for k in ("peak_memory_mb", "wall_seconds", "tokens_per_second", "reference_model_loaded")}
+        print(m, results["runs"][m], flush=True)
+    r = results["runs"]
+    if "fpo" in r and "tdpo2" in r:
+        results["fpo_vs_tdpo2_peak_ratio"] = r["fpo"]["peak_memory_mb"] / r["tdpo2"]["peak_memory_mb"]
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    tag = "gpu" if torch.cuda.is_available() else "cpu"
+    path = os.path.join(ROOT, "bench", "results", f"memory-{tag}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
