@@ -98,6 +98,8 @@ def _text(value: Any, path: str, line: int, name: str) -> str:
 
 
 def _messages(value: Any, path: str, line: int, name: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise DataError(f"expected a list of messages (the other response is one), got {type(value).__name__}", path, line, name)
     if not value:
         raise DataError("is an empty message list", path, line, name)
     for j, m in enumerate(value):
