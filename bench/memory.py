@@ -5,6 +5,10 @@ The world's 1.4M-parameter model is too small for the reference model to show in
 and an SAE of matching width. FPO and DPO read the offline cache built beforehand by `featalign cache`
 in a separate process, so their training processes never hold a reference model; TDPO-2 keeps one live.
 
+Two measures: the training process's peak RSS (what `summary.json` reports on CPU; it includes the
+allocator's behaviour and is noisy by tens of MB) and an allocator-independent tensor account of one
+step (`tensor_memory`). On a GPU, `peak_memory_mb` is `torch.cuda.max_memory_allocated`, exact.
+
 Usage: python bench/memory.py [--hidden 512 --layers 8 --steps 20]  -> bench/results/memory-<device>.json
 """
 
@@ -28,6 +32,42 @@ def run(cmd):
     if p.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
     return p.stdout
+
+
+def tensor_memory(cfg_kwargs: dict) -> dict:
+    """Allocator-independent memory of one training step: bytes of persistent tensors (policy weights,
+    gradients, AdamW state, reference model, SAE, offline cache) plus activations saved for backward
+    (counted once per storage with ``saved_tensors_hooks``)."""
+    from featalign import data as D
+    from featalign.train import Trainer, TrainConfig
+
+    t = Trainer(TrainConfig(**cfg_kwargs))
+
+    def nbytes(tensors):
+        seen = {}
+        for x in tensors:
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    batch = D.collate_pairs(t.pairs[: cfg_kwargs["batch_size"]], t.tokenizer.pad_token_id)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss, _ = t.loss(t.model, batch)
+    activations = nbytes(saved)
+    loss.backward()
+    t.opt.step()
+    policy = list(t.model.parameters())
+    parts = {
+        "policy_weights": nbytes(policy),
+        "gradients": nbytes(p.grad for p in policy if p.grad is not None),
+        "optimizer_state": nbytes(v for st in t.opt.state_dict()["state"].values() for v in st.values() if torch.is_tensor(v) and v.dim()),
+        "reference_model": nbytes(t.ref_model.parameters()) if t.ref_model is not None else 0,
+        "sae": nbytes(t.sae.parameters()) if t.sae is not None else 0,
+        "offline_cache": t.cache.nbytes() if t.cache is not None else 0,
+        "saved_activations": activations,
+    }
+    parts["total"] = sum(parts.values())
+    return {k: round(v / 2**20, 2) for k, v in parts.items()}
 
 
 def main():
@@ -83,10 +123,17 @@ def main():
         run(cmd)
         s = json.load(open(os.path.join(out, "summary.json")))
         results["runs"][m] = {k: s[k] for k in ("peak_memory_mb", "wall_seconds", "tokens_per_second", "reference_model_loaded")}
+        kw = dict(method=m, model=model_dir, data=wp["train"], out=out + "-tensors", batch_size=args.batch_size, max_steps=1,
+                  max_length=96, max_prompt_length=32, progress=False, tensorboard=False, resume=False,
+                  cache=cache_dir if m in ("dpo", "ipo", "dpo_ln", "fpo") else None)
+        if m == "fpo":
+            kw.update(sae=sae_dir, layer=int(layer))
+        results["runs"][m]["tensor_memory_mb"] = tensor_memory(kw)
         print(m, results["runs"][m], flush=True)
     r = results["runs"]
     if "fpo" in r and "tdpo2" in r:
-        results["fpo_vs_tdpo2_peak_ratio"] = r["fpo"]["peak_memory_mb"] / r["tdpo2"]["peak_memory_mb"]
+        results["fpo_vs_tdpo2_peak_rss_ratio"] = r["fpo"]["peak_memory_mb"] / r["tdpo2"]["peak_memory_mb"]
+        results["fpo_vs_tdpo2_tensor_ratio"] = r["fpo"]["tensor_memory_mb"]["total"] / r["tdpo2"]["tensor_memory_mb"]["total"]
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     tag = "gpu" if torch.cuda.is_available() else "cpu"
     path = os.path.join(ROOT, "bench", "results", f"memory-{tag}.json")

@@ -137,3 +137,19 @@ def test_other_architectures_train(world, tmp_path, arch, extra):
     if arch == "jumprelu":
         assert (sae.threshold > 0).all()
     assert load_sae(str(tmp_path / arch)).cfg.architecture == arch
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_encode_pooled_equals_dense_pooling(arch):
+    from featalign.models import pool_response
+
+    sae = random_sae(arch)
+    h = torch.randn(3, 7, 16, requires_grad=True)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 0]])
+    dense = pool_response(sae.encode(h), mask)
+    fast = sae.encode_pooled(h, mask)
+    assert torch.allclose(dense, fast, atol=1e-6)
+    w = torch.randn_like(dense)
+    (g_dense,) = torch.autograd.grad((dense * w).sum(), h)
+    (g_fast,) = torch.autograd.grad((fast * w).sum(), h)
+    assert torch.allclose(g_dense, g_fast, atol=1e-6)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import data as D
-from .models import capture_layer, load_model, load_tokenizer, pool_response, response_logps
+from .models import capture_layer, load_model, load_tokenizer, response_logps
 
 
 @dataclass
@@ -56,7 +56,7 @@ def _pair_logps(model, tok, pairs, batch_size, sae=None, layer=None):
         if sae is not None:
             with capture_layer(model, layer) as box:
                 logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-            out["feat"].append(pool_response(sae.encode(box["h"].float()), t["response_mask"])[: len(b)])
+            out["feat"].append(sae.encode_pooled(box["h"], t["response_mask"])[: len(b)])
         else:
             logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
         lp, ln = response_logps(logits, t["input_ids"], t["response_mask"])

@@ -92,7 +92,7 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
                 batch_size: int = 16, shard_size: int = 512, progress: bool = True) -> str:
     """Compute the reference's log-probs (and top-k pooled SAE activations) for every pair, in shards."""
     from .data import collate_pairs
-    from .models import capture_layer, check_layer, pool_response, response_logps
+    from .models import capture_layer, check_layer, response_logps
 
     if sae is not None:
         if layer is None:
@@ -126,7 +126,7 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
             if sae is not None:
                 with capture_layer(model, layer) as box:
                     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-                pooled = pool_response(sae.encode(box["h"].float()), b["response_mask"])
+                pooled = sae.encode_pooled(box["h"], b["response_mask"])
                 vals, idx = pooled.topk(min(k, pooled.shape[-1]), dim=-1)
             else:
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits

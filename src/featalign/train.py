@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import data as D
 from .errors import ConfigError, TrainingDivergedError
 from .losses import METHODS, compute_loss, feature_mse
-from .models import capture_layer, load_model, load_tokenizer, pool_response, response_logps, sequential_kl
+from .models import capture_layer, load_model, load_tokenizer, response_logps, sequential_kl
 
 
 @dataclass
@@ -227,7 +227,7 @@ class Trainer:
                      ref_chosen_avg_logps=c["chosen_logps"] / c["chosen_len"].clamp(min=1),
                      ref_rejected_avg_logps=c["rejected_logps"] / c["rejected_len"].clamp(min=1))
             if self.sae is not None:
-                pooled = pool_response(self.sae.encode(box["h"].float()), resp)
+                pooled = self.sae.encode_pooled(box["h"], resp)
                 d_c = feature_mse(pooled[:n], c["chosen_feat_idx"], c["chosen_feat_val"], cfg.k, cfg.topk_from)
                 d_r = feature_mse(pooled[n:], c["rejected_feat_idx"], c["rejected_feat_val"], cfg.k, cfg.topk_from)
                 t.update(feat_mse_chosen=d_c, feat_mse_rejected=d_r)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from ..models import decoder_layers
 
@@ -42,8 +41,7 @@ def evaluate_sae(sae, model, tokenizer, docs: list[list[int]], layer: int, max_t
     device = next(model.parameters()).device
     sae = sae.to(device)
     pad = tokenizer.pad_token_id
-    sq_err = sq_dev = l0 = 0.0
-    sum_x = None
+    sq_err = l0 = 0.0
     xs_for_var = []
     fire_count = torch.zeros(sae.d_sae, device=device)
     n_tok = 0

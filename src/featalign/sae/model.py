@@ -87,6 +87,25 @@ class SAE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    def encode_pooled(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of ``encode`` over the positions where ``mask`` [N, T] is set, for ``h`` [N, T, d_in].
+
+        Equal to ``pool_response(encode(h), mask)`` but encodes only the masked positions, and for TopK
+        adds the k active values straight into the pooled rows: the dense per-token activations are never
+        materialised for backward, which is most of FPO's memory beyond the policy itself.
+        """
+        sel = mask.bool()
+        x = h[sel].to(self.W_enc.dtype)
+        rows = sel.nonzero()[:, 0]
+        pooled = torch.zeros(h.shape[0], self.d_sae, dtype=x.dtype, device=x.device)
+        if self.cfg.architecture == "topk":
+            vals, idx = self.encode_pre(x).topk(self.cfg.k, dim=-1)
+            pooled = pooled.index_put((rows[:, None].expand_as(idx).reshape(-1), idx.reshape(-1)), vals.relu().reshape(-1),
+                                      accumulate=True)
+        else:
+            pooled = pooled.index_add(0, rows, self.encode(x))
+        return pooled / sel.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
+
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True).clamp(min=1e-8)

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..models import check_layer, hidden_size, run_to_layer
 from .model import SAE, SAEConfig
 
