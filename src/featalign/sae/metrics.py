@@ -7,6 +7,7 @@ import contextlib
 
 import torch
 
+from ..data import pad_sequences
 from ..models import decoder_layers
 
 
@@ -57,12 +58,8 @@ def evaluate_sae(sae, model, tokenizer, docs: list[list[int]], layer: int, max_t
 
     for i in range(0, len(docs), batch_size):
         seqs = [d[:max_length] for d in docs[i : i + batch_size]]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-        att = torch.zeros_like(ids)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s, device=device)
-            att[r, : len(s)] = 1
+        b = pad_sequences(seqs, [[1] * len(s) for s in seqs], pad)
+        ids, att = b["input_ids"].to(device), b["attention_mask"].to(device)
         nll_clean, logp_clean = _ce_and_logp(model, ids, att)
         with splice(model, layer, recon):
             nll_spliced, logp_spliced = _ce_and_logp(model, ids, att)

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ..data import pad_sequences
 from ..errors import DataError
 from ..models import check_layer, hidden_size, run_to_layer
 from .model import SAE, SAEConfig
@@ -80,14 +81,10 @@ def iter_activations(model, tokenizer, docs: list[list[int]], layer: int, batch_
         rng.shuffle(order)
         for i in range(0, len(order), batch_size):
             seqs = [docs[j][:max_length] for j in order[i : i + batch_size]]
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            att = torch.zeros_like(ids)
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s)
-                att[r, : len(s)] = 1
-            h = run_to_layer(model, layer, input_ids=ids.to(device), attention_mask=att.to(device))
-            yield h[att.to(device).bool()].float()
+            b = pad_sequences(seqs, [[1] * len(s) for s in seqs], pad)
+            ids, att = b["input_ids"].to(device), b["attention_mask"].to(device)
+            h = run_to_layer(model, layer, input_ids=ids, attention_mask=att)
+            yield h[att.bool()].float()
         if not loop:
             return
 
