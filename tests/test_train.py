@@ -117,3 +117,29 @@ def test_config_validation(world):
         TrainConfig(method="fpo", model="m", data="d").validate()
     with pytest.raises(ConfigError, match=r"unknown train setting\(s\) \['betta'\]"):
         TrainConfig.from_dict({"betta": 0.1})
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(world, tmp_path):
+    """DDP over gloo with 2 CPU processes x 4 pairs gives the loss curve of 1 process x 8 pairs."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    args = ["train", "--method", "tdpo2", "--model", world["sft"], "--data", world["train"], "--lr", "1e-4", "--max-steps", "4",
+            "--log-every", "1", "--no-progress", "--no-tensorboard", "--max-length", "96", "--max-prompt-length", "32", "--limit", "200"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "featalign", *args, "--batch-size", "8", "--out", str(tmp_path / "one")],
+                   check=True, capture_output=True, env=env)
+    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "featalign", *args, "--batch-size", "4",
+                    "--out", str(tmp_path / "two")], check=True, capture_output=True, env=env)
+    one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    assert one[-1]["loss"] != pytest.approx(one[0]["loss"], abs=1e-4)  # it trained
+    for a, b in zip(one, two):
+        for key in ("loss", "rewards/margins", "kl/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)

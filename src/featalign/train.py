@@ -131,7 +131,9 @@ class Trainer:
         self.cfg = cfg
         self.spec = METHODS[cfg.method]
         use_bf16 = cfg.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_bf16 else "no")
+        # cpu=True on CPU-only machines: without it accelerate ignores a torchrun/gloo process group
+        self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_bf16 else "no",
+                               cpu=not torch.cuda.is_available())
         self.device = self.acc.device
         os.makedirs(cfg.out, exist_ok=True)
         self.stats = D.DataStats()
