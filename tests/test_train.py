@@ -143,3 +143,17 @@ def test_two_gloo_processes_match_one_process(world, tmp_path):
     for a, b in zip(one, two):
         for key in ("loss", "rewards/margins", "kl/chosen"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+def test_lora_with_gradient_checkpointing_saves_a_merged_model(world, world_sae, tmp_path):
+    pytest.importorskip("peft", reason="peft (test extra) is not installed")
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg_for(world, tmp_path, "fpo", sae=world_sae["path"], layer=2, k=20, lora_r=4, gradient_checkpointing=True,
+                  lr=1e-3, max_steps=3)
+    train(cfg)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fpo" / "final").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(world["sft"]).state_dict()
+    assert sorted(merged) == sorted(base)  # a plain model, no adapter keys
+    assert max((merged[k] - base[k]).abs().max().item() for k in base) > 0
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # LoRA leaves embeddings
