@@ -61,6 +61,13 @@ def test_stale_cache_is_refused_naming_the_part(world, setup, tmp_path, world_sa
     m2.save_pretrained(other)
     with pytest.raises(CacheMismatchError, match="the reference model's weights changed"):
         ReferenceCache(out, expected_manifest(other, world["train"], world_sae["path"], settings) | {"data": man["data"]})
+    other_sae = str(tmp_path / "other_sae")
+    sae2 = load_sae(world_sae["path"])
+    with torch.no_grad():
+        sae2.b_enc.add_(0.1)
+    sae2.save(other_sae)
+    with pytest.raises(CacheMismatchError, match="the SAE changed"):
+        ReferenceCache(out, expected_manifest(world["sft"], data, other_sae, settings) | {"data": man["data"]})
     cache = ReferenceCache(out, man)
     assert cache.has_features and cache.tensors["chosen_feat_idx"].shape == (len(pairs), 10)
     vals = cache.tensors["chosen_feat_val"]

@@ -83,7 +83,7 @@ def cmd_cache(ns):
     settings = CacheSettings(layer=ns.layer if sae is not None else None, k=ns.k, max_length=ns.max_length,
                              max_prompt_length=ns.max_prompt_length)
     manifest = expected_manifest(ns.model, ns.data, ns.sae, settings)
-    build_cache(model, tok, pairs, ns.out, manifest, sae, ns.layer, ns.k, batch_size=ns.batch_size)
+    build_cache(model, tok, pairs, ns.out, manifest, sae, ns.layer, ns.k, batch_size=ns.batch_size, shard_size=ns.shard_size)
     print(f"cache written to {ns.out} ({len(pairs)} pairs)")
 
 
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--max-length", type=int, default=512)
     ca.add_argument("--max-prompt-length", type=int, default=256)
     ca.add_argument("--batch-size", type=int, default=16)
+    ca.add_argument("--shard-size", type=int, default=512, help="pairs per shard (the unit a resumed build skips)")
     ca.set_defaults(fn=cmd_cache)
 
     sae = sub.add_parser("sae", help="sparse autoencoders").add_subparsers(dest="sae_cmd", required=True)

@@ -322,8 +322,11 @@ class Trainer:
             except ImportError:
                 writer = None
         log_path = os.path.join(cfg.out, "metrics.jsonl")
-        if not resumed and self.acc.is_main_process and os.path.exists(log_path):
-            os.remove(log_path)
+        if self.acc.is_main_process:
+            # a killed run may have logged steps after its last checkpoint: keep only what the checkpoint saw
+            with open(log_path, "w") as f:
+                for rec in self.history if resumed else []:
+                    f.write(json.dumps(rec) + "\n")
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
                    disable=not (cfg.progress and self.acc.is_main_process))
         t0 = time.time()
