@@ -20,7 +20,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -28,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as D
+from .atomic import atomic_dir
 from .errors import ConfigError, TrainingDivergedError
 from .losses import METHODS, compute_loss, feature_mse
 from .models import capture_layer, load_model, load_tokenizer, response_logps, sequential_kl
@@ -109,18 +109,6 @@ def _lr_lambda(total: int, warmup: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return f
-
-
-def _atomic_dir(final: str, write) -> None:
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    old = f"{final}.old-{os.getpid()}"
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class Trainer:
@@ -287,7 +275,7 @@ class Trainer:
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({"step": self.step, "config": asdict(self.cfg), "history": self.history}, f)
 
-        _atomic_dir(self.ckpt_dir(), write)
+        atomic_dir(self.ckpt_dir(), write)
 
     def load_checkpoint(self) -> bool:
         d = self.ckpt_dir()
@@ -407,7 +395,7 @@ class Trainer:
                 model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
 
-            _atomic_dir(final, write)
+            atomic_dir(final, write)
         return final
 
 

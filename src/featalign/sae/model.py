@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from ..atomic import replace_dir
 from ..errors import ConfigError
 
 ARCHITECTURES = ("relu", "topk", "jumprelu")
@@ -116,7 +118,8 @@ class SAE(nn.Module):
         from safetensors.torch import save_file
 
         tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, os.path.join(tmp, "sae_weights.safetensors"))
         cfg = {
@@ -132,11 +135,7 @@ class SAE(nn.Module):
             cfg["rescale_acts_by_decoder_norm"] = False
         with open(os.path.join(tmp, "cfg.json"), "w") as f:
             json.dump(cfg, f, indent=2)
-        if os.path.isdir(path):
-            import shutil
-
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
         return path
 
 

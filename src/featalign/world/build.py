@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as D
+from ..atomic import replace_dir
 from . import lang
 
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>"]
@@ -231,7 +232,5 @@ def build_world(out: str = "data/world", cfg: WorldConfig | None = None, progres
     }
     with open(tpaths["manifest"], "w") as f:
         json.dump(manifest, f, indent=2)
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return manifest
