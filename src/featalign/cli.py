@@ -101,6 +101,28 @@ def cmd_sae_eval(ns):
     run_eval(ns)
 
 
+def cmd_sae_match(ns):
+    from .sae.match import run_match
+
+    run_match(ns)
+
+
+def cmd_explain(ns):
+    from .explain import ExplainConfig, explain, explain_table
+
+    result = explain(_config(ExplainConfig, ns))
+    print(explain_table(result))
+    print(f"written to {ns.out if 'out' in ns else ExplainConfig.out}/explain.{{json,md,png}}")
+
+
+def cmd_attribute(ns):
+    from .explain import AttributeConfig, attribute, attribute_table
+
+    result = attribute(_config(AttributeConfig, ns))
+    print(attribute_table(result))
+    print(f"written to {ns.out if 'out' in ns else AttributeConfig.out}/attribution.{{json,pt,png}}")
+
+
 def cmd_eval(ns):
     from .evaluate import EvalConfig, evaluate_policy
 
@@ -164,6 +186,33 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--frontier", action="store_true")
     se.add_argument("--frontier-values", default="4,8,16,32,64")
     se.set_defaults(fn=cmd_sae_eval)
+
+    sm = sae.add_parser("match", help="match the latents of two SAEs one-to-one (SAE Match: folded parameters + optimal assignment)")
+    sm.add_argument("sae_a")
+    sm.add_argument("sae_b")
+    sm.add_argument("--out", default=None, help="folder for match.json / match.png (default: <sae_a>-vs-<sae_b>)")
+    sm.add_argument("--encoder", action="store_true", help="include encoder columns in the cost (decoder rows only by default)")
+    sm.add_argument("--min-cosine", type=float, default=0.7, help="a match is confident at or above this cosine")
+    sm.add_argument("--dense-limit", type=int, default=4096, help="above this many latents, solve a sparsified cost")
+    sm.add_argument("--candidates", type=int, default=32, help="cheapest partners kept per latent when sparsified")
+    sm.add_argument("--device", default=None)
+    sm.add_argument("--model", help="with --data: evaluate the matched decode on the model's hidden states")
+    sm.add_argument("--data")
+    sm.add_argument("--layer-a", type=int)
+    sm.add_argument("--layer-b", type=int)
+    sm.add_argument("--max-tokens", type=int, default=20_000)
+    sm.set_defaults(fn=cmd_sae_match)
+
+    from .explain import AttributeConfig, ExplainConfig
+
+    ex = sub.add_parser("explain", help="the SAE features whose activation alignment changed most, with their tokens")
+    ex.add_argument("--config")
+    _add_dataclass_args(ex, ExplainConfig)
+    ex.set_defaults(fn=cmd_explain)
+    at = sub.add_parser("attribute", help="attribute a margin or reward to SAE features (attribution patching + ablation check)")
+    at.add_argument("--config")
+    _add_dataclass_args(at, AttributeConfig)
+    at.set_defaults(fn=cmd_attribute)
 
     ev = sub.add_parser("eval", help="evaluate a saved policy")
     ev.add_argument("--config")

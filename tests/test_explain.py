@@ -1,0 +1,117 @@
+"""`explain` (feature shifts) and `attribute` (attribution patching checked by ablation)."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from featalign.errors import ConfigError
+from featalign.explain import AttributeConfig, ExplainConfig, attribute, explain, spliced_score
+from featalign.models import decoder_layers, load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def ref_model(world):
+    return load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
+
+
+def plant(model, layer: int, vec: torch.Tensor):
+    """A policy whose residual stream after ``layer`` carries an extra ``vec`` at every position."""
+    policy = copy.deepcopy(model)
+
+    def hook(_m, _i, out):
+        return (out[0] + vec,) + tuple(out[1:]) if isinstance(out, tuple) else out + vec
+
+    decoder_layers(policy)[layer].register_forward_hook(hook)
+    return policy
+
+
+def test_planted_feature_is_found_at_the_top(world, world_sae, ref_model, tmp_path):
+    from featalign.sae import load_sae
+
+    model, tok = ref_model
+    sae = load_sae(world_sae["path"])
+    feature = 17
+    policy = plant(model, 2, 3.0 * sae.W_dec[feature].detach())
+    cfg = ExplainConfig(reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "e"), limit=40, top=5)
+    res = explain(cfg, policy=policy, reference=model, tokenizer=tok)
+    assert res["up"][0]["feature"] == feature
+    assert res["up"][0]["t"] > 10 and res["up"][0]["top_tokens"] and res["up"][0]["contexts"]
+    assert "world_reward" in res and set(res["up"][0]["reward_corr"]) == {"topic", "sentiment", "length", "reward"}
+    for name in ("explain.json", "explain.md", "explain.png"):
+        assert (tmp_path / "e" / name).exists()
+
+
+def test_explain_on_generated_text_finds_the_planted_feature(world, world_sae, ref_model, tmp_path):
+    from featalign.sae import load_sae
+
+    model, tok = ref_model
+    sae = load_sae(world_sae["path"])
+    policy = plant(model, 2, 3.0 * sae.W_dec[40].detach())
+    cfg = ExplainConfig(reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "g"), limit=40,
+                        top=5, texts="generated", max_new_tokens=16)
+    res = explain(cfg, policy=policy, reference=model, tokenizer=tok)
+    assert res["up"][0]["feature"] == 40 and res["texts"] == "generated"
+
+
+def test_cli_explain_policy_equal_to_reference_moves_nothing(world, world_sae, tmp_path):
+    out = tmp_path / "same"
+    p = subprocess.run([sys.executable, "-m", "featalign", "explain", "--policy", world["sft"], "--reference", world["sft"],
+                        "--sae", world_sae["path"], "--data", world["test"], "--out", str(out), "--limit", "20"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((out / "explain.json").read_text())
+    assert res["up"] == [] and res["down"] == [] and res["total_abs_shift"] == 0.0
+
+
+def test_spliced_pass_is_exact_and_attribution_predicts_ablation(world, world_sae, ref_model, tmp_path):
+    from featalign import data as D
+    from featalign.explain import _score
+    from featalign.sae import load_sae
+
+    model, tok = ref_model
+    sae = load_sae(world_sae["path"])
+    pairs = D.tokenize_pairs(D.load_pairs(world["test"], limit=8), tok)
+    t = D.collate_pairs(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        plain = _score(model, t, "margin")
+    spliced, _ = spliced_score(model, sae, 2, t, "margin")
+    assert torch.allclose(plain, spliced, atol=1e-4)  # the error term keeps the forward pass exact
+
+    res = attribute(AttributeConfig(sae=world_sae["path"], data=world["test"], out=str(tmp_path / "a"), limit=48, ablate=8, top=5),
+                    model=model, tokenizer=tok)
+    v = res["validation"]
+    assert v["pearson_predicted_vs_ablation"] > 0.8
+    assert v["mean_abs_change_top"] > 3 * v["mean_abs_change_random"]
+    top = [r for r in v["ablated"] if r["group"] == "top"]
+    assert sum((r["predicted_change"] > 0) == (r["ablation_change"] > 0) for r in top) >= 6  # signs agree
+    assert (tmp_path / "a" / "attribution.png").exists() and len(torch.load(tmp_path / "a" / "attribution.pt")) == sae.d_sae
+
+
+def test_attribute_to_a_reward_model(world, world_sae, tmp_path):
+    """A sequence-classification reward model (random head on the world's SFT body) and its score margin."""
+    from transformers import AutoModelForSequenceClassification
+
+    rm_dir = tmp_path / "rm"
+    rm = AutoModelForSequenceClassification.from_pretrained(world["sft"], num_labels=1)
+    rm.config.pad_token_id = load_tokenizer(world["sft"]).pad_token_id
+    rm.save_pretrained(rm_dir)
+    load_tokenizer(world["sft"]).save_pretrained(rm_dir)
+    p = subprocess.run([sys.executable, "-m", "featalign", "attribute", "--model", str(rm_dir), "--sae", world_sae["path"],
+                        "--data", world["test"], "--score", "reward_margin", "--limit", "24", "--ablate", "6",
+                        "--out", str(tmp_path / "ra")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "ra" / "attribution.json").read_text())
+    assert res["score"] == "reward_margin" and res["validation"]["pearson_predicted_vs_ablation"] > 0.5
+
+
+def test_attribute_errors(world, world_sae, ref_model):
+    model, tok = ref_model
+    with pytest.raises(ConfigError, match="unknown score"):
+        attribute(AttributeConfig(sae=world_sae["path"], data=world["test"], score="vibes"), model=model, tokenizer=tok)
+    p = subprocess.run([sys.executable, "-m", "featalign", "attribute", "--model", world["sft"], "--sae", world_sae["path"],
+                        "--data", world["test"], "--layer", "9"], capture_output=True, text=True)
+    assert p.returncode == 2 and "layer 9 is out of range" in p.stderr
