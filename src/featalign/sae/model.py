@@ -72,7 +72,7 @@ class SAE(nn.Module):
         if arch == "relu":
             return torch.relu(pre)
         if arch == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1)
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
         return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
 
@@ -82,11 +82,18 @@ class SAE(nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
 
-    def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Decode from (indices, values) [..., k] by gathering only the active decoder rows."""
-        return torch.einsum("...k,...kd->...d", values, self.W_dec[indices]) + self.b_dec
+    def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """Decode from (indices, values) [..., k]: a weighted sum of only the k active decoder rows
+        (``embedding_bag``: no [tokens, d_sae] matrix, and no [tokens, k, d_in] gather either)."""
+        k = indices.shape[-1]
+        out = torch.nn.functional.embedding_bag(indices.reshape(-1, k), self.W_dec, per_sample_weights=values.reshape(-1, k).to(self.W_dec.dtype),
+                                                mode="sum").reshape(*indices.shape[:-1], self.d_in)
+        return out + self.b_dec if bias else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.architecture == "topk":
+            vals, idx = self.encode_pre(x).topk(self.cfg.k, dim=-1, sorted=False)
+            return self.decode_sparse(idx, vals.relu())
         return self.decode(self.encode(x))
 
     def encode_pooled(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -101,7 +108,7 @@ class SAE(nn.Module):
         rows = sel.nonzero()[:, 0]
         pooled = torch.zeros(h.shape[0], self.d_sae, dtype=x.dtype, device=x.device)
         if self.cfg.architecture == "topk":
-            vals, idx = self.encode_pre(x).topk(self.cfg.k, dim=-1)
+            vals, idx = self.encode_pre(x).topk(self.cfg.k, dim=-1, sorted=False)
             pooled = pooled.index_put((rows[:, None].expand_as(idx).reshape(-1), idx.reshape(-1)), vals.relu().reshape(-1),
                                       accumulate=True)
         else:

@@ -160,35 +160,81 @@ def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, mo
 
 
 def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """Loss and metrics for one batch. TopK decodes sparsely (the k active decoder rows per token, and the
+    k_aux dead ones for AuxK), so neither pass multiplies a mostly-zero [tokens, d_sae] matrix."""
     pre = sae.encode_pre(x)
     arch = cfg.architecture
     aux = torch.zeros((), device=x.device)
-    if arch == "jumprelu":
-        thr = sae.threshold
-        f = _JumpReLU.apply(torch.relu(pre), thr, cfg.jumprelu_bandwidth)
-        l0_ste = _Step.apply(torch.relu(pre), thr, cfg.jumprelu_bandwidth).sum(-1).mean()
+    if arch == "topk":
+        vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+        vals = vals.relu()
+        x_hat = sae.decode_sparse(idx, vals)
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, idx[vals > 0], True)
+        l0 = (vals > 0).float().sum(-1).mean()
     else:
-        f = sae.activate(pre)
-    x_hat = sae.decode(f)
+        if arch == "jumprelu":
+            thr = sae.threshold
+            f = _JumpReLU.apply(torch.relu(pre), thr, cfg.jumprelu_bandwidth)
+            l0_ste = _Step.apply(torch.relu(pre), thr, cfg.jumprelu_bandwidth).sum(-1).mean()
+        else:
+            f = sae.activate(pre)
+        x_hat = sae.decode(f)
+        fired = (f > 0).any(0)
+        l0 = (f > 0).float().sum(-1).mean()
     err = x - x_hat
     mse = err.pow(2).sum(-1).mean()
     var = (x - x.mean(0)).pow(2).sum(-1).mean()
     if arch == "topk":
         loss = mse
-        if dead is not None and dead.any():
-            k_aux = min(cfg.aux_k or max(1, x.shape[-1] // 2), int(dead.sum()))
-            dead_pre = pre.masked_fill(~dead, -float("inf"))
-            vals, idx = dead_pre.topk(k_aux, dim=-1)
-            e_hat = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ sae.W_dec
-            target = err.detach()
-            aux = (e_hat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp(min=1e-8)
-            loss = loss + cfg.aux_coeff * aux
+        if dead is not None:
+            n_dead = int(dead.sum())
+            if n_dead:
+                k_aux = min(cfg.aux_k or max(1, x.shape[-1] // 2), n_dead)
+                a_vals, a_idx = pre.masked_fill(~dead, -float("inf")).topk(k_aux, dim=-1, sorted=False)
+                e_hat = sae.decode_sparse(a_idx, a_vals.relu(), bias=False)
+                target = err.detach()
+                aux = (e_hat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp(min=1e-8)
+                loss = loss + cfg.aux_coeff * aux
     elif arch == "jumprelu":
         loss = mse + cfg.l0_coeff * l0_ste
     else:
         loss = mse + cfg.l1_coeff * (f * sae.W_dec.norm(dim=-1)).sum(-1).mean()
-    return loss, {"mse": mse.detach(), "ev": 1 - mse.detach() / var.clamp(min=1e-8), "l0": (f > 0).float().sum(-1).mean().detach(),
-                  "aux": aux.detach(), "fired": (f > 0).any(0)}
+    return loss, {"mse": mse.detach(), "ev": 1 - mse.detach() / var.clamp(min=1e-8), "l0": l0.detach(), "aux": aux.detach(),
+                  "fired": fired}
+
+
+def fit(sae: SAE, first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAETrainConfig, progress: bool = False) -> torch.Tensor:
+    """The SAE optimisation loop over ``cfg.tokens`` tokens of activation batches (``first``, then ``stream``).
+
+    Adam, constant learning rate then linear decay over the last 20%; TopK decoder rows renormalised after each
+    step; a latent is dead once it has not fired for ``cfg.dead_tokens`` tokens. Returns tokens since each fired."""
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    steps = max(1, cfg.tokens // cfg.batch_tokens)
+    decay_from = int(0.8 * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from)))
+    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=first.device)
+    bar = tqdm(range(steps), desc=f"sae {cfg.architecture}", disable=not progress)
+    x = first
+    for step in bar:
+        if step:
+            x = next(stream)
+        dead = since_fired > cfg.dead_tokens if cfg.architecture == "topk" else None
+        loss, m = sae_loss(sae, x, cfg, dead)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            if cfg.architecture == "topk":
+                sae.normalize_decoder()
+            if cfg.architecture == "jumprelu":
+                sae.threshold.clamp_(min=1e-6)
+        since_fired += len(x)
+        since_fired[m["fired"]] = 0
+        if progress and (step % 10 == 0 or step == steps - 1):
+            bar.set_postfix(mse=f"{m['mse'].item():.4f}", ev=f"{m['ev'].item():.3f}", l0=f"{m['l0'].item():.1f}",
+                            dead=int((since_fired > cfg.dead_tokens).sum()))
+    return since_fired
 
 
 def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dict]:
@@ -211,32 +257,7 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
                             cfg.buffer_tokens, cfg.batch_tokens, cfg.seed)
     first = next(stream)
     sae = init_sae(cfg, d_in, first, layer, cfg.model)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    steps = max(1, cfg.tokens // cfg.batch_tokens)
-    decay_from = int(0.8 * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from)))
-    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
-    bar = tqdm(range(steps), desc=f"sae {cfg.architecture}", disable=not cfg.progress)
-    x = first
-    for step in bar:
-        if step:
-            x = next(stream)
-        dead = since_fired > cfg.dead_tokens if cfg.architecture == "topk" else None
-        loss, m = sae_loss(sae, x, cfg, dead)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            if cfg.architecture == "topk":
-                sae.normalize_decoder()
-            if cfg.architecture == "jumprelu":
-                sae.threshold.clamp_(min=1e-6)
-        since_fired += len(x)
-        since_fired[m["fired"]] = 0
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(mse=f"{m['mse'].item():.4f}", ev=f"{m['ev'].item():.3f}", l0=f"{m['l0'].item():.1f}",
-                            dead=int((since_fired > cfg.dead_tokens).sum()))
+    since_fired = fit(sae, first, stream, cfg, progress=cfg.progress)
     sae.eval().requires_grad_(False)
     report = evaluate_sae(sae, model, tokenizer, eval_docs, layer, max_tokens=cfg.eval_tokens, batch_size=cfg.model_batch_size,
                           max_length=cfg.max_length)

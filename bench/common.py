@@ -1,0 +1,105 @@
+"""Shared helpers for the benchmarks: a bench model (random-init Llama on the world tokenizer), device label,
+peak memory, result files. Each measured configuration runs in its own process so peak memory is its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+def device_label() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def device_tag() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_mb() -> float:
+    """Peak GPU memory allocated by torch on a GPU, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quick_world() -> dict:
+    from featalign.world import WorldConfig, build_world, world_paths
+
+    path = os.path.join(ROOT, "data", "world-quick")
+    build_world(path, WorldConfig.quick(), progress=False)
+    return world_paths(path)
+
+
+def make_model(out: str, hidden: int, layers: int, max_positions: int = 1024, chat_template: bool = False) -> int:
+    """Save a random-init Llama with the world tokenizer under ``out``; returns its parameter count.
+
+    Without ``chat_template`` the tokenizer has none, so featalign and TRL tokenise a string prompt the same way."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from featalign.models import load_tokenizer
+
+    tok = load_tokenizer(quick_world()["sft"])
+    if not chat_template:
+        tok.chat_template = None
+    torch.manual_seed(0)
+    heads = max(1, hidden // 64)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(2.75 * hidden), num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.bos_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_sae(out: str, d_in: int, d_sae: int, layer: int, k: int = 32) -> None:
+    from featalign.sae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(d_in, d_sae, "topk", k=k, layer=layer))
+    with torch.no_grad():
+        sae.W_dec.normal_()
+        sae.normalize_decoder()
+        sae.W_enc.copy_(sae.W_dec.T)
+    sae.save(out)
+
+
+def run_worker(script: str, args: list[str], timeout: int = 1800) -> dict:
+    """Run ``python script --worker ...`` in a fresh process; its last stdout line is a JSON result."""
+    t = time.time()
+    p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout)
+    if p.returncode:
+        return {"error": (p.stderr or p.stdout)[-1500:], "wall_s": time.time() - t}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def write_result(name: str, result: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    result = {"device": device_label(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), **result}
+    path = os.path.join(RESULTS, f"{name}-{device_tag()}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"written to {path}")
+    return path
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if s else float("nan")

@@ -1,0 +1,188 @@
+"""Preference-training step: featalign (DPO, DPO-LN, SimPO, TDPO-2, FPO) vs TRL (DPOTrainer sigmoid and
+sigmoid_norm, with and without precomputed reference log-probs; CPOTrainer simpo), same model, data, batch
+size and lengths, each configuration in its own process.
+
+Measured: median time between optimizer steps after ``--warmup`` steps (data collation, forward, backward,
+optimizer), throughput in training tokens per second (pairs per second x the mean prompt+chosen+prompt+rejected
+tokens per pair, counted once with the shared tokenizer), and peak memory (GPU: torch max allocated; CPU: peak
+RSS). featalign's cached methods read an offline cache built beforehand in another process (its build time is
+reported). The tokenizer has no chat template, so both libraries tokenise the string prompts the same way.
+
+Usage: python bench/train_step.py [--hidden 256 --layers 4 --batch-size 8 --steps 10]
+       -> bench/results/train_step-<cpu|gpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+from common import make_model, make_sae, median, peak_mb, quick_world, run_worker, sync, write_result  # noqa: E402
+
+CONFIGS = {
+    "featalign dpo (cache)": ("featalign", "dpo"),
+    "featalign dpo_ln (cache)": ("featalign", "dpo_ln"),
+    "featalign simpo": ("featalign", "simpo"),
+    "featalign tdpo2": ("featalign", "tdpo2"),
+    "featalign fpo (cache)": ("featalign", "fpo"),
+    "trl dpo sigmoid": ("trl", "sigmoid"),
+    "trl dpo sigmoid (precompute)": ("trl", "sigmoid+pre"),
+    "trl dpo sigmoid_norm": ("trl", "sigmoid_norm"),
+    "trl dpo sigmoid_norm (precompute)": ("trl", "sigmoid_norm+pre"),
+    "trl cpo simpo": ("trl", "simpo"),
+}
+
+
+def tokens_per_pair(model_dir: str, data: str, max_length: int, max_prompt_length: int) -> float:
+    from featalign import data as D
+    from featalign.models import load_tokenizer
+
+    pairs = D.tokenize_pairs(D.load_pairs(data), load_tokenizer(model_dir), max_length, max_prompt_length)
+    return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / len(pairs)
+
+
+def featalign_worker(a) -> dict:
+    from featalign.train import TrainConfig, Trainer
+
+    kw = dict(method=a.method, model=a.model, data=a.data, out=tempfile.mkdtemp(prefix="fa-bench-"), batch_size=a.batch_size,
+              max_steps=a.warmup + a.steps, max_length=a.max_length, max_prompt_length=a.max_prompt_length, lr=1e-6,
+              progress=False, tensorboard=False, resume=False, log_every=10**9, warmup_ratio=0.0)
+    if a.method in ("dpo", "dpo_ln", "fpo"):
+        kw["cache"] = a.cache
+    if a.method == "fpo":
+        kw.update(sae=a.sae, layer=a.layer)
+    t = Trainer(TrainConfig(**kw))
+    stamps = []
+    inner = t.opt.step
+
+    def timed_step(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        sync()
+        stamps.append(time.perf_counter())
+        return out
+
+    t.opt.step = timed_step
+    t.train()
+    steps = [b - a_ for a_, b in zip(stamps, stamps[1:])][a.warmup - 1 :]
+    return {"step_s": median(steps), "peak_mb": peak_mb(), "reference_model_loaded": t.ref_model is not None}
+
+
+def trl_worker(a) -> dict:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    rows = [json.loads(line) for line in open(a.data)]
+    ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model)
+    gpu = torch.cuda.is_available()
+    stamps = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            stamps.append(time.perf_counter())
+
+    common = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=a.batch_size,
+                  max_steps=a.warmup + a.steps, learning_rate=1e-6, logging_steps=10**6, save_strategy="no", report_to=[],
+                  bf16=gpu, use_cpu=not gpu, dataloader_num_workers=0, seed=0, max_length=a.max_length,
+                  lr_scheduler_type="constant", disable_tqdm=True)
+    loss, _, pre = a.method.partition("+")
+    if loss == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        cfg = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5, **common)
+        trainer = CPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        cfg = DPOConfig(loss_type=[loss], precompute_ref_log_probs=bool(pre), **common)
+        trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+    steps = [b - a_ for a_, b in zip(stamps, stamps[1:])][a.warmup - 1 :]
+    return {"step_s": median(steps), "peak_mb": peak_mb()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", choices=["featalign", "trl"])
+    ap.add_argument("--method")
+    ap.add_argument("--model")
+    ap.add_argument("--data")
+    ap.add_argument("--cache")
+    ap.add_argument("--sae")
+    ap.add_argument("--layer", type=int)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument("--max-prompt-length", type=int, default=32)
+    ap.add_argument("--only", default="", help="comma-separated subset of configuration names")
+    ap.add_argument("--tag", default="train_step")
+    a = ap.parse_args()
+    if a.worker:
+        res = featalign_worker(a) if a.worker == "featalign" else trl_worker(a)
+        print(json.dumps(res))
+        return
+    tmp = tempfile.mkdtemp(prefix="featalign-bench-")
+    model_dir, sae_dir, cache_dir = (os.path.join(tmp, x) for x in ("model", "sae", "cache"))
+    n_params = make_model(model_dir, a.hidden, a.layers)
+    layer = a.layers // 2
+    make_sae(sae_dir, a.hidden, 8 * a.hidden, layer)
+    n_pairs = (a.warmup + a.steps) * a.batch_size
+    data = os.path.join(tmp, "pairs.jsonl")
+    with open(quick_world()["train"]) as src, open(data, "w") as dst:
+        for i, line in zip(range(n_pairs), src):
+            dst.write(line)
+    t0 = time.time()
+    p = __import__("subprocess").run([sys.executable, "-m", "featalign", "cache", "--model", model_dir, "--data", data, "--sae", sae_dir,
+                                      "--layer", str(layer), "--out", cache_dir, "--max-length", str(a.max_length),
+                                      "--max-prompt-length", str(a.max_prompt_length)], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(p.stderr)
+    cache_s = time.time() - t0
+    tpp = tokens_per_pair(model_dir, data, a.max_length, a.max_prompt_length)
+    base = ["--model", model_dir, "--data", data, "--cache", cache_dir, "--sae", sae_dir, "--layer", str(layer),
+            "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", str(a.warmup),
+            "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length)]
+    names = [n for n in CONFIGS if not a.only or n in a.only.split(",")]
+    runs = {}
+    for name in names:
+        lib, method = CONFIGS[name]
+        r = run_worker(__file__, ["--worker", lib, "--method", method, *base])
+        if "step_s" in r:
+            r["tokens_per_s"] = a.batch_size * tpp / r["step_s"]
+        runs[name] = r
+        print(f"{name:36s} {json.dumps(r)[:200]}", flush=True)
+
+    def ratio(x, y, key):
+        if "error" in runs.get(x, {"error": 1}) or "error" in runs.get(y, {"error": 1}):
+            return None
+        return runs[x][key] / runs[y][key]
+
+    summary = {
+        "featalign_dpo_speed_vs_trl_dpo_precompute": ratio("featalign dpo (cache)", "trl dpo sigmoid (precompute)", "tokens_per_s"),
+        "featalign_dpo_speed_vs_trl_dpo": ratio("featalign dpo (cache)", "trl dpo sigmoid", "tokens_per_s"),
+        "featalign_dpo_ln_speed_vs_trl_sigmoid_norm_precompute": ratio("featalign dpo_ln (cache)", "trl dpo sigmoid_norm (precompute)", "tokens_per_s"),
+        "featalign_simpo_speed_vs_trl_cpo_simpo": ratio("featalign simpo", "trl cpo simpo", "tokens_per_s"),
+        "fpo_step_time_vs_featalign_dpo": ratio("featalign fpo (cache)", "featalign dpo (cache)", "step_s"),
+        "fpo_peak_memory_vs_tdpo2": ratio("featalign fpo (cache)", "featalign tdpo2", "peak_mb"),
+        "fpo_peak_memory_vs_trl_dpo": ratio("featalign fpo (cache)", "trl dpo sigmoid", "peak_mb"),
+    }
+    write_result(a.tag, {"model_params": n_params, "hidden": a.hidden, "layers": a.layers, "batch_size": a.batch_size,
+                         "steps_timed": a.steps, "warmup": a.warmup, "max_length": a.max_length, "tokens_per_pair": tpp,
+                         "cache_build_s": cache_s, "runs": runs, "summary": summary})
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
