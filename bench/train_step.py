@@ -52,7 +52,8 @@ def featalign_worker(a) -> dict:
 
     kw = dict(method=a.method, model=a.model, data=a.data, out=tempfile.mkdtemp(prefix="fa-bench-"), batch_size=a.batch_size,
               max_steps=a.warmup + a.steps, max_length=a.max_length, max_prompt_length=a.max_prompt_length, lr=1e-6,
-              progress=False, tensorboard=False, resume=False, log_every=10**9, warmup_ratio=0.0)
+              progress=False, tensorboard=False, resume=False, log_every=10**9, warmup_ratio=0.0,
+              gradient_checkpointing=a.gc == "on")
     if a.method in ("dpo", "dpo_ln", "fpo"):
         kw["cache"] = a.cache
     if a.method == "fpo":
@@ -94,6 +95,8 @@ def trl_worker(a) -> dict:
                   max_steps=a.warmup + a.steps, learning_rate=1e-6, logging_steps=10**6, save_strategy="no", report_to=[],
                   bf16=gpu, use_cpu=not gpu, dataloader_num_workers=0, seed=0, max_length=a.max_length,
                   lr_scheduler_type="constant", disable_tqdm=True)
+    if a.gc != "default":  # TRL's own default is gradient checkpointing on; featalign's is off
+        common["gradient_checkpointing"] = a.gc == "on"
     loss, _, pre = a.method.partition("+")
     if loss == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -127,6 +130,8 @@ def main():
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--max-prompt-length", type=int, default=32)
     ap.add_argument("--only", default="", help="comma-separated subset of configuration names")
+    ap.add_argument("--gc", choices=["off", "on", "default"], default="off",
+                    help="gradient checkpointing for both libraries (default: off for both; 'default': each library's own)")
     ap.add_argument("--tag", default="train_step")
     a = ap.parse_args()
     if a.worker:
@@ -153,7 +158,7 @@ def main():
     tpp = tokens_per_pair(model_dir, data, a.max_length, a.max_prompt_length)
     base = ["--model", model_dir, "--data", data, "--cache", cache_dir, "--sae", sae_dir, "--layer", str(layer),
             "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", str(a.warmup),
-            "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length)]
+            "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length), "--gc", a.gc]
     names = [n for n in CONFIGS if not a.only or n in a.only.split(",")]
     runs = {}
     for name in names:
@@ -178,7 +183,7 @@ def main():
         "fpo_peak_memory_vs_tdpo2": ratio("featalign fpo (cache)", "featalign tdpo2", "peak_mb"),
         "fpo_peak_memory_vs_trl_dpo": ratio("featalign fpo (cache)", "trl dpo sigmoid", "peak_mb"),
     }
-    write_result(a.tag, {"model_params": n_params, "hidden": a.hidden, "layers": a.layers, "batch_size": a.batch_size,
+    write_result(a.tag, {"gradient_checkpointing": a.gc, "model_params": n_params, "hidden": a.hidden, "layers": a.layers, "batch_size": a.batch_size,
                          "steps_timed": a.steps, "warmup": a.warmup, "max_length": a.max_length, "tokens_per_pair": tpp,
                          "cache_build_s": cache_s, "runs": runs, "summary": summary})
     print(json.dumps(summary, indent=2))

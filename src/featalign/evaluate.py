@@ -51,8 +51,11 @@ def _batches(items, n):
 def _pair_logps(model, tok, pairs, batch_size, sae=None, layer=None):
     """Summed logps and lengths [N] for chosen and rejected, and pooled SAE features of chosen if asked."""
     out = {"c": [], "r": [], "cl": [], "rl": [], "feat": []}
+    device = next(model.parameters()).device
+    if sae is not None:
+        sae = sae.to(device)
     for b in _batches(pairs, batch_size):
-        t = D.collate_pairs(b, tok.pad_token_id)
+        t = {k: v.to(device) for k, v in D.collate_pairs(b, tok.pad_token_id).items()}
         if sae is not None:
             with capture_layer(model, layer) as box:
                 logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
@@ -97,7 +100,7 @@ def _sample_stats(model, ref, tok, prompts, responses, batch_size):
     for bp, br in zip(_batches(prompts, batch_size), _batches(responses, batch_size)):
         seqs = [p + r for p, r in zip(bp, br)]
         masks = [[0] * len(p) + [1] * len(r) for p, r in zip(bp, br)]
-        t = D.pad_sequences(seqs, masks, tok.pad_token_id)
+        t = {k: v.to(model.device) for k, v in D.pad_sequences(seqs, masks, tok.pad_token_id).items()}
         logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
         lp, _ = response_logps(logits, t["input_ids"], t["response_mask"])
         if ref is not None:

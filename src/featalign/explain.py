@@ -370,7 +370,9 @@ def attribute(cfg: AttributeConfig, model=None, tokenizer=None) -> dict:
         if cfg.score.startswith("reward"):
             from transformers import AutoModelForSequenceClassification
 
-            model = AutoModelForSequenceClassification.from_pretrained(cfg.model)
+            from .models import default_device
+
+            model = AutoModelForSequenceClassification.from_pretrained(cfg.model).to(default_device())
         else:
             model = load_model(cfg.model)
     model = model.eval().requires_grad_(False)

@@ -13,7 +13,12 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = "auto"):
+    """A causal LM from a folder or hub id, on the GPU when there is one (``device="auto"``)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -21,6 +26,8 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ConfigError(f"cannot load a causal LM from '{path}': {e}") from None
+    if device == "auto":
+        device = default_device()
     return model.to(device) if device is not None else model
 
 

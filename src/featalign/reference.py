@@ -109,6 +109,8 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
     _write_json(mpath, {**manifest, "complete": False})
     model.eval()
     device = next(model.parameters()).device
+    if sae is not None:
+        sae = sae.to(device)
     n_shards = (len(pairs) + shard_size - 1) // shard_size
     bar = tqdm(total=len(pairs), desc="reference cache", disable=not progress)
     from safetensors.torch import save_file
@@ -178,7 +180,9 @@ class ReferenceCache:
         self.has_features = "chosen_feat_idx" in self.tensors
 
     def batch(self, index: torch.Tensor, device=None) -> dict[str, torch.Tensor]:
-        return {kk: v[index].to(device) for kk, v in self.tensors.items()}
+        """The rows of ``index`` (on any device; the cache itself stays in CPU memory), moved to ``device``."""
+        index = index.cpu()
+        return {kk: v[index].to(device, non_blocking=True) for kk, v in self.tensors.items()}
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.tensors.values())

@@ -151,7 +151,9 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.pairs) // per_step)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * self.steps_per_epoch))
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused AdamW on GPU: no parameter-sized temporaries at the step (what HF Trainer uses there too)
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total_steps, int(cfg.warmup_ratio * self.total_steps)))
         # the scheduler is stepped by hand once per optimiser step, so the schedule is the same for any process count
         self.model, self.opt = self.acc.prepare(self.model, self.opt)
@@ -321,7 +323,7 @@ class Trainer:
         tokens = 0
         self.model.train()
         micro = self._micro_batches()
-        window: dict[str, list[float]] = {}
+        window: dict[str, list[torch.Tensor]] = {}
         while self.step < self.total_steps:
             for _ in range(cfg.grad_accum):
                 idx = next(micro)
@@ -341,18 +343,19 @@ class Trainer:
                     if self.acc.sync_gradients:
                         self.sched.step()
                     self.opt.zero_grad(set_to_none=True)
-                window.setdefault("loss", []).append(loss.item())
+                # kept as tensors: one host sync per logged step instead of one per metric per step
+                window.setdefault("loss", []).append(loss.detach())
                 for k, v in metrics.items():
                     if v.dim() == 0:
-                        window.setdefault(k, []).append(v.item())
+                        window.setdefault(k, []).append(v.detach())
             self.step += 1
             if self.ref_model is not None and cfg.method == "trdpo" and self.step % cfg.trdpo_tau == 0:
                 self._update_reference()
             bar.update(1)
-            bar.set_postfix(loss=f"{window['loss'][-1]:.4f}", acc=f"{window['rewards/accuracies'][-1]:.2f}")
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 rec = {"step": self.step, "lr": self.sched.get_last_lr()[0],
-                       **{k: sum(v) / len(v) for k, v in window.items()}}
+                       **{k: torch.stack(v).float().mean().item() for k, v in window.items()}}
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec.get('rewards/accuracies', float('nan')):.2f}")
                 rec = {k: (self.acc.reduce(torch.tensor(v, device=self.device), "mean").item() if isinstance(v, float) and k != "lr" else v)
                        for k, v in rec.items()}
                 window = {}

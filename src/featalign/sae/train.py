@@ -42,6 +42,7 @@ class SAETrainConfig:
     max_length: int = 128
     eval_tokens: int = 40_000
     seed: int = 0
+    device: str | None = None  # default: the GPU when there is one
     progress: bool = True
 
 
@@ -243,7 +244,9 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
     from .metrics import evaluate_sae
 
     torch.manual_seed(cfg.seed)
-    model = model if model is not None else load_model(cfg.model)
+    model = model if model is not None else load_model(cfg.model, device=cfg.device or "auto")
+    if cfg.device:
+        model = model.to(cfg.device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     model.eval()
     layer = check_layer(model, cfg.layer)
@@ -256,7 +259,7 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
     stream = shuffle_buffer(iter_activations(model, tokenizer, train_docs, layer, cfg.model_batch_size, cfg.max_length, cfg.seed),
                             cfg.buffer_tokens, cfg.batch_tokens, cfg.seed)
     first = next(stream)
-    sae = init_sae(cfg, d_in, first, layer, cfg.model)
+    sae = init_sae(cfg, d_in, first, layer, cfg.model).to(first.device)
     since_fired = fit(sae, first, stream, cfg, progress=cfg.progress)
     sae.eval().requires_grad_(False)
     report = evaluate_sae(sae, model, tokenizer, eval_docs, layer, max_tokens=cfg.eval_tokens, batch_size=cfg.model_batch_size,
