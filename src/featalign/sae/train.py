@@ -223,6 +223,10 @@ def fit(sae: SAE, first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAET
         loss, m = sae_loss(sae, x, cfg, dead)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.architecture == "topk":
+            with torch.no_grad():  # rows stay unit-norm: drop the radial part of their gradient (OpenAI)
+                w, g = sae.W_dec, sae.W_dec.grad
+                g -= (g * w).sum(-1, keepdim=True) * w
         opt.step()
         sched.step()
         with torch.no_grad():
