@@ -36,7 +36,7 @@ class SAETrainConfig:
     dead_tokens: int = 20_000
     tokens: int = 600_000
     batch_tokens: int = 1024
-    lr: float = 1e-3
+    lr: float = 3e-3
     buffer_tokens: int = 32_768
     model_batch_size: int = 32
     max_length: int = 128
@@ -144,7 +144,9 @@ class _Step(torch.autograd.Function):
 
 # ---------------------------------------------------------------- training
 def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, model_name: str) -> SAE:
-    g = torch.Generator().manual_seed(cfg.seed)
+    # the layer enters the seed: SAEs of two layers must not share a random init, or matching their
+    # latents (SAE Match) would find the shared init rather than shared features
+    g = torch.Generator().manual_seed(cfg.seed * 1009 + layer)
     sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.architecture, k=cfg.k if cfg.architecture == "topk" else None,
                         apply_b_dec_to_input=True, layer=layer, model=model_name))
     with torch.no_grad():
