@@ -25,6 +25,7 @@ SIZES = {
     "cache": ["--hidden", "1024", "--layers", "12"] if GPU else [],
     "sae_train": (["--libs", "featalign"] if importlib.util.find_spec("sae_lens") is None else []) + (["--tokens", "2000000", "--d-sae", "4096"] if GPU else []),
     "sae_decode": [],
+    "sae_match": [],
     "scaling": [],
 }
 SMOKE = {
