@@ -7,6 +7,7 @@ Output folder: ``report.md`` (one table), ``results.json`` (every figure), ``cur
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -74,7 +75,7 @@ def compare(cfg: CompareConfig) -> dict:
     from .models import load_model, load_tokenizer
     from .reference import CacheSettings, build_cache, expected_manifest
     from .sae import load_sae
-    from .sae.train import SAETrainConfig, train_sae
+    from .sae.train import SAE_TRAIN_VERSION, SAETrainConfig, train_sae
     from .data import load_pairs, tokenize_pairs
     from .world import WorldConfig, build_world, world_paths
 
@@ -89,10 +90,16 @@ def compare(cfg: CompareConfig) -> dict:
     tok = load_tokenizer(sft)
     ref = load_model(sft).eval()
 
-    sae_dir = os.path.join(world_dir, f"sae-l{cfg.layer}-topk{cfg.sae_k}-{cfg.sae_d}-{b['sae_tokens']}")
+    sae_cfg = SAETrainConfig(model=sft, data=wp["sft_text"], layer=cfg.layer, out="", d_sae=cfg.sae_d, k=cfg.sae_k,
+                             tokens=b["sae_tokens"])
+    # the folder name carries a hash of every training setting (and of the trainer's version), so a
+    # changed default never silently reuses an SAE trained the old way
+    key = hashlib.sha256(json.dumps([SAE_TRAIN_VERSION, {k: v for k, v in asdict(sae_cfg).items()
+                                                         if k not in ("out", "progress", "device")}], sort_keys=True).encode()).hexdigest()[:8]
+    sae_dir = os.path.join(world_dir, f"sae-l{cfg.layer}-topk{cfg.sae_k}-{cfg.sae_d}-{b['sae_tokens']}-{key}")
+    sae_cfg.out = sae_dir
     if not os.path.exists(os.path.join(sae_dir, "eval.json")):
-        train_sae(SAETrainConfig(model=sft, data=wp["sft_text"], layer=cfg.layer, out=sae_dir, d_sae=cfg.sae_d, k=cfg.sae_k,
-                                 tokens=b["sae_tokens"]), model=ref, tokenizer=tok)
+        train_sae(sae_cfg, model=ref, tokenizer=tok)
     with open(os.path.join(sae_dir, "eval.json")) as f:
         sae_eval = json.load(f)
 

@@ -18,6 +18,11 @@ from ..models import check_layer, hidden_size, run_to_layer
 from .model import SAE, SAEConfig
 
 
+# bumped when training changes in a way the settings do not show (init, update rule), so cached SAEs
+# keyed on the settings (the comparison's) are retrained
+SAE_TRAIN_VERSION = 2
+
+
 @dataclass
 class SAETrainConfig:
     model: str = ""
