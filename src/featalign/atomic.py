@@ -19,6 +19,13 @@ def replace_dir(tmp: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def atomic_file(final: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temp path beside ``final``, then rename it into place."""
+    tmp = f"{final}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, final)
+
+
 def atomic_dir(final: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a fresh temp folder beside ``final``, then move it into place."""
     tmp = f"{final.rstrip('/')}.tmp-{os.getpid()}"

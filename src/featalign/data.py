@@ -266,8 +266,11 @@ def collate_pairs(batch: list[TokenizedPair], pad_id: int) -> dict[str, torch.Te
 
 def write_jsonl(path: str, records: list[dict]) -> None:
     """Write records atomically (temp file + rename) so a crash never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    from .atomic import atomic_file
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+    atomic_file(path, write)

@@ -8,6 +8,8 @@ Exact definitions: ``shared/spec/losses.md``; paper defaults are the keyword def
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -146,6 +148,11 @@ METHODS: dict[str, Method] = {
 LOSSES = {name: m.fn for name, m in METHODS.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(fn) -> dict:
+    return dict(inspect.signature(fn).parameters)
+
+
 def compute_loss(method: str, terms: dict[str, torch.Tensor], **hparams):
     """Call a method's loss with the per-pair ``terms`` it needs, taken by argument name from ``terms``.
 
@@ -153,12 +160,10 @@ def compute_loss(method: str, terms: dict[str, torch.Tensor], **hparams):
     ref_chosen_logps, ref_rejected_logps, ref_chosen_avg_logps, ref_rejected_avg_logps, kl_chosen,
     kl_rejected, feat_mse_chosen, feat_mse_rejected. Unset hparams take the method's published defaults.
     """
-    import inspect
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     m = METHODS[method]
-    params = inspect.signature(m.fn).parameters
+    params = _signature(m.fn)
     kwargs = {k: v for k, v in dict(m.defaults).items()}
     kwargs.update({k: v for k, v in hparams.items() if k in params and v is not None})
     for name, p in params.items():

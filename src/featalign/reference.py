@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_file
 from .errors import CacheMismatchError, ConfigError
 
 MANIFEST = "manifest.json"
@@ -142,19 +143,18 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
             for kk, v in new.items():
                 parts.setdefault(kk, []).append(v.cpu())
             bar.update(n)
-        tmp = shard_path + f".tmp-{os.getpid()}"
-        save_file({kk: torch.cat(v).contiguous() for kk, v in parts.items()}, tmp)
-        os.replace(tmp, shard_path)
+        atomic_file(shard_path, lambda tmp: save_file({kk: torch.cat(v).contiguous() for kk, v in parts.items()}, tmp))
     bar.close()
     _write_json(mpath, {**manifest, "complete": True, "n_pairs": len(pairs), "n_shards": n_shards})
     return out
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    atomic_file(path, write)
 
 
 class ReferenceCache:
