@@ -47,30 +47,35 @@ def quick_world() -> dict:
     return world_paths(path)
 
 
+def bench_llama(hidden: int, layers: int, vocab: int, max_positions: int = 1024, **token_ids):
+    """A random-init Llama (seed 0) with 64-dim heads and a 2.75x MLP."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    heads = max(1, hidden // 64)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.75 * hidden),
+                                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                        max_position_embeddings=max_positions, tie_word_embeddings=False, **token_ids))
+
+
 def make_model(out: str, hidden: int, layers: int, max_positions: int = 1024, chat_template: bool = False) -> int:
     """Save a random-init Llama with the world tokenizer under ``out``; returns its parameter count.
 
     Without ``chat_template`` the tokenizer has none, so featalign and TRL tokenise a string prompt the same way."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from featalign.models import load_tokenizer
 
     tok = load_tokenizer(quick_world()["sft"])
     if not chat_template:
         tok.chat_template = None
-    torch.manual_seed(0)
-    heads = max(1, hidden // 64)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(2.75 * hidden), num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
-                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.bos_token_id)
-    model = LlamaForCausalLM(cfg)
+    model = bench_llama(hidden, layers, len(tok), max_positions, pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return sum(p.numel() for p in model.parameters())
 
 
-def make_sae(out: str, d_in: int, d_sae: int, layer: int, k: int = 32) -> None:
+def random_sae(d_in: int, d_sae: int, k: int = 32, layer: int | None = None):
+    """A TopK SAE with random unit-norm decoder rows and the encoder as their transpose."""
     from featalign.sae import SAE, SAEConfig
 
     sae = SAE(SAEConfig(d_in, d_sae, "topk", k=k, layer=layer))
@@ -78,7 +83,24 @@ def make_sae(out: str, d_in: int, d_sae: int, layer: int, k: int = 32) -> None:
         sae.W_dec.normal_()
         sae.normalize_decoder()
         sae.W_enc.copy_(sae.W_dec.T)
-    sae.save(out)
+    return sae
+
+
+def make_sae(out: str, d_in: int, d_sae: int, layer: int, k: int = 32) -> None:
+    random_sae(d_in, d_sae, k, layer).save(out)
+
+
+def timeit(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call (device synchronised)."""
+    fn()
+    sync()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return median(ts)
 
 
 def run_worker(script: str, args: list[str], timeout: int = 1800) -> dict:

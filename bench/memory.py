@@ -22,9 +22,9 @@ import subprocess
 import sys
 import tempfile
 
-import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+from common import ROOT, make_model, make_sae  # noqa: E402
 
 
 def run(cmd):
@@ -79,31 +79,14 @@ def main():
     ap.add_argument("--methods", default="fpo,dpo,simpo,tdpo2")
     ap.add_argument("--world", default=os.path.join(ROOT, "data", "world-quick"))
     args = ap.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from featalign.models import load_tokenizer
-    from featalign.sae import SAE, SAEConfig
     from featalign.world import WorldConfig, build_world, world_paths
 
     build_world(args.world, WorldConfig.quick())
     wp = world_paths(args.world)
-    tok = load_tokenizer(wp["sft"])
     tmp = tempfile.mkdtemp(prefix="featalign-mem-")
     model_dir, sae_dir, cache_dir = (os.path.join(tmp, x) for x in ("model", "sae", "cache"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=int(2.75 * args.hidden),
-                      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
-                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    sae = SAE(SAEConfig(args.hidden, 8 * args.hidden, "topk", k=32, layer=args.layers // 2))
-    with torch.no_grad():
-        sae.W_dec.normal_()
-        sae.normalize_decoder()
-        sae.W_enc.copy_(sae.W_dec.T)
-    sae.save(sae_dir)
+    n_params = make_model(model_dir, args.hidden, args.layers, chat_template=True)
+    make_sae(sae_dir, args.hidden, 8 * args.hidden, args.layers // 2)
     layer = str(args.layers // 2)
     common = ["--max-length", "96", "--max-prompt-length", "32"]
     run([sys.executable, "-m", "featalign", "cache", "--model", model_dir, "--data", wp["train"], "--sae", sae_dir, "--layer", layer,

@@ -10,25 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import median, sync, write_result  # noqa: E402
-
-from featalign.sae import SAE, SAEConfig  # noqa: E402
-
-
-def timeit(fn, repeats: int) -> float:
-    fn()
-    sync()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return median(ts)
+from common import random_sae, timeit, write_result  # noqa: E402
 
 
 @torch.no_grad()
@@ -48,10 +33,7 @@ def main():
     rows = []
     for w in widths:
         torch.manual_seed(0)
-        sae = SAE(SAEConfig(d_in, w, "topk", k=a.k)).to(dev)
-        sae.W_dec.normal_()
-        sae.normalize_decoder()
-        sae.W_enc.copy_(sae.W_dec.T)
+        sae = random_sae(d_in, w, a.k).to(dev)
         x = torch.randn(tokens, d_in, device=dev)
         vals, idx = sae.encode_pre(x).topk(a.k, dim=-1)
         vals = vals.relu()

@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import peak_mb, write_result  # noqa: E402
+from common import peak_mb, random_sae, write_result  # noqa: E402
 
 from featalign.sae import SAE, SAEConfig  # noqa: E402
 from featalign.sae.match import match_saes, summarize  # noqa: E402
@@ -31,11 +31,7 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    A = SAE(SAEConfig(a.d_in, a.d_sae, "topk", k=64))
-    with torch.no_grad():
-        A.W_dec.normal_()
-        A.normalize_decoder()
-        A.W_enc.copy_(A.W_dec.T)
+    A = random_sae(a.d_in, a.d_sae, k=64)
     perm = torch.randperm(a.d_sae)
     B = SAE(SAEConfig(a.d_in, a.d_sae, "topk", k=64))
     with torch.no_grad():

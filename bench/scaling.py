@@ -13,32 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import RESULTS, device_tag, median, sync, write_result  # noqa: E402
-
-
-def build(hidden: int, layers: int, vocab: int, dev: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    heads = max(1, hidden // 64)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.75 * hidden), num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).to(dev)
-
-
-def make_sae(d_in: int, d_sae: int, dev: str):
-    from featalign.sae import SAE, SAEConfig
-
-    sae = SAE(SAEConfig(d_in, d_sae, "topk", k=32)).to(dev)
-    with torch.no_grad():
-        sae.W_dec.normal_()
-        sae.normalize_decoder()
-        sae.W_enc.copy_(sae.W_dec.T)
-    return sae.requires_grad_(False)
+from common import RESULTS, bench_llama, device_tag, random_sae, timeit, write_result  # noqa: E402
 
 
 def step(model, sae, layer: int, batch: int, seq: int, vocab: int, method: str, dev: str, k: int = 50):
@@ -76,19 +54,17 @@ def step(model, sae, layer: int, batch: int, seq: int, vocab: int, method: str, 
 
 
 def measure(model, sae, layer, batch, seq, vocab, method, dev, repeats):
-    ts = []
-    for i in range(repeats + 1):
+    box = {}
+
+    def one_step():
         model.zero_grad(set_to_none=True)
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        sync()
-        t0 = time.perf_counter()
-        saved = step(model, sae, layer, batch, seq, vocab, method, dev)
-        sync()
-        if i:
-            ts.append(time.perf_counter() - t0)
-    mem = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else saved / 2**20
-    return {"step_s": median(ts), "memory_mb": mem}
+        box["saved"] = step(model, sae, layer, batch, seq, vocab, method, dev)
+
+    secs = timeit(one_step, repeats)
+    mem = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else box["saved"] / 2**20
+    return {"step_s": secs, "memory_mb": mem}
 
 
 def main():
@@ -102,7 +78,7 @@ def main():
     hidden = a.hidden or (1024 if gpu else 256)
     layers = a.layers or (12 if gpu else 4)
     vocab = 32000 if gpu else 4096
-    model = build(hidden, layers, vocab, dev)
+    model = bench_llama(hidden, layers, vocab, max_positions=4096).to(dev)
     layer = layers // 2
     base = {"batch": 8 if gpu else 4, "seq": 512 if gpu else 128, "d_sae": 16 * hidden}
     sweeps = {"seq": [128, 256, 512, 1024, 2048] if gpu else [64, 128, 256, 512],
@@ -113,7 +89,7 @@ def main():
         out[knob] = []
         for v in values:
             p = {**base, knob: v}
-            sae = make_sae(hidden, p["d_sae"], dev)
+            sae = random_sae(hidden, p["d_sae"]).to(dev).requires_grad_(False)
             row = {knob: v}
             for method in ("fpo", "dpo"):
                 r = measure(model, sae, layer, p["batch"], p["seq"], vocab, method, dev, a.repeats)

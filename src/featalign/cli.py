@@ -110,17 +110,17 @@ def cmd_sae_match(ns):
 def cmd_explain(ns):
     from .explain import ExplainConfig, explain, explain_table
 
-    result = explain(_config(ExplainConfig, ns))
-    print(explain_table(result))
-    print(f"written to {ns.out if 'out' in ns else ExplainConfig.out}/explain.{{json,md,png}}")
+    cfg = _config(ExplainConfig, ns)
+    print(explain_table(explain(cfg)))
+    print(f"written to {cfg.out}/explain.{{json,md,png}}")
 
 
 def cmd_attribute(ns):
     from .explain import AttributeConfig, attribute, attribute_table
 
-    result = attribute(_config(AttributeConfig, ns))
-    print(attribute_table(result))
-    print(f"written to {ns.out if 'out' in ns else AttributeConfig.out}/attribution.{{json,pt,png}}")
+    cfg = _config(AttributeConfig, ns)
+    print(attribute_table(attribute(cfg)))
+    print(f"written to {cfg.out}/attribution.{{json,pt,png}}")
 
 
 def cmd_eval(ns):
@@ -133,6 +133,15 @@ def cmd_compare(ns):
     from .compare import CompareConfig, compare
 
     compare(_config(CompareConfig, ns))
+
+
+def _config_command(sub, name: str, cls, fn, help: str) -> argparse.ArgumentParser:
+    """A command whose flags are the fields of ``cls``, also settable from ``--config FILE.yaml``."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", help=f"YAML file with {cls.__name__} settings")
+    _add_dataclass_args(p, cls)
+    p.set_defaults(fn=fn)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,10 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     wb.add_argument("--force", action="store_true", help="rebuild even if cached")
     wb.set_defaults(fn=cmd_world_build)
 
-    tr = sub.add_parser("train", help="preference training (dpo, ipo, simpo, dpo_ln, tdpo1, tdpo2, trdpo, fpo)")
-    tr.add_argument("--config", help="YAML file with TrainConfig settings")
-    _add_dataclass_args(tr, TrainConfig)
-    tr.set_defaults(fn=cmd_train)
+    _config_command(sub, "train", TrainConfig, cmd_train, "preference training (dpo, ipo, simpo, dpo_ln, tdpo1, tdpo2, trdpo, fpo)")
 
     ca = sub.add_parser("cache", help="build the offline reference cache")
     ca.add_argument("--model", required=True)
@@ -170,12 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.set_defaults(fn=cmd_cache)
 
     sae = sub.add_parser("sae", help="sparse autoencoders").add_subparsers(dest="sae_cmd", required=True)
-    st = sae.add_parser("train", help="train an SAE on a model's layer")
     from .sae.train import SAETrainConfig
 
-    st.add_argument("--config")
-    _add_dataclass_args(st, SAETrainConfig)
-    st.set_defaults(fn=cmd_sae_train)
+    _config_command(sae, "train", SAETrainConfig, cmd_sae_train, "train an SAE on a model's layer")
     se = sae.add_parser("eval", help="evaluate an SAE (JSON + table; --frontier sweeps k and plots MSE vs L0)")
     se.add_argument("--sae", required=True)
     se.add_argument("--model", required=True)
@@ -205,26 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .explain import AttributeConfig, ExplainConfig
 
-    ex = sub.add_parser("explain", help="the SAE features whose activation alignment changed most, with their tokens")
-    ex.add_argument("--config")
-    _add_dataclass_args(ex, ExplainConfig)
-    ex.set_defaults(fn=cmd_explain)
-    at = sub.add_parser("attribute", help="attribute a margin or reward to SAE features (attribution patching + ablation check)")
-    at.add_argument("--config")
-    _add_dataclass_args(at, AttributeConfig)
-    at.set_defaults(fn=cmd_attribute)
+    _config_command(sub, "explain", ExplainConfig, cmd_explain,
+                    "the SAE features whose activation alignment changed most, with their tokens")
+    _config_command(sub, "attribute", AttributeConfig, cmd_attribute,
+                    "attribute a margin or reward to SAE features (attribution patching + ablation check)")
 
-    ev = sub.add_parser("eval", help="evaluate a saved policy")
-    ev.add_argument("--config")
-    _add_dataclass_args(ev, EvalConfig)
-    ev.set_defaults(fn=cmd_eval)
+    _config_command(sub, "eval", EvalConfig, cmd_eval, "evaluate a saved policy")
 
     from .compare import CompareConfig
 
-    cp = sub.add_parser("compare", help="train every method on one budget and report (the main job)")
-    cp.add_argument("--config")
-    _add_dataclass_args(cp, CompareConfig)
-    cp.set_defaults(fn=cmd_compare)
+    _config_command(sub, "compare", CompareConfig, cmd_compare, "train every method on one budget and report (the main job)")
     return p
 
 

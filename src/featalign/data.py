@@ -251,15 +251,29 @@ def pad_sequences(seqs: list[list[int]], masks: list[list[int]], pad_id: int) ->
     return {"input_ids": ids, "attention_mask": att, "response_mask": resp}
 
 
+def batches(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def doc_batches(docs: list[list[int]], batch_size: int, max_length: int, pad_id: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) on ``device`` for token-id documents cut to ``max_length``."""
+    for b in batches(docs, batch_size):
+        seqs = [d[:max_length] for d in b]
+        t = pad_sequences(seqs, [[1] * len(s) for s in seqs], pad_id)
+        yield t["input_ids"].to(device), t["attention_mask"].to(device)
+
+
+def pair_sequences(batch: list[TokenizedPair]) -> list[tuple[list[int], list[int]]]:
+    """(prompt+response ids, response mask) for every chosen response, then every rejected one."""
+    return [(ex.prompt_ids + getattr(ex, part), [0] * len(ex.prompt_ids) + [1] * len(getattr(ex, part)))
+            for part in ("chosen_ids", "rejected_ids") for ex in batch]
+
+
 def collate_pairs(batch: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected; ``index`` keys the offline cache."""
-    seqs, masks = [], []
-    for part in ("chosen_ids", "rejected_ids"):
-        for ex in batch:
-            r = getattr(ex, part)
-            seqs.append(ex.prompt_ids + r)
-            masks.append([0] * len(ex.prompt_ids) + [1] * len(r))
-    out = pad_sequences(seqs, masks, pad_id)
+    seqs = pair_sequences(batch)
+    out = pad_sequences([s for s, _ in seqs], [m for _, m in seqs], pad_id)
     out["index"] = torch.tensor([ex.index for ex in batch], dtype=torch.long)
     return out
 

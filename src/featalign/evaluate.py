@@ -42,11 +42,6 @@ class EvalConfig:
     world_reward: bool | None = None
 
 
-def _batches(items, n):
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
 @torch.no_grad()
 def _pair_logps(model, tok, pairs, batch_size, sae=None, layer=None):
     """Summed logps and lengths [N] for chosen and rejected, and pooled SAE features of chosen if asked."""
@@ -54,7 +49,7 @@ def _pair_logps(model, tok, pairs, batch_size, sae=None, layer=None):
     device = next(model.parameters()).device
     if sae is not None:
         sae = sae.to(device)
-    for b in _batches(pairs, batch_size):
+    for b in D.batches(pairs, batch_size):
         t = {k: v.to(device) for k, v in D.collate_pairs(b, tok.pad_token_id).items()}
         if sae is not None:
             with capture_layer(model, layer) as box:
@@ -74,7 +69,7 @@ def generate(model, tok, prompts: list[list[int]], max_new_tokens=48, temperatur
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     outs = []
-    for b in _batches(prompts, batch_size):
+    for b in D.batches(prompts, batch_size):
         width = max(map(len, b))
         ids = torch.full((len(b), width), tok.pad_token_id, dtype=torch.long)
         att = torch.zeros_like(ids)
@@ -97,7 +92,7 @@ def generate(model, tok, prompts: list[list[int]], max_new_tokens=48, temperatur
 def _sample_stats(model, ref, tok, prompts, responses, batch_size):
     """Per-sample sequence log-ratio log pi - log pi_ref and mean predictive entropy of the policy."""
     kls, ents, n_tok = [], 0.0, 0
-    for bp, br in zip(_batches(prompts, batch_size), _batches(responses, batch_size)):
+    for bp, br in zip(D.batches(prompts, batch_size), D.batches(responses, batch_size)):
         seqs = [p + r for p, r in zip(bp, br)]
         masks = [[0] * len(p) + [1] * len(r) for p, r in zip(bp, br)]
         t = {k: v.to(model.device) for k, v in D.pad_sequences(seqs, masks, tok.pad_token_id).items()}

@@ -71,35 +71,16 @@ SCORES = {"margin": "log-prob margin chosen - rejected (causal LM)",
           "reward": "reward-model score of the chosen response (sequence classifier)"}
 
 
-def _batches(items, n):
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
-def _sequences(pairs: list[D.TokenizedPair]) -> list[tuple[list[int], list[int]]]:
-    """(token ids, response mask) for every chosen and every rejected response."""
-    out = []
-    for part in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            r = getattr(p, part)
-            out.append((p.prompt_ids + r, [0] * len(p.prompt_ids) + [1] * len(r)))
-    return out
-
-
 def _pad(seqs, pad_id, device):
     b = D.pad_sequences([s for s, _ in seqs], [m for _, m in seqs], pad_id)
     return {k: v.to(device) for k, v in b.items()}
 
 
 def _load_sae(path: str, layer: int | None, model):
-    from .sae import check_fits, load_sae
+    from .sae import load_sae, resolve_layer
 
     sae = load_sae(path, layer)
-    layer = layer if layer is not None else sae.cfg.layer
-    if layer is None:
-        raise ConfigError(f"{path}: the SAE does not record its layer; pass --layer")
-    check_fits(sae, model, layer)
-    return sae, layer
+    return sae, resolve_layer(sae, layer, model, path)
 
 
 @torch.no_grad()
@@ -108,7 +89,7 @@ def pooled_features(model, sae, layer: int, seqs, pad_id: int, batch_size: int =
     device = next(model.parameters()).device
     sae = sae.to(device)
     out = []
-    for b in _batches(seqs, batch_size):
+    for b in D.batches(seqs, batch_size):
         t = _pad(b, pad_id, device)
         with capture_layer(model, layer, stop=True) as box:
             model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False)
@@ -161,13 +142,13 @@ def world_reward_relation(texts: list[tuple[str, str]], pooled: torch.Tensor, sh
     """On built-in-world data: each feature's correlation over the (prompt, response) ``texts`` (pooled
     activations [N, d_sae] in the same order) with each part of the ground-truth reward, and how the policy's
     ``shift`` lines up with those correlations across features. None when the prompts are not the world's."""
-    from .world.lang import prompt_topic, reward_parts
+    from .world.lang import prompt_topic, reward, reward_parts
 
     if not all(isinstance(p, str) and prompt_topic(p) for p, _ in texts):
         return None
     parts = [reward_parts(p, r) for p, r in texts]
     y = {n: torch.tensor([q[n] for q in parts]) for n in ("topic", "sentiment", "length")}
-    y["reward"] = y["topic"] + y["sentiment"] + 0.3 * y["length"]
+    y["reward"] = torch.tensor([reward(p, r) for p, r in texts])
     corr = torch.stack([_columnwise_corr(pooled, v) for v in y.values()], 1)  # [d_sae, 4]
     summary = {n: float(_columnwise_corr(shift[:, None], corr[:, i])[0]) for i, n in enumerate(y)}
     return corr, {"parts": list(y), "shift_vs_feature_reward_corr": summary,
@@ -187,7 +168,7 @@ def describe_features(model, sae, layer: int, seqs, features: list[int], tokeniz
     mass = torch.zeros(len(features), vocab, device=device)
     best_v = torch.full((len(features), n_contexts), -1.0, device=device)
     best_pos = torch.zeros((len(features), n_contexts, 2), dtype=torch.long, device=device)
-    for bi, b in enumerate(_batches(seqs, batch_size)):
+    for bi, b in enumerate(D.batches(seqs, batch_size)):
         t = _pad(b, pad_id=tokenizer.pad_token_id, device=device)
         with capture_layer(model, layer, stop=True) as box:
             model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False)
@@ -218,6 +199,13 @@ def describe_features(model, sae, layer: int, seqs, features: list[int], tokeniz
     return out
 
 
+def _table_cells(row: dict) -> tuple[str, str]:
+    """A feature's top tokens with their shares, and its top context, for a markdown table row."""
+    toks = ", ".join(f"{t['token'].strip()} ({t['share']:.0%})" for t in row["top_tokens"][:3])
+    ctx = row["contexts"][0]["context"].replace("|", "/") if row["contexts"] else ""
+    return toks, ctx
+
+
 def _token_label(desc: dict, n: int = 3) -> str:
     return " ".join(t["token"].strip() or repr(t["token"]) for t in desc["top_tokens"][:n])
 
@@ -227,8 +215,9 @@ def _load_pairs(path, tok, cfg):
 
 
 def explain(cfg: ExplainConfig, policy=None, reference=None, tokenizer=None) -> dict:
+    given = {"policy": policy, "reference": reference}
     for name in ("policy", "reference", "sae", "data"):
-        if not getattr(cfg, name) and not (name == "policy" and policy is not None) and not (name == "reference" and reference is not None):
+        if not getattr(cfg, name) and given.get(name) is None:
             raise ConfigError(f"explain needs --{name}")
     tok = tokenizer or load_tokenizer(cfg.reference or cfg.policy)
     reference = reference if reference is not None else load_model(cfg.reference).eval()
@@ -236,7 +225,7 @@ def explain(cfg: ExplainConfig, policy=None, reference=None, tokenizer=None) -> 
     sae, layer = _load_sae(cfg.sae, cfg.layer, reference)
     raw = D.load_pairs(cfg.data, cfg.split, cfg.limit)
     if cfg.texts == "data":
-        seqs = _sequences(D.tokenize_pairs(raw, tok, cfg.max_length, cfg.max_prompt_length))
+        seqs = D.pair_sequences(D.tokenize_pairs(raw, tok, cfg.max_length, cfg.max_prompt_length))
         s = feature_shifts(policy, reference, sae, layer, seqs, tok.pad_token_id, cfg.batch_size)
         texts = [(p.prompt, p.chosen) for p in raw] + [(p.prompt, p.rejected) for p in raw]
         pooled = s["reference_pooled"]
@@ -285,8 +274,7 @@ def explain_table(result: dict) -> str:
         lines += [f"**{direction}**", "", f"| feature | shift | t | ref. mean |{extra} top tokens (share of activation) | top context |",
                   "|---|---|---|---|" + "---|" * (2 * world) + "---|---|"]
         for r in result[direction]:
-            toks = ", ".join(f"{t['token'].strip()} ({t['share']:.0%})" for t in r["top_tokens"][:3])
-            ctx = r["contexts"][0]["context"].replace("|", "/") if r["contexts"] else ""
+            toks, ctx = _table_cells(r)
             rc = f" {r['reward_corr']['topic']:+.2f} | {r['reward_corr']['sentiment']:+.2f} |" if world else ""
             lines.append(f"| {r['feature']} | {r['shift']:+.4f} | {r['t']:+.1f} | {r['reference_mean']:.4f} |{rc} {toks} | {ctx} |")
         lines.append("")
@@ -383,7 +371,7 @@ def attribute(cfg: AttributeConfig, model=None, tokenizer=None) -> dict:
     device = next(model.parameters()).device
     sae = sae.to(device).requires_grad_(False)
     pairs = _load_pairs(cfg.data, tok, cfg)
-    batches = [{k: v.to(device) for k, v in D.collate_pairs(b, tok.pad_token_id).items()} for b in _batches(pairs, cfg.batch_size)]
+    batches = [{k: v.to(device) for k, v in D.collate_pairs(b, tok.pad_token_id).items()} for b in D.batches(pairs, cfg.batch_size)]
     n = len(pairs)
 
     attr = torch.zeros(sae.d_sae, device=device)
@@ -424,7 +412,7 @@ def attribute(cfg: AttributeConfig, model=None, tokenizer=None) -> dict:
     drop_pos[pos] = True
     joint = ablated(drop_pos) - clean if pos else 0.0
 
-    seqs = _sequences(pairs)
+    seqs = D.pair_sequences(pairs)
     desc = describe_features(model, sae, layer, seqs, order[: cfg.top].tolist(), tok, batch_size=cfg.batch_size)
     result = {
         "model": cfg.model, "sae": cfg.sae, "layer": layer, "score": cfg.score, "pairs": n, "mean_score": clean,
@@ -451,8 +439,7 @@ def attribute_table(result: dict) -> str:
              f"layer {result['layer']}", "",
              "| feature | attribution | top tokens (share of activation) | top context |", "|---|---|---|---|"]
     for r in result["top"]:
-        toks = ", ".join(f"{t['token'].strip()} ({t['share']:.0%})" for t in r["top_tokens"][:3])
-        ctx = r["contexts"][0]["context"].replace("|", "/") if r["contexts"] else ""
+        toks, ctx = _table_cells(r)
         lines.append(f"| {r['feature']} | {r['attribution']:+.4f} | {toks} | {ctx} |")
     lines += ["", f"validation by zero-ablation: Pearson r(predicted, real change) = {v['pearson_predicted_vs_ablation']:.3f}; "
               f"mean |change| top {v['mean_abs_change_top']:.4f} vs random active {v['mean_abs_change_random']:.4f}; "

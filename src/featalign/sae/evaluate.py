@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from .metrics import evaluate_sae, format_table
-from .model import SAE, check_fits, load_sae
+from .model import SAE, load_sae, resolve_layer
 
 
 def with_sparsity(sae: SAE, value: float) -> SAE:
@@ -61,12 +61,9 @@ def run_eval(ns) -> dict:
     from .train import read_texts
 
     sae = load_sae(ns.sae, ns.layer)
-    layer = ns.layer if ns.layer is not None else sae.cfg.layer
-    if layer is None:
-        raise ConfigError(f"{ns.sae}: the SAE does not record its layer; pass --layer")
     model = load_model(ns.model).eval()
     tok = load_tokenizer(ns.model)
-    check_fits(sae, model, layer)
+    layer = resolve_layer(sae, ns.layer, model, ns.sae)
     docs = read_texts(ns.data, tok)
     report = evaluate_sae(sae, model, tok, docs, layer, max_tokens=ns.max_tokens)
     out = ns.out or os.path.join(ns.sae if os.path.isdir(ns.sae) else os.path.dirname(ns.sae), "eval")

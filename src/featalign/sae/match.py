@@ -183,7 +183,7 @@ def transfer_eval(a: SAE, b: SAE, m: Matching, model, tokenizer, docs: list[list
                   max_tokens: int = 20_000, batch_size: int = 32, max_length: int = 128) -> dict:
     """How well A's features at ``layer_a``, carried through the matching into B's folded decoder, explain the
     hidden state at ``layer_b``; with B's own reconstruction and the co-activation of matched latents."""
-    from ..data import pad_sequences
+    from ..data import doc_batches
     from ..models import capture_layer
 
     device = next(model.parameters()).device
@@ -195,12 +195,10 @@ def transfer_eval(a: SAE, b: SAE, m: Matching, model, tokenizer, docs: list[list
     W[valid] = fb.W_dec[perm[valid]]
     err_t = err_own = 0.0
     xs, n, co, fired_a, fired_b = [], 0, 0.0, 0.0, 0.0
-    for i in range(0, len(docs), batch_size):
-        seqs = [d[:max_length] for d in docs[i : i + batch_size]]
-        bt = pad_sequences(seqs, [[1] * len(s) for s in seqs], tokenizer.pad_token_id)
-        att = bt["attention_mask"].to(device).bool()
+    for ids, mask in doc_batches(docs, batch_size, max_length, tokenizer.pad_token_id, device):
+        att = mask.bool()
         with capture_layer(model, layer_a) as ha, capture_layer(model, layer_b) as hb:
-            model(input_ids=bt["input_ids"].to(device), attention_mask=att.long(), use_cache=False)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
         xa, xb = ha["h"][att].float(), hb["h"][att].float()
         f_a = a.encode(xa)
         x_t = folded_features(a, f_a) @ W + b.b_dec
@@ -259,18 +257,14 @@ def run_match(ns) -> dict:
         if not (ns.model and ns.data):
             raise ConfigError("the transfer check needs both --model and --data")
         from ..models import load_model, load_tokenizer
-        from .model import check_fits
+        from .model import resolve_layer
         from .train import read_texts
 
-        la = ns.layer_a if ns.layer_a is not None else a.cfg.layer
-        lb = ns.layer_b if ns.layer_b is not None else b.cfg.layer
-        if la is None or lb is None:
-            raise ConfigError("an SAE does not record its layer; pass --layer-a/--layer-b")
         model = load_model(ns.model).eval()
         if ns.device:
             model = model.to(ns.device)
-        check_fits(a, model, la)
-        check_fits(b, model, lb)
+        la = resolve_layer(a, ns.layer_a, model, ns.sae_a, "--layer-a")
+        lb = resolve_layer(b, ns.layer_b, model, ns.sae_b, "--layer-b")
         tok = load_tokenizer(ns.model)
         report["layers"] = [la, lb]
         report["transfer"] = transfer_eval(a, b, m, model, tok, read_texts(ns.data, tok), la, lb, ns.max_tokens)

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from ..data import pad_sequences
+from ..data import doc_batches
 from ..models import decoder_layers
 
 
@@ -56,10 +56,7 @@ def evaluate_sae(sae, model, tokenizer, docs: list[list[int]], layer: int, max_t
         captured["h"] = flat
         return sae(flat).to(h.dtype)
 
-    for i in range(0, len(docs), batch_size):
-        seqs = [d[:max_length] for d in docs[i : i + batch_size]]
-        b = pad_sequences(seqs, [[1] * len(s) for s in seqs], pad)
-        ids, att = b["input_ids"].to(device), b["attention_mask"].to(device)
+    for ids, att in doc_batches(docs, batch_size, max_length, pad, device):
         nll_clean, logp_clean = _ce_and_logp(model, ids, att)
         with splice(model, layer, recon):
             nll_spliced, logp_spliced = _ce_and_logp(model, ids, att)

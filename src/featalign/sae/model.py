@@ -221,6 +221,15 @@ def load_sae(path: str, layer: int | None = None) -> SAE:
     return sae.eval().requires_grad_(False)
 
 
+def resolve_layer(sae: SAE, layer: int | None, model, source: str, flag: str = "--layer") -> int:
+    """The layer to use (given, else the one the SAE records), checked against the model."""
+    layer = layer if layer is not None else sae.cfg.layer
+    if layer is None:
+        raise ConfigError(f"{source}: the SAE does not record its layer; pass {flag}")
+    check_fits(sae, model, layer)
+    return layer
+
+
 def check_fits(sae: SAE, model, layer: int) -> None:
     """Refuse an SAE whose d_in is not the model's hidden size at ``layer``."""
     from ..models import check_layer, hidden_size

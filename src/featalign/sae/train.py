@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..data import pad_sequences
+from ..data import doc_batches
 from ..errors import DataError
 from ..models import check_layer, hidden_size, run_to_layer
 from .model import SAE, SAEConfig
@@ -85,10 +85,7 @@ def iter_activations(model, tokenizer, docs: list[list[int]], layer: int, batch_
     while True:
         order = list(range(len(docs)))
         rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            seqs = [docs[j][:max_length] for j in order[i : i + batch_size]]
-            b = pad_sequences(seqs, [[1] * len(s) for s in seqs], pad)
-            ids, att = b["input_ids"].to(device), b["attention_mask"].to(device)
+        for ids, att in doc_batches([docs[j] for j in order], batch_size, max_length, pad, device):
             h = run_to_layer(model, layer, input_ids=ids, attention_mask=att)
             yield h[att.bool()].float()
         if not loop:
