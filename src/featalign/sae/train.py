@@ -191,15 +191,14 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
     var = (x - x.mean(0)).pow(2).sum(-1).mean()
     if arch == "topk":
         loss = mse
-        if dead is not None:
-            n_dead = int(dead.sum())
-            if n_dead:
-                k_aux = min(cfg.aux_k or max(1, x.shape[-1] // 2), n_dead)
-                a_vals, a_idx = pre.masked_fill(~dead, -float("inf")).topk(k_aux, dim=-1, sorted=False)
-                e_hat = sae.decode_sparse(a_idx, a_vals.relu(), bias=False)
-                target = err.detach()
-                aux = (e_hat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp(min=1e-8)
-                loss = loss + cfg.aux_coeff * aux
+        n_dead = int(dead.sum()) if dead is not None else 0
+        if n_dead:
+            k_aux = min(cfg.aux_k or max(1, x.shape[-1] // 2), n_dead)
+            a_vals, a_idx = pre.masked_fill(~dead, -float("inf")).topk(k_aux, dim=-1, sorted=False)
+            e_hat = sae.decode_sparse(a_idx, a_vals.relu(), bias=False)
+            target = err.detach()
+            aux = (e_hat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp(min=1e-8)
+            loss = loss + cfg.aux_coeff * aux
     elif arch == "jumprelu":
         loss = mse + cfg.l0_coeff * l0_ste
     else:
