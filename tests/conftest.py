@@ -1,4 +1,10 @@
-"""Shared fixtures: one quick world and one small SAE per test session (built in a temp folder)."""
+"""Shared fixtures: one quick world and one small SAE per test session (built in a temp folder).
+
+``FEATALIGN_TEST_SEED`` (default 0) seeds the quick world and the SAE. Another seed trains other weights, much as
+another CPU type or thread count does, so ``FEATALIGN_TEST_SEED=1 make test`` checks that no assertion hinges on
+the exact weights this machine trained. Tests that hold a trained model to a threshold print the figure (see
+``margin``), so ``pytest -rP`` shows how far each one is from its bound.
+"""
 
 import os
 
@@ -14,12 +20,28 @@ except ImportError:  # pragma: no cover
     pass
 
 
+SEED = int(os.environ.get("FEATALIGN_TEST_SEED", "0"))
+
+
+def pytest_report_header(config):
+    import torch
+
+    return (f"featalign tests: torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}, FEATALIGN_TEST_SEED={SEED}")
+
+
+def margin(name: str, value: float, bound: float, above: bool = True) -> None:
+    """Print a trained figure beside its bound (``pytest -rP`` shows it), then assert it."""
+    print(f"margin: {name} = {value:.4g} ({'>' if above else '<'} {bound:g})")
+    assert (value > bound) if above else (value < bound), f"{name} = {value} is not {'above' if above else 'below'} {bound}"
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     from featalign.world import WorldConfig, build_world, world_paths
 
     out = str(tmp_path_factory.mktemp("world") / "w")
-    manifest = build_world(out, WorldConfig.quick(), progress=False)
+    manifest = build_world(out, WorldConfig.quick(SEED), progress=False)
     return {**world_paths(out), "manifest": manifest}
 
 
@@ -29,5 +51,5 @@ def world_sae(world, tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("sae") / "topk")
     _, report = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=out, d_sae=256, k=32,
-                                         tokens=150_000, eval_tokens=20_000, progress=False))
+                                         tokens=150_000, eval_tokens=20_000, seed=SEED, progress=False))
     return {"path": out, "report": report, "layer": 2}

@@ -12,6 +12,8 @@ from featalign.errors import ConfigError
 from featalign.explain import AttributeConfig, ExplainConfig, attribute, explain, spliced_score
 from featalign.models import decoder_layers, load_model, load_tokenizer
 
+from conftest import margin
+
 
 @pytest.fixture(scope="module")
 def ref_model(world):
@@ -39,7 +41,9 @@ def test_planted_feature_is_found_at_the_top(world, world_sae, ref_model, tmp_pa
     cfg = ExplainConfig(reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "e"), limit=40, top=5)
     res = explain(cfg, policy=policy, reference=model, tokenizer=tok)
     assert res["up"][0]["feature"] == feature
-    assert res["up"][0]["t"] > 10 and res["up"][0]["top_tokens"] and res["up"][0]["contexts"]
+    margin("planted feature's shift / runner-up's", res["up"][0]["shift"] / max(abs(r["shift"]) for r in res["up"][1:] + res["down"]), 2)
+    margin("planted feature's t", res["up"][0]["t"], 10)
+    assert res["up"][0]["top_tokens"] and res["up"][0]["contexts"]
     assert "world_reward" in res and set(res["up"][0]["reward_corr"]) == {"topic", "sentiment", "length", "reward"}
     for name in ("explain.json", "explain.md", "explain.png"):
         assert (tmp_path / "e" / name).exists()
@@ -55,6 +59,7 @@ def test_explain_on_generated_text_finds_the_planted_feature(world, world_sae, r
                         top=5, texts="generated", max_new_tokens=16)
     res = explain(cfg, policy=policy, reference=model, tokenizer=tok)
     assert res["up"][0]["feature"] == 40 and res["texts"] == "generated"
+    margin("planted feature's shift / runner-up's", res["up"][0]["shift"] / max(abs(r["shift"]) for r in res["up"][1:] + res["down"]), 2)
 
 
 def test_cli_explain_policy_equal_to_reference_moves_nothing(world, world_sae, tmp_path):
@@ -84,10 +89,10 @@ def test_spliced_pass_is_exact_and_attribution_predicts_ablation(world, world_sa
     res = attribute(AttributeConfig(sae=world_sae["path"], data=world["test"], out=str(tmp_path / "a"), limit=48, ablate=8, top=5),
                     model=model, tokenizer=tok)
     v = res["validation"]
-    assert v["pearson_predicted_vs_ablation"] > 0.8
-    assert v["mean_abs_change_top"] > 3 * v["mean_abs_change_random"]
+    margin("pearson(predicted, ablation)", v["pearson_predicted_vs_ablation"], 0.8)
+    margin("top / random mean |change|", v["mean_abs_change_top"] / v["mean_abs_change_random"], 3)
     top = [r for r in v["ablated"] if r["group"] == "top"]
-    assert sum((r["predicted_change"] > 0) == (r["ablation_change"] > 0) for r in top) >= 6  # signs agree
+    margin("top features whose sign agrees (of 8)", sum((r["predicted_change"] > 0) == (r["ablation_change"] > 0) for r in top), 5)
     assert (tmp_path / "a" / "attribution.png").exists() and len(torch.load(tmp_path / "a" / "attribution.pt")) == sae.d_sae
 
 
@@ -96,6 +101,7 @@ def test_attribute_to_a_reward_model(world, world_sae, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)  # the score head is freshly initialised: from a fixed seed, not whatever RNG state came before
     rm = AutoModelForSequenceClassification.from_pretrained(world["sft"], num_labels=1)
     rm.config.pad_token_id = load_tokenizer(world["sft"]).pad_token_id
     rm.save_pretrained(rm_dir)
@@ -105,7 +111,8 @@ def test_attribute_to_a_reward_model(world, world_sae, tmp_path):
                         "--out", str(tmp_path / "ra")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "ra" / "attribution.json").read_text())
-    assert res["score"] == "reward_margin" and res["validation"]["pearson_predicted_vs_ablation"] > 0.5
+    assert res["score"] == "reward_margin"
+    margin("pearson(predicted, ablation), reward model", res["validation"]["pearson_predicted_vs_ablation"], 0.5)
 
 
 def test_attribute_errors(world, world_sae, ref_model):

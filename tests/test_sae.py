@@ -9,6 +9,8 @@ from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig, check_fits, load_sae
 from featalign.sae.metrics import evaluate_sae
 
+from conftest import margin
+
 
 def random_sae(arch, d_in=16, d_sae=48, k=6, centre=True, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -118,9 +120,11 @@ def test_metrics_identity_recovers_all_zero_none(world):
 
 def test_topk_training_reaches_targets(world_sae):
     r = world_sae["report"]
-    assert r["explained_variance"] >= 0.9
+    # TopK keeps at most k latents per token by construction; EV and dead latents depend on trained weights:
+    # measured EV 0.99+ and dead <= 1.2% over world seeds 0-2 and three thread/kernel settings (bounds 0.9 and 5%)
+    margin("explained variance", r["explained_variance"], 0.9)
     assert r["l0"] <= 32
-    assert r["dead_fraction"] < 0.05, r
+    margin("dead fraction", r["dead_fraction"], 0.05, above=False)
     sae = load_sae(world_sae["path"])
     assert sae.cfg.architecture == "topk" and sae.cfg.layer == 2
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(sae.d_sae), atol=1e-4)
@@ -132,7 +136,7 @@ def test_other_architectures_train(world, tmp_path, arch, extra):
 
     sae, r = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=str(tmp_path / arch),
                                       architecture=arch, d_sae=256, tokens=60_000, eval_tokens=5000, progress=False, **extra))
-    assert r["explained_variance"] > 0.5, r
+    margin(f"{arch} explained variance", r["explained_variance"], 0.5)  # measured 0.9+ on seeds 0-2
     assert 0 < r["l0"] < 256
     if arch == "jumprelu":
         assert (sae.threshold > 0).all()

@@ -12,6 +12,8 @@ from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig
 from featalign.sae.match import fold, match_saes, summarize, transfer_eval
 
+from conftest import margin
+
 
 def random_sae(d_in=24, d_sae=64, arch="topk", seed=0) -> SAE:
     g = torch.Generator().manual_seed(seed)
@@ -119,7 +121,7 @@ def test_transfer_of_an_sae_onto_itself(world, world_sae):
     r = transfer_eval(sae, sae, m, model, tok, read_texts(world["sft_text"], tok)[:64], 2, 2, max_tokens=2000)
     assert r["transfer_explained_variance"] == pytest.approx(r["b_own_explained_variance"], abs=1e-6)
     assert r["coactivation_rate"] == pytest.approx(1.0)
-    assert r["coactivation_chance"] < 0.5
+    margin("co-activation by chance", r["coactivation_chance"], 0.5, above=False)
 
 
 def test_cli_match_writes_report(world, world_sae, tmp_path):

@@ -1,6 +1,8 @@
 import json
 import random
 
+from conftest import margin
+
 from featalign.world import build_world, lang, reward, reward_parts
 from featalign.world.build import WorldConfig, build_tokenizer, sample_pairs
 
@@ -58,8 +60,9 @@ def test_tokenizer_round_trips(tmp_path):
 
 def test_world_build(world):
     m = world["manifest"]
-    # the SFT model beats a unigram model of responses by a clear margin on held-out world text
-    assert m["sft_ppl"] < 0.3 * m["unigram_ppl"], (m["sft_ppl"], m["unigram_ppl"])
+    # the SFT model beats a unigram model of responses by a clear margin on held-out world text; measured ratio
+    # 0.09 (8.6 vs 94) on world seeds 0-2 and three thread/kernel settings: a 3x margin to the bound
+    margin("sft_ppl / unigram_ppl", m["sft_ppl"] / m["unigram_ppl"], 0.3, above=False)
     assert 5e5 < m["n_params"] < 5e6
     rows = [json.loads(line) for line in open(world["train"])]
     assert len(rows) == WorldConfig.quick().n_train_pairs
