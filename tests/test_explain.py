@@ -31,16 +31,28 @@ def plant(model, layer: int, vec: torch.Tensor):
     return policy
 
 
+def specific_features(sae, n: int = 2) -> list[int]:
+    """The latents whose own pre-activation responds most to their decoder row relative to any other latent's.
+
+    Planting such a latent's decoder row moves it far more than any other latent on any machine's SAE; a fixed
+    index does not: on other trained weights the runner-up came within 1.2x of latent 17."""
+    dec = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+    resp = dec @ sae.W_enc  # [f, g]: pre-activation change of latent g when unit decoder row f is added
+    others = resp.clone().fill_diagonal_(-float("inf")).max(1).values
+    return (resp.diag() / others).topk(n).indices.tolist()
+
+
 def test_planted_feature_is_found_at_the_top(world, world_sae, ref_model, tmp_path):
     from featalign.sae import load_sae
 
     model, tok = ref_model
     sae = load_sae(world_sae["path"])
-    feature = 17
+    feature = specific_features(sae)[0]
     policy = plant(model, 2, 3.0 * sae.W_dec[feature].detach())
     cfg = ExplainConfig(reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "e"), limit=40, top=5)
     res = explain(cfg, policy=policy, reference=model, tokenizer=tok)
     assert res["up"][0]["feature"] == feature
+    # measured 5.3-8.8 and t 22-53 over world seeds 0-2 and three thread/kernel settings
     margin("planted feature's shift / runner-up's", res["up"][0]["shift"] / max(abs(r["shift"]) for r in res["up"][1:] + res["down"]), 2)
     margin("planted feature's t", res["up"][0]["t"], 10)
     assert res["up"][0]["top_tokens"] and res["up"][0]["contexts"]
@@ -54,11 +66,12 @@ def test_explain_on_generated_text_finds_the_planted_feature(world, world_sae, r
 
     model, tok = ref_model
     sae = load_sae(world_sae["path"])
-    policy = plant(model, 2, 3.0 * sae.W_dec[40].detach())
+    feature = specific_features(sae)[1]
+    policy = plant(model, 2, 3.0 * sae.W_dec[feature].detach())
     cfg = ExplainConfig(reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "g"), limit=40,
                         top=5, texts="generated", max_new_tokens=16)
     res = explain(cfg, policy=policy, reference=model, tokenizer=tok)
-    assert res["up"][0]["feature"] == 40 and res["texts"] == "generated"
+    assert res["up"][0]["feature"] == feature and res["texts"] == "generated"
     margin("planted feature's shift / runner-up's", res["up"][0]["shift"] / max(abs(r["shift"]) for r in res["up"][1:] + res["down"]), 2)
 
 
@@ -89,9 +102,15 @@ def test_spliced_pass_is_exact_and_attribution_predicts_ablation(world, world_sa
     res = attribute(AttributeConfig(sae=world_sae["path"], data=world["test"], out=str(tmp_path / "a"), limit=48, ablate=8, top=5),
                     model=model, tokenizer=tok)
     v = res["validation"]
-    margin("pearson(predicted, ablation)", v["pearson_predicted_vs_ablation"], 0.8)
-    margin("top / random mean |change|", v["mean_abs_change_top"] / v["mean_abs_change_random"], 3)
+    margin("pearson(predicted, ablation)", v["pearson_predicted_vs_ablation"], 0.8)  # measured 0.98-0.99
+    # that top features move the score more than random active ones, as a rank statistic: the share of (top, random)
+    # pairs where the top feature's real change is larger. The ratio of means swung 3.4-10.6 between thread/kernel
+    # settings (one random feature with a large effect is enough); this share stayed 0.95-1.0.
     top = [r for r in v["ablated"] if r["group"] == "top"]
+    rand = [abs(r["ablation_change"]) for r in v["ablated"] if r["group"] == "random"]
+    beats = sum((abs(t["ablation_change"]) > q) + 0.5 * (abs(t["ablation_change"]) == q) for t in top for q in rand)
+    print(f"top / random mean |change| = {v['mean_abs_change_top'] / v['mean_abs_change_random']:.3g}")
+    margin("share of (top, random) pairs where top changes the score more", beats / (len(top) * len(rand)), 0.75)
     margin("top features whose sign agrees (of 8)", sum((r["predicted_change"] > 0) == (r["ablation_change"] > 0) for r in top), 5)
     assert (tmp_path / "a" / "attribution.png").exists() and len(torch.load(tmp_path / "a" / "attribution.pt")) == sae.d_sae
 
@@ -112,7 +131,7 @@ def test_attribute_to_a_reward_model(world, world_sae, tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "ra" / "attribution.json").read_text())
     assert res["score"] == "reward_margin"
-    margin("pearson(predicted, ablation), reward model", res["validation"]["pearson_predicted_vs_ablation"], 0.5)
+    margin("pearson(predicted, ablation), reward model", res["validation"]["pearson_predicted_vs_ablation"], 0.5)  # 0.977-0.999
 
 
 def test_attribute_errors(world, world_sae, ref_model):

@@ -121,7 +121,7 @@ def test_metrics_identity_recovers_all_zero_none(world):
 def test_topk_training_reaches_targets(world_sae):
     r = world_sae["report"]
     # TopK keeps at most k latents per token by construction; EV and dead latents depend on trained weights:
-    # measured EV 0.99+ and dead <= 1.2% over world seeds 0-2 and three thread/kernel settings (bounds 0.9 and 5%)
+    # measured EV 0.989-0.992 and dead 0-0.4% over world seeds 0-2 and three thread/kernel settings (bounds 0.9, 5%)
     margin("explained variance", r["explained_variance"], 0.9)
     assert r["l0"] <= 32
     margin("dead fraction", r["dead_fraction"], 0.05, above=False)
@@ -136,7 +136,7 @@ def test_other_architectures_train(world, tmp_path, arch, extra):
 
     sae, r = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=str(tmp_path / arch),
                                       architecture=arch, d_sae=256, tokens=60_000, eval_tokens=5000, progress=False, **extra))
-    margin(f"{arch} explained variance", r["explained_variance"], 0.5)  # measured 0.9+ on seeds 0-2
+    margin(f"{arch} explained variance", r["explained_variance"], 0.5)  # measured 0.980-0.986, seeds 0-2, 3 settings
     assert 0 < r["l0"] < 256
     if arch == "jumprelu":
         assert (sae.threshold > 0).all()

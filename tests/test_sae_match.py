@@ -121,7 +121,7 @@ def test_transfer_of_an_sae_onto_itself(world, world_sae):
     r = transfer_eval(sae, sae, m, model, tok, read_texts(world["sft_text"], tok)[:64], 2, 2, max_tokens=2000)
     assert r["transfer_explained_variance"] == pytest.approx(r["b_own_explained_variance"], abs=1e-6)
     assert r["coactivation_rate"] == pytest.approx(1.0)
-    margin("co-activation by chance", r["coactivation_chance"], 0.5, above=False)
+    margin("co-activation by chance", r["coactivation_chance"], 0.5, above=False)  # k / d_sae = 0.125 for this TopK SAE
 
 
 def test_cli_match_writes_report(world, world_sae, tmp_path):
