@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import yaml
@@ -57,3 +58,37 @@ def test_sae_eval_with_frontier(world, world_sae, tmp_path, capsys):
     margin("smallest MSE ratio between neighbouring k", min(a / b for a, b in zip(mses, mses[1:])), 1.0)
     assert (out / "frontier.png").stat().st_size > 1000
     assert "explained_variance" in capsys.readouterr().out
+
+
+def _subcommands(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {n}".strip(), p) for n, p in _subcommands(sub))
+                yield name, sub
+
+
+def test_every_flag_of_every_command_has_help():
+    """`--help` teaches: one line per flag, choices listed for enumerated settings."""
+    parser = cli.build_parser()
+    missing = []
+    for name, sub in _subcommands(parser):
+        for action in sub._actions:
+            if action.dest in ("help", "command", "sae_cmd", "world_cmd") or action.help == "==SUPPRESS==":
+                continue
+            if not re.sub(r"\s*\(default: [^)]*\)$", "", action.help or "").strip():  # a default alone teaches nothing
+                missing.append(f"{name}: {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, missing
+    text = dict(_subcommands(parser))["train"].format_help()
+    assert "{dpo,dpo_ln,fpo,ipo,simpo,tdpo1,tdpo2,trdpo}" in text and "{union,policy}" in text
+    assert "data (how preference records are read and tokenised)" in text
+
+
+def test_cache_takes_max_length_alone(world, tmp_path, capsys):
+    """A default must not break a valid flag: --max-length 64 alone (the prompt budget follows it)."""
+    assert cli.main(["cache", "--model", world["sft"], "--data", world["train"], "--out", str(tmp_path / "c"), "--max-length", "64",
+                     "--limit", "16"]) == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["settings"]["max_prompt_length"] == 32 and manifest["n_pairs"] <= 16

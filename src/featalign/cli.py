@@ -14,21 +14,41 @@ import typing
 from .errors import ConfigError, FeatalignError
 
 
+def _choices(f: dataclasses.Field, typ) -> list | None:
+    if typing.get_origin(typ) is typing.Literal:
+        return list(typing.get_args(typ))
+    return f.metadata.get("choices")
+
+
 def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One flag per field of ``cls``, its help and choices read off the field (``metadata={"help": ...}``, a
+    ``Literal`` type or ``metadata={"choices": ...}``), the shared data options in a group of their own."""
+    from .data import DataOptions
+
     hints = typing.get_type_hints(cls)
+    data_fields = {f.name for f in dataclasses.fields(DataOptions)} if issubclass(cls, DataOptions) else set()
+    groups = {True: p.add_argument_group("data (how preference records are read and tokenised)"), False: p}
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name == "extra":
             continue
-        flag = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
-        args = typing.get_args(typ)
-        base = next((a for a in args if a is not type(None)), typ) if args else typ
+        args = [a for a in typing.get_args(typ) if a is not type(None)] if typing.get_origin(typ) is not typing.Literal else []
+        base = args[0] if len(args) == 1 else typ
+        choices = _choices(f, base)
+        kind = type(choices[0]) if choices else base
         default = f.default if f.default is not dataclasses.MISSING else None
-        if base is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"(default {default})")
+        help_ = f.metadata.get("help", "")
+        if default not in (None, "") and kind is not bool:
+            help_ += f" (default: {default})"
+        g = groups[f.name in data_fields]
+        if f.metadata.get("positional"):
+            g.add_argument(f.name, type=kind, choices=choices, help=help_)
+        elif kind is bool:
+            g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_ + f" (default: {'on' if default else 'off'})")
         else:
-            p.add_argument(flag, dest=f.name, type=base, default=argparse.SUPPRESS, help=f"(default {default})")
+            g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS,
+                           help=help_, metavar=None if choices else f.name.upper())
 
 
 def _config(cls, ns: argparse.Namespace, skip=()):
@@ -65,26 +85,9 @@ def cmd_train(ns):
 
 
 def cmd_cache(ns):
-    from .data import load_pairs, tokenize_pairs
-    from .models import load_model, load_tokenizer
-    from .reference import CacheSettings, build_cache, expected_manifest
+    from .reference import CacheConfig, run_cache
 
-    tok = load_tokenizer(ns.model)
-    pairs = tokenize_pairs(load_pairs(ns.data), tok, ns.max_length, ns.max_prompt_length)
-    model = load_model(ns.model)
-    sae = None
-    if ns.sae:
-        from .sae import check_fits, load_sae
-
-        if ns.layer is None:
-            raise ConfigError("--sae needs --layer")
-        sae = load_sae(ns.sae, ns.layer)
-        check_fits(sae, model, ns.layer)
-    settings = CacheSettings(layer=ns.layer if sae is not None else None, k=ns.k, max_length=ns.max_length,
-                             max_prompt_length=ns.max_prompt_length)
-    manifest = expected_manifest(ns.model, ns.data, ns.sae, settings)
-    build_cache(model, tok, pairs, ns.out, manifest, sae, ns.layer, ns.k, batch_size=ns.batch_size, shard_size=ns.shard_size)
-    print(f"cache written to {ns.out} ({len(pairs)} pairs)")
+    run_cache(_config(CacheConfig, ns))
 
 
 def cmd_sae_train(ns):
@@ -137,8 +140,8 @@ def cmd_compare(ns):
 
 def _config_command(sub, name: str, cls, fn, help: str) -> argparse.ArgumentParser:
     """A command whose flags are the fields of ``cls``, also settable from ``--config FILE.yaml``."""
-    p = sub.add_parser(name, help=help)
-    p.add_argument("--config", help=f"YAML file with {cls.__name__} settings")
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--config", help=f"YAML file of {cls.__name__} settings (flags override it)")
     _add_dataclass_args(p, cls)
     p.set_defaults(fn=fn)
     return p
@@ -149,61 +152,52 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
     p = argparse.ArgumentParser(prog="featalign", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (data drops are warned either way)")
     sub = p.add_subparsers(dest="command", required=True)
 
     world = sub.add_parser("world", help="the built-in synthetic world").add_subparsers(dest="world_cmd", required=True)
     wb = world.add_parser("build", help="build tokenizer, SFT model and preference pairs")
-    wb.add_argument("--out", default="data/world")
-    wb.add_argument("--seed", type=int, default=0)
+    wb.add_argument("--out", default="data/world", help="world folder (default: data/world)")
+    wb.add_argument("--seed", type=int, default=0, help="seed of the corpus, the pairs and the SFT run (default: 0)")
     wb.add_argument("--quick", action="store_true", help="smaller world (tests)")
     wb.add_argument("--force", action="store_true", help="rebuild even if cached")
     wb.set_defaults(fn=cmd_world_build)
 
     _config_command(sub, "train", TrainConfig, cmd_train, "preference training (dpo, ipo, simpo, dpo_ln, tdpo1, tdpo2, trdpo, fpo)")
 
-    ca = sub.add_parser("cache", help="build the offline reference cache")
-    ca.add_argument("--model", required=True)
-    ca.add_argument("--data", required=True)
-    ca.add_argument("--out", required=True)
-    ca.add_argument("--sae")
-    ca.add_argument("--layer", type=int)
-    ca.add_argument("--k", type=int, default=50)
-    ca.add_argument("--max-length", type=int, default=512)
-    ca.add_argument("--max-prompt-length", type=int, default=256)
-    ca.add_argument("--batch-size", type=int, default=16)
-    ca.add_argument("--shard-size", type=int, default=512, help="pairs per shard (the unit a resumed build skips)")
-    ca.set_defaults(fn=cmd_cache)
+    from .reference import CacheConfig
+
+    _config_command(sub, "cache", CacheConfig, cmd_cache, "build the offline reference cache (reference log-probs + top-k SAE activations)")
 
     sae = sub.add_parser("sae", help="sparse autoencoders").add_subparsers(dest="sae_cmd", required=True)
     from .sae.train import SAETrainConfig
 
     _config_command(sae, "train", SAETrainConfig, cmd_sae_train, "train an SAE on a model's layer")
     se = sae.add_parser("eval", help="evaluate an SAE (JSON + table; --frontier sweeps k and plots MSE vs L0)")
-    se.add_argument("--sae", required=True)
-    se.add_argument("--model", required=True)
-    se.add_argument("--data", required=True)
-    se.add_argument("--layer", type=int)
-    se.add_argument("--out", default=None)
-    se.add_argument("--max-tokens", type=int, default=40_000)
-    se.add_argument("--frontier", action="store_true")
-    se.add_argument("--frontier-values", default="4,8,16,32,64")
+    se.add_argument("--sae", required=True, help="SAE: SAELens/featalign folder or Gemma Scope params.npz")
+    se.add_argument("--model", required=True, help="the model whose layer the SAE reads (HF folder, hub id or .gguf)")
+    se.add_argument("--data", required=True, help="documents: text, conversations, prompt/response or preference records")
+    se.add_argument("--layer", type=int, help="decoder layer (default: the layer the SAE records)")
+    se.add_argument("--out", default=None, help="output folder (default: <sae>/eval)")
+    se.add_argument("--max-tokens", type=int, default=40_000, help="held-out tokens to evaluate on (default: 40000)")
+    se.add_argument("--frontier", action="store_true", help="also sweep the sparsity knob and plot MSE vs L0")
+    se.add_argument("--frontier-values", default="4,8,16,32,64", help="k values (TopK) or threshold multipliers (JumpReLU) to sweep")
     se.set_defaults(fn=cmd_sae_eval)
 
     sm = sae.add_parser("match", help="match the latents of two SAEs one-to-one (SAE Match: folded parameters + optimal assignment)")
-    sm.add_argument("sae_a")
-    sm.add_argument("sae_b")
+    sm.add_argument("sae_a", help="first SAE (its latents are matched to the second's)")
+    sm.add_argument("sae_b", help="second SAE")
     sm.add_argument("--out", default=None, help="folder for match.json / match.png (default: <sae_a>-vs-<sae_b>)")
     sm.add_argument("--encoder", action="store_true", help="include encoder columns in the cost (decoder rows only by default)")
     sm.add_argument("--min-cosine", type=float, default=0.7, help="a match is confident at or above this cosine")
     sm.add_argument("--dense-limit", type=int, default=4096, help="above this many latents, solve a sparsified cost")
     sm.add_argument("--candidates", type=int, default=32, help="cheapest partners kept per latent when sparsified")
-    sm.add_argument("--device", default=None)
+    sm.add_argument("--device", default=None, help="device for the cost computation (default: the GPU when there is one)")
     sm.add_argument("--model", help="with --data: evaluate the matched decode on the model's hidden states")
-    sm.add_argument("--data")
-    sm.add_argument("--layer-a", type=int)
-    sm.add_argument("--layer-b", type=int)
-    sm.add_argument("--max-tokens", type=int, default=20_000)
+    sm.add_argument("--data", help="documents for the transfer check (with --model)")
+    sm.add_argument("--layer-a", type=int, help="layer of the first SAE (default: the layer it records)")
+    sm.add_argument("--layer-b", type=int, help="layer of the second SAE (default: the layer it records)")
+    sm.add_argument("--max-tokens", type=int, default=20_000, help="tokens for the transfer check (default: 20000)")
     sm.set_defaults(fn=cmd_sae_match)
 
     from .explain import AttributeConfig, ExplainConfig

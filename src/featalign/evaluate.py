@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,25 +21,22 @@ from .models import capture_layer, load_model, load_tokenizer, response_logps
 
 
 @dataclass
-class EvalConfig:
-    model: str = ""
-    data: str = ""
-    ref_model: str | None = None
-    sae: str | None = None
-    layer: int | None = None
-    k: int = 50
-    split: str = "train"
-    limit: int | None = None
-    n_prompts: int = 128
-    samples_per_prompt: int = 1
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_k: int = 0
-    batch_size: int = 32
-    max_length: int = 512
-    max_prompt_length: int = 256
-    seed: int = 1234
-    world_reward: bool | None = None
+class EvalConfig(D.DataOptions):
+    """`featalign eval`: held-out preference accuracy, and sampled generations scored and compared to the reference."""
+
+    model: str = field(default="", metadata={"help": "policy to evaluate: HF folder, hub id, or .gguf file"})
+    ref_model: str | None = field(default=None, metadata={"help": "reference for reward accuracy, KL and feature MSE (usually the SFT model)"})
+    sae: str | None = field(default=None, metadata={"help": "SAE for the feature MSE (FPO's D) between policy and reference"})
+    layer: int | None = field(default=None, metadata={"help": "decoder layer the SAE reads (default: the layer the SAE records)"})
+    k: int = field(default=50, metadata={"help": "top-k features of the feature MSE"})
+    n_prompts: int = field(default=128, metadata={"help": "distinct held-out prompts to sample answers for"})
+    samples_per_prompt: int = field(default=1, metadata={"help": "answers sampled per prompt"})
+    max_new_tokens: int = field(default=48, metadata={"help": "max tokens per sampled answer"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_k: int = field(default=0, metadata={"help": "sample from the top-k tokens only (0: all)"})
+    batch_size: int = field(default=32, metadata={"help": "sequences per forward pass / generation batch"})
+    seed: int = field(default=1234, metadata={"help": "sampling seed"})
+    world_reward: bool | None = field(default=None, metadata={"help": "score answers with the built-in world's reward (default: when every prompt is a world prompt)"})
 
 
 @torch.no_grad()
@@ -123,34 +120,30 @@ def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None) -> dict:
     model = (model or load_model(cfg.model)).eval()
     if ref is None and cfg.ref_model:
         ref = load_model(cfg.ref_model).eval()
-    raw = D.load_pairs(cfg.data, cfg.split, cfg.limit)
-    pairs = D.tokenize_pairs(raw, tok, cfg.max_length, cfg.max_prompt_length)
-    sae = None
+    _, pairs, stats = D.prepare_pairs(cfg, tok)
+    sae, layer = None, None
     if cfg.sae and ref is not None:
-        from .sae import check_fits, load_sae
+        from .sae import load_sae, resolve_layer
 
         sae = load_sae(cfg.sae, cfg.layer)
-        check_fits(sae, model, cfg.layer)
-    pol = _pair_logps(model, tok, pairs, cfg.batch_size, sae, cfg.layer)
-    res = {"n_pairs": len(pairs)}
+        layer = resolve_layer(sae, cfg.layer, model, cfg.sae)
+    pol = _pair_logps(model, tok, pairs, cfg.batch_size, sae, layer)
+    res = {"n_pairs": len(pairs), "data": stats.summary()}
     res["pref_accuracy"] = float((pol["c"] / pol["cl"] > pol["r"] / pol["rl"]).float().mean())
     if ref is not None:
-        rp = _pair_logps(ref, tok, pairs, cfg.batch_size, sae, cfg.layer)
+        rp = _pair_logps(ref, tok, pairs, cfg.batch_size, sae, layer)
         margin = (pol["c"] - rp["c"]) - (pol["r"] - rp["r"])
         res["reward_accuracy"] = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
         if sae is not None:
             idx = rp["feat"].topk(min(cfg.k, sae.d_sae), -1)
             res["feature_mse"] = float(feature_mse(pol["feat"], idx.indices, idx.values, cfg.k).mean())
-    seen, prompts_raw = set(), []
-    for p in raw:
-        key = str(p.prompt)
-        if key not in seen:
-            seen.add(key)
-            prompts_raw.append(p.prompt)
-        if len(prompts_raw) >= cfg.n_prompts:
+    firsts: dict[str, D.TokenizedPair] = {}
+    for t in pairs:
+        if len(firsts) >= cfg.n_prompts:
             break
-    prompts_raw = [p for p in prompts_raw for _ in range(cfg.samples_per_prompt)]
-    prompt_ids = [D.encode_prompt(tok, p) for p in prompts_raw]
+        firsts.setdefault(str(t.record.prompt), t)
+    prompts_raw = [t.record.prompt for t in firsts.values() for _ in range(cfg.samples_per_prompt)]
+    prompt_ids = [t.prompt_ids for t in firsts.values() for _ in range(cfg.samples_per_prompt)]
     gens = generate(model, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.batch_size, cfg.seed)
     texts = [tok.decode(g, skip_special_tokens=True) for g in gens]
     kl, ent = _sample_stats(model, ref, tok, prompt_ids, gens, cfg.batch_size)

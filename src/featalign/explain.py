@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,44 +25,41 @@ from .models import capture_layer, load_model, load_tokenizer, response_logps
 
 
 @dataclass
-class ExplainConfig:
-    policy: str = ""
-    reference: str = ""
-    sae: str = ""
-    data: str = ""
-    layer: int | None = None
-    out: str = "runs/explain"
-    split: str = "train"
-    limit: int | None = 1000
-    top: int = 10
-    contexts: int = 3
-    window: int = 6
-    batch_size: int = 32
-    max_length: int = 512
-    max_prompt_length: int = 256
-    world_reward: bool | None = None
-    texts: str = "data"
-    max_new_tokens: int = 48
-    seed: int = 1234
+class ExplainConfig(D.DataOptions):
+    """`featalign explain`: the SAE features whose activation alignment changed most, with the tokens that carry them."""
+
+    policy: str = field(default="", metadata={"help": "trained policy (HF folder, hub id or .gguf)"})
+    reference: str = field(default="", metadata={"help": "reference it started from (usually the SFT model)"})
+    sae: str = field(default="", metadata={"help": "SAE at the layer to inspect (SAELens folder or Gemma Scope params.npz)"})
+    layer: int | None = field(default=None, metadata={"help": "decoder layer the SAE reads (default: the layer the SAE records)"})
+    out: str = field(default="runs/explain", metadata={"help": "output folder (explain.json, explain.md, explain.png)"})
+    limit: int | None = field(default=1000, metadata={"help": "use only the first N clean pairs"})
+    top: int = field(default=10, metadata={"help": "features listed per direction (up, down)"})
+    contexts: int = field(default=3, metadata={"help": "top contexts shown per feature"})
+    window: int = field(default=6, metadata={"help": "tokens of context either side"})
+    batch_size: int = field(default=32, metadata={"help": "sequences per forward pass"})
+    world_reward: bool | None = field(default=None, metadata={"help": "correlate features with the built-in world's reward parts (default: on world data)"})
+    texts: str = field(default="data", metadata={"help": "data: both models read the same responses (paired); generated: each model's own samples",
+                                                 "choices": ["data", "generated"]})
+    max_new_tokens: int = field(default=48, metadata={"help": "max tokens per sampled response (--texts generated)"})
+    seed: int = field(default=1234, metadata={"help": "sampling seed"})
 
 
 @dataclass
-class AttributeConfig:
-    model: str = ""
-    sae: str = ""
-    data: str = ""
-    layer: int | None = None
-    score: str = "margin"
-    tokenizer: str | None = None
-    out: str = "runs/attribute"
-    split: str = "train"
-    limit: int | None = 256
-    top: int = 10
-    ablate: int = 10
-    batch_size: int = 16
-    max_length: int = 512
-    max_prompt_length: int = 256
-    seed: int = 0
+class AttributeConfig(D.DataOptions):
+    """`featalign attribute`: attribute a margin or reward to SAE features (attribution patching, checked by ablation)."""
+
+    model: str = field(default="", metadata={"help": "causal LM, or a sequence-classification reward model for the reward scores"})
+    sae: str = field(default="", metadata={"help": "SAE at the layer to attribute through"})
+    layer: int | None = field(default=None, metadata={"help": "decoder layer the SAE reads (default: the layer the SAE records)"})
+    score: str = field(default="margin", metadata={"help": "what to attribute", "choices": ["margin", "chosen_logp", "reward_margin", "reward"]})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer (default: the model's)"})
+    out: str = field(default="runs/attribute", metadata={"help": "output folder (attribution.json, .pt, .png)"})
+    limit: int | None = field(default=256, metadata={"help": "use only the first N clean pairs"})
+    top: int = field(default=10, metadata={"help": "features listed per sign"})
+    ablate: int = field(default=10, metadata={"help": "top and random features zero-ablated for real to check the attribution"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})
+    seed: int = field(default=0, metadata={"help": "seed of the random features ablated for comparison"})
 
 
 SCORES = {"margin": "log-prob margin chosen - rejected (causal LM)",
@@ -108,13 +105,16 @@ def feature_shifts(policy, reference, sae, layer: int, seqs, pad_id: int, batch_
     return {"shift": d.mean(0), "t": t, "policy_mean": fp.mean(0), "reference_mean": fr.mean(0), "reference_pooled": fr}
 
 
-def _generated_shifts(policy, reference, sae, layer, raw, tok, cfg):
+def _generated_shifts(policy, reference, sae, layer, pairs, tok, cfg):
     """Each model samples a response to the same prompts; each response is encoded by the model that wrote it.
     The shift then says how the policy's *behaviour* moved in feature space (unpaired: Welch's t)."""
     from .evaluate import generate
 
-    prompts = list(dict.fromkeys(p.prompt for p in raw if isinstance(p.prompt, str))) or [p.prompt for p in raw]
-    ids = [D.encode_prompt(tok, p) for p in prompts]
+    firsts: dict[str, D.TokenizedPair] = {}
+    for t in pairs:
+        firsts.setdefault(str(t.record.prompt), t)
+    prompts = [t.record.prompt for t in firsts.values()]
+    ids = [t.prompt_ids for t in firsts.values()]
     seqs, pooled = [], []
     for model in (policy, reference):
         gens = generate(model, tok, ids, cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -210,10 +210,6 @@ def _token_label(desc: dict, n: int = 3) -> str:
     return " ".join(t["token"].strip() or repr(t["token"]) for t in desc["top_tokens"][:n])
 
 
-def _load_pairs(path, tok, cfg):
-    return D.tokenize_pairs(D.load_pairs(path, cfg.split, cfg.limit), tok, cfg.max_length, cfg.max_prompt_length)
-
-
 def explain(cfg: ExplainConfig, policy=None, reference=None, tokenizer=None) -> dict:
     given = {"policy": policy, "reference": reference}
     for name in ("policy", "reference", "sae", "data"):
@@ -223,14 +219,14 @@ def explain(cfg: ExplainConfig, policy=None, reference=None, tokenizer=None) -> 
     reference = reference if reference is not None else load_model(cfg.reference).eval()
     policy = policy if policy is not None else load_model(cfg.policy).eval()
     sae, layer = _load_sae(cfg.sae, cfg.layer, reference)
-    raw = D.load_pairs(cfg.data, cfg.split, cfg.limit)
+    raw, pairs, _ = D.prepare_pairs(cfg, tok)
     if cfg.texts == "data":
-        seqs = D.pair_sequences(D.tokenize_pairs(raw, tok, cfg.max_length, cfg.max_prompt_length))
+        seqs = D.pair_sequences(pairs)
         s = feature_shifts(policy, reference, sae, layer, seqs, tok.pad_token_id, cfg.batch_size)
         texts = [(p.prompt, p.chosen) for p in raw] + [(p.prompt, p.rejected) for p in raw]
         pooled = s["reference_pooled"]
     elif cfg.texts == "generated":
-        seqs, texts, s = _generated_shifts(policy, reference, sae, layer, raw, tok, cfg)
+        seqs, texts, s = _generated_shifts(policy, reference, sae, layer, pairs, tok, cfg)
         pooled = s["pooled"]
     else:
         raise ConfigError(f"texts must be 'data' or 'generated', got {cfg.texts!r}")
@@ -370,7 +366,7 @@ def attribute(cfg: AttributeConfig, model=None, tokenizer=None) -> dict:
     sae, layer = _load_sae(cfg.sae, cfg.layer, model)
     device = next(model.parameters()).device
     sae = sae.to(device).requires_grad_(False)
-    pairs = _load_pairs(cfg.data, tok, cfg)
+    _, pairs, _ = D.prepare_pairs(cfg, tok)
     batches = [{k: v.to(device) for k, v in D.collate_pairs(b, tok.pad_token_id).items()} for b in D.batches(pairs, cfg.batch_size)]
     n = len(pairs)
 

@@ -13,12 +13,14 @@ import glob
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_file
+from .data import DataOptions
 from .errors import CacheMismatchError, ConfigError
 
 MANIFEST = "manifest.json"
@@ -33,26 +35,86 @@ def file_hash(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def path_hash(path: str, patterns=("*.safetensors", "*.bin", "*.npz", "*.json", "*.model")) -> str:
-    """Content hash of a file, or of the weight/config files of a folder (the identity of a model or SAE)."""
+HASHED = ("*.safetensors", "*.bin", "*.npz", "*.json", "*.model", "*.jinja", "*.gguf", "*.arrow", "*.parquet", "*.jsonl")
+
+
+def path_hash(path: str, patterns=HASHED) -> str:
+    """Content hash of a file, or of the weight/config/data files of a folder and its subfolders (the identity of a
+    model, an SAE or a `datasets` folder); a name that is not on disk (a hub id) is its own identity."""
     if os.path.isfile(path):
         return file_hash(path)
     if not os.path.isdir(path):
         return f"name:{path}"
-    files = sorted({f for p in patterns for f in glob.glob(os.path.join(path, p))})
+    files = sorted({f for p in patterns for f in glob.glob(os.path.join(path, "**", p), recursive=True)})
     h = hashlib.sha256()
     for f in files:
-        h.update(os.path.basename(f).encode())
+        h.update(os.path.relpath(f, path).encode())
         h.update(file_hash(f).encode())
     return h.hexdigest()[:16]
 
 
 @dataclass
 class CacheSettings:
+    """The settings a cache's contents depend on (besides model, data and SAE): a cache built under others is stale."""
+
     layer: int | None = None
     k: int = 50
     max_length: int = 512
-    max_prompt_length: int = 256
+    max_prompt_length: int | None = None
+    truncate_responses: bool = False
+    split: str = "train"
+    limit: int | None = None
+
+    def __post_init__(self):
+        from .data import prompt_limit
+
+        self.max_prompt_length = prompt_limit(self.max_length, self.max_prompt_length)
+
+
+def cache_settings(opts: DataOptions, layer: int | None, k: int) -> CacheSettings:
+    """The cache settings of a command's data options (``layer`` only when the cache holds SAE features)."""
+    return CacheSettings(layer=layer, k=k, max_length=opts.max_length, max_prompt_length=opts.max_prompt_length,
+                         truncate_responses=opts.truncate_responses, split=opts.split, limit=opts.limit)
+
+
+@dataclass
+class CacheConfig(DataOptions):
+    """`featalign cache`: the reference's log-probs (and top-k pooled SAE activations) for every pair, on disk."""
+
+    model: str = field(default="", metadata={"help": "reference model: HF folder, hub id, or .gguf file (or a folder holding one)"})
+    out: str = field(default="", metadata={"help": "cache folder to write (a finished build is reused, an unfinished one resumed)"})
+    sae: str | None = field(default=None, metadata={"help": "SAE (SAELens folder or Gemma Scope params.npz) whose top-k pooled activations FPO needs"})
+    layer: int | None = field(default=None, metadata={"help": "decoder layer the SAE reads (default: the layer the SAE records)"})
+    k: int = field(default=50, metadata={"help": "top-k pooled SAE activations stored per response (FPO's k)"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})
+    shard_size: int = field(default=512, metadata={"help": "pairs per shard (the unit a resumed build skips)"})
+
+    def validate(self) -> None:
+        if not self.model or not self.data or not self.out:
+            raise ConfigError("--model, --data and --out are required")
+
+    def settings(self, layer: int | None) -> CacheSettings:
+        return cache_settings(self, layer, self.k)
+
+
+def run_cache(cfg: CacheConfig) -> str:
+    from .data import prepare_pairs
+    from .models import load_model, load_tokenizer
+
+    cfg.validate()
+    tok = load_tokenizer(cfg.model)
+    _, pairs, _ = prepare_pairs(cfg, tok)
+    model = load_model(cfg.model)
+    sae, layer = None, None
+    if cfg.sae:
+        from .sae import load_sae, resolve_layer
+
+        sae = load_sae(cfg.sae, cfg.layer)
+        layer = resolve_layer(sae, cfg.layer, model, cfg.sae)
+    manifest = expected_manifest(cfg.model, cfg.data, cfg.sae, cfg.settings(layer))
+    build_cache(model, tok, pairs, cfg.out, manifest, sae, layer, cfg.k, batch_size=cfg.batch_size, shard_size=cfg.shard_size)
+    print(f"cache written to {cfg.out} ({len(pairs)} pairs)")
+    return cfg.out
 
 
 def expected_manifest(model: str, data: str, sae: str | None, settings: CacheSettings) -> dict:
@@ -95,6 +157,7 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
     from .data import collate_pairs
     from .models import capture_layer, check_layer, response_logps
 
+    t0 = time.time()
     if sae is not None:
         if layer is None:
             raise ConfigError("a feature cache needs the SAE's layer (--layer)")
@@ -145,7 +208,8 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
             bar.update(n)
         atomic_file(shard_path, lambda tmp: save_file({kk: torch.cat(v).contiguous() for kk, v in parts.items()}, tmp))
     bar.close()
-    _write_json(mpath, {**manifest, "complete": True, "n_pairs": len(pairs), "n_shards": n_shards})
+    _write_json(mpath, {**manifest, "complete": True, "n_pairs": len(pairs), "n_shards": n_shards,
+                        "build_seconds": round(time.time() - t0, 2)})
     return out
 
 

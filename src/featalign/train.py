@@ -33,48 +33,47 @@ from .losses import METHODS, compute_loss, feature_mse
 from .models import capture_layer, load_model, load_tokenizer, response_logps, sequential_kl
 
 
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
-class TrainConfig:
-    method: str = "fpo"
-    model: str = ""
-    data: str = ""
-    out: str = "runs/train"
-    ref_model: str | None = None
-    sae: str | None = None
-    layer: int | None = None
-    cache: str | None = None
-    split: str = "train"
-    limit: int | None = None
-    # loss settings (None: the method's published default, see losses.METHODS)
-    beta: float | None = None
-    alpha: float | None = None
-    gamma: float | None = None
-    k: int = 50
-    topk_from: str = "union"
-    trdpo_alpha: float = 0.6
-    trdpo_tau: int = 512
-    # optimisation
-    lr: float = 5e-6
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int = -1
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    max_prompt_length: int = 256
-    seed: int = 0
-    bf16: bool = True
-    gradient_checkpointing: bool = False
-    lora_r: int = 0
-    lora_alpha: int = 16
-    # bookkeeping
-    log_every: int = 10
-    save_every: int = 0
-    resume: bool = True
-    progress: bool = True
-    tensorboard: bool = True
+class TrainConfig(D.DataOptions):
+    """`featalign train`. Loss settings left unset take the method's published default (losses.METHODS)."""
+
+    method: str = _f("fpo", "preference method (exact formulas: README 'Methods and defaults')", choices=sorted(METHODS))
+    model: str = _f("", "policy to train, and the reference unless --ref-model: HF folder, hub id, or .gguf file")
+    out: str = _f("runs/train", "run folder: checkpoint/, final/ (a save_pretrained model), metrics.jsonl, summary.json")
+    ref_model: str | None = _f(None, "reference model (default: --model, the usual SFT starting point)")
+    sae: str | None = _f(None, "SAE for FPO's feature constraint (SAELens folder or Gemma Scope params.npz)")
+    layer: int | None = _f(None, "decoder layer the SAE reads (default: the layer the SAE records)")
+    cache: str | None = _f(None, "offline reference cache from `featalign cache` (default: built into <out>/ref_cache)")
+    beta: float | None = _f(None, "KL strength beta (default: 0.1; SimPO 2.0)")
+    alpha: float | None = _f(None, "weight of the KL (TDPO-2) or feature (FPO) term (default 0.5)")
+    gamma: float | None = _f(None, "SimPO target margin gamma (default 0.5)")
+    k: int = _f(50, "FPO: number of top SAE features compared per response (the paper's k)")
+    topk_from: str = _f("union", "FPO: top-k of policy union reference (the paper) or of the policy only (the public code)",
+                        choices=["union", "policy"])
+    trdpo_alpha: float = _f(0.6, "TR-DPO: reference update weight a (1 = hard copy)")
+    trdpo_tau: int = _f(512, "TR-DPO: update the reference every tau steps")
+    lr: float = _f(5e-6, "peak learning rate (AdamW, linear warm-up then cosine decay)")
+    batch_size: int = _f(8, "pairs per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimiser step")
+    epochs: float = _f(1.0, "passes over the data (ignored when --max-steps is set)")
+    max_steps: int = _f(-1, "optimiser steps (-1: from --epochs)")
+    warmup_ratio: float = _f(0.1, "share of the steps spent warming the learning rate up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip (0: off)")
+    seed: int = _f(0, "seed of the data order and of any sampling")
+    bf16: bool = _f(True, "bf16 autocast on GPUs that support it (CPU runs stay float32)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    lora_r: int = _f(0, "LoRA rank (0: train all weights); the saved model has the adapter merged")
+    lora_alpha: int = _f(16, "LoRA alpha")
+    log_every: int = _f(10, "log metrics every N steps")
+    save_every: int = _f(0, "checkpoint every N steps (0: only the final model)")
+    resume: bool = _f(True, "resume from <out>/checkpoint when it exists")
+    progress: bool = _f(True, "show a progress bar")
+    tensorboard: bool = _f(True, "also log to TensorBoard (<out>/tb)")
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -90,10 +89,11 @@ class TrainConfig:
             raise ConfigError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
         if not self.model or not self.data:
             raise ConfigError("both --model and --data are required")
-        if METHODS[self.method].features and (self.sae is None or self.layer is None):
-            raise ConfigError("FPO needs an SAE and its layer (--sae, --layer)")
+        if METHODS[self.method].features and self.sae is None:
+            raise ConfigError("FPO needs an SAE (--sae, and --layer if the SAE does not record its layer)")
         if self.topk_from not in ("union", "policy"):
             raise ConfigError("topk_from must be 'union' or 'policy'")
+        D.prompt_limit(self.max_length, self.max_prompt_length)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -124,17 +124,15 @@ class Trainer:
                                cpu=not torch.cuda.is_available())
         self.device = self.acc.device
         os.makedirs(cfg.out, exist_ok=True)
-        self.stats = D.DataStats()
         self.tokenizer = load_tokenizer(cfg.model)
-        pairs = D.load_pairs(cfg.data, cfg.split, cfg.limit, self.stats)
-        self.pairs = D.tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length, self.stats)
+        _, self.pairs, self.stats = D.prepare_pairs(cfg, self.tokenizer)
         self.model = load_model(cfg.model)
         self.sae = None
         if self.spec.features:
-            from .sae import check_fits, load_sae
+            from .sae import load_sae, resolve_layer
 
             self.sae = load_sae(cfg.sae, cfg.layer).to(self.device)
-            check_fits(self.sae, self.model, cfg.layer)
+            cfg.layer = resolve_layer(self.sae, cfg.layer, self.model, cfg.sae)
         self.ref_model = None
         self.cache = None
         if self.spec.live_reference:
@@ -162,11 +160,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ reference
     def _offline_reference(self):
-        from .reference import CacheSettings, ReferenceCache, build_cache, expected_manifest
+        from .reference import ReferenceCache, build_cache, cache_settings, expected_manifest
 
         cfg = self.cfg
-        settings = CacheSettings(layer=cfg.layer if self.sae is not None else None, k=cfg.k,
-                                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        settings = cache_settings(cfg, cfg.layer if self.sae is not None else None, cfg.k)
         ref_path = cfg.ref_model or cfg.model
         expected = expected_manifest(ref_path, cfg.data, cfg.sae if self.sae is not None else None, settings)
         cache_dir = cfg.cache
@@ -378,7 +375,7 @@ class Trainer:
             "tokens_per_second": round(tokens * self.acc.num_processes / max(wall, 1e-9), 1),
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
             "reference_model_loaded": self.ref_model is not None,
-            "final": self.history[-1] if self.history else {}, "data_notes": self.stats.notes,
+            "final": self.history[-1] if self.history else {}, "data": self.stats.summary(),
         }
         self.save_final()
         if self.acc.is_main_process:

@@ -53,26 +53,11 @@ class SAETrainConfig:
 
 # ---------------------------------------------------------------- activations
 def read_texts(path: str, tokenizer) -> list[list[int]]:
-    """Token ids per document from JSONL: ``text``; ``prompt`` + ``response``; or preference records
-    (prompt + chosen and prompt + rejected). Prompts go through the tokenizer's chat template."""
-    from ..data import encode_prompt, encode_response, read_records
+    """Token ids per document: plain text, conversations, prompt + response, or preference records of any format
+    `featalign train` reads (prompt + chosen and prompt + rejected), rendered as training renders them."""
+    from ..data import read_documents
 
-    docs = []
-    for line, rec in read_records(path):
-        if not isinstance(rec, dict):
-            raise DataError("a record must be an object", path, line)
-        if "text" in rec:
-            docs.append(tokenizer(rec["text"])["input_ids"])
-        elif "prompt" in rec and ("response" in rec or "chosen" in rec):
-            p = encode_prompt(tokenizer, rec["prompt"])
-            for key in ("response", "chosen", "rejected"):
-                if isinstance(rec.get(key), str):
-                    docs.append(p + encode_response(tokenizer, rec[key]))
-        else:
-            raise DataError("needs 'text', or 'prompt' with 'response'/'chosen'", path, line)
-    if not docs:
-        raise DataError("holds no documents", path)
-    return docs
+    return read_documents(path, tokenizer)
 
 
 @torch.no_grad()
