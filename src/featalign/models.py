@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +18,55 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def gguf_source(path: str) -> tuple[str, str] | None:
+    """(folder, file name) when ``path`` is a ``.gguf`` file or a folder holding one and no HF config, else None."""
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: no such GGUF file")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(found) > 1:
+            raise ConfigError(f"{path}: holds several GGUF files ({', '.join(found)}); name one")
+        if found:
+            return path, found[0]
+    return None
+
+
+def _gguf_kwargs(path: str) -> dict:
+    src = gguf_source(path)
+    if src is None:
+        return {}
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        raise ConfigError(f"{path}: loading a GGUF model needs the `gguf` package (pip install 'featalign[gguf]')") from None
+    return {"pretrained_model_name_or_path": src[0], "gguf_file": src[1]}
+
+
 def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = "auto"):
-    """A causal LM from a folder or hub id, on the GPU when there is one (``device="auto"``)."""
+    """A causal LM from a folder, a hub id or a GGUF file, on the GPU when there is one (``device="auto"``).
+
+    A GGUF file is dequantised to float32 at load: featalign trains and saves ordinary HF models, and
+    transformers cannot ``save_pretrained`` a model that still holds GGUF blocks."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs: dict = {"pretrained_model_name_or_path": path}
+    gg = _gguf_kwargs(path)
+    if gg:
+        kwargs.update(gg, dtype=dtype or torch.float32)
+        try:
+            from transformers.utils.quantization_config import GgufConfig
+
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older transformers always dequantise GGUF
+            pass
+    elif dtype is not None:
+        kwargs["dtype"] = dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise ConfigError(f"cannot load a causal LM from '{path}': {e}") from None
+        model = AutoModelForCausalLM.from_pretrained(**kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
     if device == "auto":
         device = default_device()
     return model.to(device) if device is not None else model
@@ -36,10 +77,11 @@ def load_tokenizer(path: str):
 
     from .data import prepare_tokenizer
 
+    kwargs: dict = {"pretrained_model_name_or_path": path, **_gguf_kwargs(path)}
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise ConfigError(f"cannot load a tokenizer from '{path}': {e}") from None
+        tok = AutoTokenizer.from_pretrained(**kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from '{path}': {str(e).splitlines()[0]}") from None
     return prepare_tokenizer(tok)
 
 

