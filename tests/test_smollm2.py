@@ -2,7 +2,6 @@
 (Llama architecture, 30 layers, hidden 576, 49k vocabulary, a ChatML chat template)."""
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -107,7 +106,7 @@ def test_every_command_on_smollm2(smol, tmp_path):
 
     sae_dir = str(tmp_path / "sae")
     _, report = train_sae(SAETrainConfig(model=smol["dir"], data=smol["data"], layer=15, out=sae_dir, d_sae=1152, k=16,
-                                         tokens=4096, batch_tokens=256, buffer_tokens=1024, eval_tokens=512, progress=False))
+                                         tokens=2048, batch_tokens=256, buffer_tokens=1024, eval_tokens=512, progress=False))
     assert report["tokens"] > 0 and 0 < report["l0"] <= 16 and report["explained_variance"] > 0  # it learned something
     run_cache(CacheConfig(model=smol["dir"], data=smol["data"], out=str(tmp_path / "cache"), sae=sae_dir, k=16,
                           max_length=192, batch_size=4))
@@ -115,28 +114,34 @@ def test_every_command_on_smollm2(smol, tmp_path):
     for method in ("fpo", "dpo"):
         summaries[method] = train(TrainConfig(method=method, model=smol["dir"], data=smol["data"], out=str(tmp_path / method),
                                               cache=str(tmp_path / "cache"), sae=sae_dir if method == "fpo" else None, k=16,
-                                              max_length=192, batch_size=2, max_steps=2, lr=1e-5, log_every=1, progress=False,
+                                              max_length=192, batch_size=4, max_steps=1, lr=1e-5, log_every=1, progress=False,
                                               tensorboard=False))
     for method, s in summaries.items():
-        assert s["steps"] == 2 and not s["reference_model_loaded"], method
+        assert s["steps"] == 1 and not s["reference_model_loaded"], method
         assert s["data"]["rendering"].startswith("chat template") and s["data"]["kept"] == 16
         assert all(torch.isfinite(torch.tensor(v)) for v in s["final"].values() if isinstance(v, float))
     assert "fpo/feature_mse_chosen" in summaries["fpo"]["final"]
     res = evaluate_policy(EvalConfig(model=str(tmp_path / "fpo" / "final"), ref_model=smol["dir"], data=smol["data"],
-                                     sae=sae_dir, k=16, max_length=192, n_prompts=4, max_new_tokens=6, batch_size=8))
+                                     sae=sae_dir, k=16, max_length=192, n_prompts=2, max_new_tokens=4, batch_size=16))
     assert res["n_pairs"] == 16 and 0 <= res["pref_accuracy"] <= 1 and res["kl_to_ref"] == res["kl_to_ref"]
     assert res["feature_mse"] >= 0 and res["samples"]
 
 
 @pytest.mark.slow
-def test_train_command_takes_the_gguf_file(smol, tmp_path):
-    """`featalign train --model X.gguf` (no cache given: it builds one from the reference) and writes an HF folder."""
-    out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "featalign", "train", "--method", "dpo", "--model", GGUF, "--data", smol["data"],
-                        "--out", str(out), "--max-steps", "1", "--batch-size", "2", "--max-length", "192", "--no-progress",
-                        "--no-tensorboard"], capture_output=True, text=True)
+def test_cache_command_takes_the_gguf_file(smol, tmp_path):
+    """`featalign cache --model X.gguf`: the CLI path from a GGUF file (same log-probs as the converted folder)."""
+    out = tmp_path / "cache"
+    p = subprocess.run([sys.executable, "-m", "featalign", "cache", "--model", GGUF, "--data", smol["data"], "--out", str(out),
+                        "--limit", "4", "--max-length", "192"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads((out / "summary.json").read_text())["steps"] == 1
-    from transformers import AutoModelForCausalLM
+    from featalign.reference import ReferenceCache
 
-    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 30
+    cache = ReferenceCache(str(out))
+    _, pairs, _ = D.prepare_pairs(D.DataOptions(data=smol["data"], limit=4, max_length=192), smol["tok"])
+    batch = D.collate_pairs(pairs, smol["tok"].pad_token_id)
+    from featalign.models import response_logps
+
+    with torch.no_grad():
+        lp, _ = response_logps(smol["model"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                               batch["input_ids"], batch["response_mask"])
+    assert torch.allclose(cache.tensors["chosen_logps"], lp[:4], atol=1e-3)
