@@ -75,6 +75,7 @@ def test_every_flag_of_every_command_has_help():
     parser = cli.build_parser()
     missing = []
     for name, sub in _subcommands(parser):
+        assert sub.format_help()  # renders (a stray % in a help string would raise here)
         for action in sub._actions:
             if action.dest in ("help", "command", "sae_cmd", "world_cmd") or action.help == "==SUPPRESS==":
                 continue

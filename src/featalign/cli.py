@@ -37,7 +37,7 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
         choices = _choices(f, base)
         kind = type(choices[0]) if choices else base
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f.metadata.get("help", "")
+        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         if default not in (None, "") and kind is not bool:
             help_ += f" (default: {default})"
         g = groups[f.name in data_fields]

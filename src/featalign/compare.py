@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
@@ -23,25 +23,25 @@ ALL_METHODS = "dpo,ipo,simpo,dpo_ln,tdpo1,tdpo2,trdpo,fpo"
 
 @dataclass
 class CompareConfig:
-    out: str = "reports/compare"
-    world: str = "data/world"
-    quick: bool = False
-    seeds: int = 1
-    methods: str = ALL_METHODS
-    layer: int = 2
-    steps: int | None = None
-    batch_size: int = 16
-    lr: float = 1e-4
-    simpo_lr: float | None = None
-    trdpo_tau: int | None = None
-    trdpo_alpha: float = 0.6
-    k: int = 50
-    sae_d: int = 512
-    sae_k: int = 32
-    sae_tokens: int | None = None
-    n_prompts: int | None = None
-    max_length: int = 128
-    max_prompt_length: int = 32
+    out: str = field(default="reports/compare", metadata={"help": "report folder (report.md, results.json, curves.png, frontier.png, runs/)"})
+    world: str = field(default="data/world", metadata={"help": "built-in world folder (built when missing or built with other settings)"})
+    quick: bool = field(default=False, metadata={"help": "the quick world and budget (a few minutes; what the tests run)"})
+    seeds: int = field(default=1, metadata={"help": "training seeds per method (spreads and noise verdicts)"})
+    methods: str = field(default=ALL_METHODS, metadata={"help": "comma-separated methods to train"})
+    layer: int = field(default=2, metadata={"help": "decoder layer of the SAE and of FPO's constraint"})
+    steps: int | None = field(default=None, metadata={"help": "training steps per method (default: 300, quick 40)"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per step"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate of every method"})
+    simpo_lr: float | None = field(default=None, metadata={"help": "SimPO's own learning rate (default: --lr)"})
+    trdpo_tau: int | None = field(default=None, metadata={"help": "TR-DPO reference update period (default: a quarter of the steps)"})
+    trdpo_alpha: float = field(default=0.6, metadata={"help": "TR-DPO reference update weight"})
+    k: int = field(default=50, metadata={"help": "FPO's k"})
+    sae_d: int = field(default=512, metadata={"help": "SAE latents (trained on the SFT model, cached by its settings)"})
+    sae_k: int = field(default=32, metadata={"help": "SAE TopK k"})
+    sae_tokens: int | None = field(default=None, metadata={"help": "SAE training tokens (default: 600k, quick 150k)"})
+    n_prompts: int | None = field(default=None, metadata={"help": "held-out prompts sampled per evaluation (default: 300, quick 64)"})
+    max_length: int = field(default=128, metadata={"help": "max tokens of prompt + answer"})
+    max_prompt_length: int = field(default=32, metadata={"help": "max prompt tokens"})
 
     def budget(self) -> dict:
         steps = self.steps or (40 if self.quick else 300)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
@@ -25,30 +25,30 @@ SAE_TRAIN_VERSION = 2
 
 @dataclass
 class SAETrainConfig:
-    model: str = ""
-    data: str = ""
-    layer: int = 2
-    out: str = "runs/sae"
-    architecture: str = "topk"
-    d_sae: int = 512
-    k: int = 32
-    l1_coeff: float = 5.0
-    l0_coeff: float = 1e-3
-    jumprelu_bandwidth: float = 0.001
-    jumprelu_init_threshold: float = 0.001
-    aux_k: int | None = None
-    aux_coeff: float = 1 / 32
-    dead_tokens: int = 20_000
-    tokens: int = 600_000
-    batch_tokens: int = 1024
-    lr: float = 3e-3
-    buffer_tokens: int = 32_768
-    model_batch_size: int = 32
-    max_length: int = 128
-    eval_tokens: int = 40_000
-    seed: int = 0
-    device: str | None = None  # default: the GPU when there is one
-    progress: bool = True
+    model: str = field(default="", metadata={"help": "model whose residual stream the SAE reads: HF folder, hub id or .gguf"})
+    data: str = field(default="", metadata={"help": "documents: text, conversations, prompt/response, or preference records (prompt + chosen and prompt + rejected)"})
+    layer: int = field(default=2, metadata={"help": "decoder layer whose output (residual stream) is encoded"})
+    out: str = field(default="runs/sae", metadata={"help": "SAE folder to write (SAELens layout, plus eval.json)"})
+    architecture: str = field(default="topk", metadata={"help": "activation: TopK (+AuxK), JumpReLU (straight-through L0) or ReLU (+L1)", "choices": ["topk", "jumprelu", "relu"]})
+    d_sae: int = field(default=512, metadata={"help": "number of latents"})
+    k: int = field(default=32, metadata={"help": "TopK: active latents per token"})
+    l1_coeff: float = field(default=5.0, metadata={"help": "ReLU: L1 coefficient (decoder-norm weighted)"})
+    l0_coeff: float = field(default=1e-3, metadata={"help": "JumpReLU: L0 coefficient"})
+    jumprelu_bandwidth: float = field(default=0.001, metadata={"help": "JumpReLU: straight-through rectangle kernel width"})
+    jumprelu_init_threshold: float = field(default=0.001, metadata={"help": "JumpReLU: initial threshold"})
+    aux_k: int | None = field(default=None, metadata={"help": "TopK: dead latents used by the AuxK loss (default: d_in / 2)"})
+    aux_coeff: float = field(default=1 / 32, metadata={"help": "TopK: AuxK loss coefficient"})
+    dead_tokens: int = field(default=20_000, metadata={"help": "a latent unused for this many tokens counts as dead (AuxK revives it)"})
+    tokens: int = field(default=600_000, metadata={"help": "training tokens"})
+    batch_tokens: int = field(default=1024, metadata={"help": "tokens per optimiser step"})
+    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (constant, linear decay over the last 20%)"})
+    buffer_tokens: int = field(default=32_768, metadata={"help": "shuffle buffer of activations (mixes tokens of many documents)"})
+    model_batch_size: int = field(default=32, metadata={"help": "documents per forward pass of the model"})
+    max_length: int = field(default=128, metadata={"help": "tokens kept per document"})
+    eval_tokens: int = field(default=40_000, metadata={"help": "held-out tokens for the final evaluation (eval.json)"})
+    seed: int = field(default=0, metadata={"help": "seed of the init, the document order and the shuffle buffer"})
+    device: str | None = field(default=None, metadata={"help": "device to train on (default: the GPU when there is one)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
 # ---------------------------------------------------------------- activations
