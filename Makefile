@@ -28,6 +28,7 @@ quick-demo: $(STAMP)
 	$(BIN)/featalign compare --quick --out reports/quick
 
 test: $(STAMP)
+	@$(BIN)/python -c "import torch; print(f'torch {torch.__version__}: {torch.get_num_threads()} threads, CPU kernels {torch.backends.cpu.get_cpu_capability()}')"
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

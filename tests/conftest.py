@@ -23,13 +23,6 @@ except ImportError:  # pragma: no cover
 SEED = int(os.environ.get("FEATALIGN_TEST_SEED", "0"))
 
 
-def pytest_report_header(config):
-    import torch
-
-    return (f"featalign tests: torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels "
-            f"{torch.backends.cpu.get_cpu_capability()}, FEATALIGN_TEST_SEED={SEED}")
-
-
 def margin(name: str, value: float, bound: float, above: bool = True) -> None:
     """Print a trained figure beside its bound (``pytest -rP`` shows it), then assert it."""
     print(f"margin: {name} = {value:.4g} ({'>' if above else '<'} {bound:g})")
