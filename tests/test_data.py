@@ -314,3 +314,23 @@ def test_documents_from_every_format(tmp_path, tok):
     assert text[6] == "<user> tell me about the bread <assistant> it is awful . <eos>"
     with pytest.raises(DataError, match=r"needs 'text', 'messages'"):
         D.read_documents(_write(tmp_path, [{"other": 1}], "o.jsonl"), tok)
+
+
+def test_held_out_split_is_by_prompt_seeded_and_stable(tmp_path):
+    """Every record of a prompt lands on one side; the same seed gives the same split after reordering; records that
+    cannot be pairs stay in train (where training counts them)."""
+    rows = [{"prompt": f"q{i % 40}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(200)]
+    rows.append({"prompt": "broken", "chosen": "", "rejected": "x"})
+    src = tmp_path / "all.jsonl"
+    D.write_jsonl(str(src), rows)
+    train, test = D.split_by_prompt(str(src), str(tmp_path / "a"), 0.25, seed=3)
+    tr = [json.loads(line) for line in open(train)]
+    te = [json.loads(line) for line in open(test)]
+    assert len(tr) + len(te) == len(rows) and {"prompt": "broken", "chosen": "", "rejected": "x"} in tr
+    assert not {r["prompt"] for r in tr} & {r["prompt"] for r in te}
+    assert 0 < len({r["prompt"] for r in te}) < 40
+    D.write_jsonl(str(src), rows[::-1])
+    _, test2 = D.split_by_prompt(str(src), str(tmp_path / "b"), 0.25, seed=3)
+    assert {r["prompt"] for r in map(json.loads, open(test2))} == {r["prompt"] for r in te}
+    _, test3 = D.split_by_prompt(str(src), str(tmp_path / "c"), 0.25, seed=4)
+    assert {r["prompt"] for r in map(json.loads, open(test3))} != {r["prompt"] for r in te}

@@ -15,6 +15,7 @@ from .batching import (TokenizedPair, batches, collate_pairs, doc_batches, pad_s
 from .chat import Renderer, encode_prompt, encode_response, prepare_tokenizer, renderer
 from .documents import read_documents
 from .records import REASONS, DataStats, Drop, PreferencePair, hh_turns, load_pairs, read_records, to_pair
+from .split import split_by_prompt
 
 log = logging.getLogger("featalign.data")
 
@@ -60,4 +61,4 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 __all__ = ["DataOptions", "DataStats", "Drop", "PreferencePair", "REASONS", "Renderer", "TokenizedPair", "batches",
            "collate_pairs", "doc_batches", "encode_prompt", "encode_response", "hh_turns", "load_pairs", "pad_sequences",
            "pair_sequences", "prepare_pairs", "prepare_tokenizer", "prompt_limit", "read_documents", "read_records",
-           "renderer", "to_pair", "tokenize_pairs", "write_jsonl"]
+           "renderer", "split_by_prompt", "to_pair", "tokenize_pairs", "write_jsonl"]
