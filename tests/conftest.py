@@ -2,7 +2,7 @@
 
 ``FEATALIGN_TEST_SEED`` (default 0) seeds the quick world and the SAE. Another seed trains other weights, much as
 another CPU type or thread count does, so ``FEATALIGN_TEST_SEED=1 make test`` checks that no assertion hinges on
-the exact weights this machine trained. Tests that hold a trained model to a threshold print the figure (see
+the exact weights this machine trained. ``FEATALIGN_TEST_WORLD=DIR`` keeps the quick world between runs. Tests that hold a trained model to a threshold print the figure (see
 ``margin``), so ``pytest -rP`` shows how far each one is from its bound.
 """
 
@@ -33,7 +33,9 @@ def margin(name: str, value: float, bound: float, above: bool = True) -> None:
 def world(tmp_path_factory):
     from featalign.world import WorldConfig, build_world, world_paths
 
-    out = str(tmp_path_factory.mktemp("world") / "w")
+    # FEATALIGN_TEST_WORLD: a folder to build the quick world in once and reuse across runs (a developer's shortcut;
+    # the build is keyed on its settings, so a stale folder is rebuilt, never reused)
+    out = os.environ.get("FEATALIGN_TEST_WORLD") or str(tmp_path_factory.mktemp("world") / "w")
     manifest = build_world(out, WorldConfig.quick(SEED), progress=False)
     return {**world_paths(out), "manifest": manifest}
 

@@ -2,6 +2,7 @@
 (Llama architecture, 30 layers, hidden 576, 49k vocabulary, a ChatML chat template)."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -145,3 +146,23 @@ def test_cache_command_takes_the_gguf_file(smol, tmp_path):
         lp, _ = response_logps(smol["model"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                batch["input_ids"], batch["response_mask"])
     assert torch.allclose(cache.tensors["chosen_logps"], lp[:4], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_sentiment_task_pairs_are_ranked_by_vader(smol, tmp_path):
+    """The sentiment preset's data: the model's own two answers per prompt, the more positive one (by VADER) chosen,
+    no prompt in both splits, and a rebuild with the same settings reuses the folder."""
+    pytest.importorskip("vaderSentiment", reason="vaderSentiment (test extra) is not installed")
+    from featalign.sentiment import SentimentConfig, build_task, reward
+
+    cfg = SentimentConfig(model=smol["dir"], n_train=8, n_test=4, max_new_tokens=12, batch_size=8)
+    m = build_task(str(tmp_path / "task"), cfg, progress=False)
+    rows = {name: [json.loads(line) for line in open(m[name])] for name in ("train", "test")}
+    assert m["stats"]["train"]["pairs"] + m["stats"]["train"]["dropped_ties"] == 8
+    assert rows["train"], "every pair tied: the model gave the same sentiment to all its answers"
+    assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["test"]}
+    for r in rows["train"] + rows["test"]:
+        assert reward(r["prompt"], r["chosen"])["reward"] >= reward(r["prompt"], r["rejected"])["reward"] + cfg.min_gap
+    assert os.path.exists(os.path.join(m["model"], "config.json"))
+    assert build_task(str(tmp_path / "task"), cfg, progress=False)["key"] == m["key"]  # reused, not rebuilt
+    assert reward("", "I love it, wonderful!")["reward"] > 0.5 > -0.5 > reward("", "I hate it, awful.")["reward"]

@@ -132,6 +132,13 @@ def cmd_eval(ns):
     print(json.dumps(evaluate_policy(_config(EvalConfig, ns)), indent=2))
 
 
+def cmd_generate(ns):
+    from .generate import GenerateConfig, run_generate
+
+    out = run_generate(_config(GenerateConfig, ns))
+    print(f"written to {out}/model_outputs.json (AlpacaEval), generations.jsonl, settings.json")
+
+
 def cmd_compare(ns):
     from .compare import CompareConfig, compare
 
@@ -208,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "attribute a margin or reward to SAE features (attribution patching + ablation check)")
 
     _config_command(sub, "eval", EvalConfig, cmd_eval, "evaluate a saved policy")
+
+    from .generate import GenerateConfig
+
+    _config_command(sub, "generate", GenerateConfig, cmd_generate,
+                    "sample answers to a prompt file for external judges (AlpacaEval model_outputs.json + JSONL)")
 
     from .compare import CompareConfig
 

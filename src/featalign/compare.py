@@ -19,6 +19,15 @@ from dataclasses import asdict, dataclass, field
 from tqdm.auto import tqdm
 
 ALL_METHODS = "dpo,ipo,simpo,dpo_ln,tdpo1,tdpo2,trdpo,fpo"
+WORLD_JUDGE = "featalign.world.judge:reward"
+
+
+def _world_keys(r: dict) -> dict:
+    """The world judge's reward and parts under the report's ground-truth names."""
+    r["gt_reward"] = r["reward"]
+    for key, v in r.get("reward_parts", {}).items():
+        r[f"gt_{key}"] = v
+    return r
 
 
 @dataclass
@@ -71,7 +80,9 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def compare(cfg: CompareConfig) -> dict:
-    from .evaluate import EvalConfig, evaluate_policy
+    from .data import prepare_pairs
+    from .evaluate import EvalConfig, eval_prompts, evaluate_policy, reference_answers
+    from .judges import make_judge
     from .models import load_model, load_tokenizer
     from .reference import CacheSettings, build_cache, expected_manifest
     from .sae import load_sae
@@ -112,7 +123,9 @@ def compare(cfg: CompareConfig) -> dict:
     cache_seconds = time.time() - t0
 
     ev = dict(data=test_data, ref_model=None, sae=sae_dir, layer=cfg.layer, k=cfg.k, n_prompts=b["n_prompts"],
-              max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+              max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, reward_fn=WORLD_JUDGE)
+    judge = make_judge(WORLD_JUDGE)
+    _, test_pairs, _ = prepare_pairs(EvalConfig(**ev), tok)
     methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     results: dict = {"config": asdict(cfg), "budget": b, "world": manifest, "sae": sae_eval, "cache_seconds": cache_seconds,
                      "runs": {}}
@@ -120,7 +133,9 @@ def compare(cfg: CompareConfig) -> dict:
     bar = tqdm(total=cfg.seeds * (len(methods) + 1), desc="compare")
     for seed in range(cfg.seeds):
         bar.set_postfix_str(f"sft seed {seed}")
-        sft_res = evaluate_policy(EvalConfig(model=sft, seed=1234 + seed, **ev), model=ref, ref=ref, tok=tok)
+        ecfg = EvalConfig(model=sft, seed=1234 + seed, **ev)
+        reference = reference_answers(ecfg, ref, tok, *eval_prompts(test_pairs, b["n_prompts"]), judge)
+        sft_res = _world_keys(evaluate_policy(ecfg, model=ref, ref=ref, tok=tok, judge=judge, reference=reference))
         sft_res.update(wall_seconds=0.0, peak_memory_mb=None)
         results["runs"].setdefault("sft", []).append(sft_res)
         bar.update()
@@ -141,11 +156,10 @@ def compare(cfg: CompareConfig) -> dict:
             with open(os.path.join(run_dir, "summary.json")) as f:
                 summary = json.load(f)
             pol = load_model(os.path.join(run_dir, "final")).eval()
-            r = evaluate_policy(EvalConfig(model=run_dir, seed=1234 + seed, **ev), model=pol, ref=ref, tok=tok)
+            r = _world_keys(evaluate_policy(EvalConfig(model=run_dir, seed=1234 + seed, **ev), model=pol, ref=ref, tok=tok,
+                                            judge=judge, reference=reference))
             r.update(wall_seconds=summary["wall_seconds"], peak_memory_mb=summary["peak_memory_mb"],
                      tokens_per_second=summary["tokens_per_second"], reference_model_loaded=summary["reference_model_loaded"])
-            w = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(r["rewards_per_prompt"], sft_res["rewards_per_prompt"])]
-            r["win_rate_vs_sft"] = sum(w) / len(w)
             results["runs"].setdefault(m, []).append(r)
             bar.update()
     bar.close()
@@ -155,7 +169,7 @@ def compare(cfg: CompareConfig) -> dict:
     return results
 
 
-METRICS = ["pref_accuracy", "reward_accuracy", "gt_reward", "win_rate_vs_sft", "entropy", "distinct2", "kl_to_ref",
+METRICS = ["pref_accuracy", "reward_accuracy", "gt_reward", "win_rate", "lc_win_rate", "entropy", "distinct2", "kl_to_ref",
            "feature_mse", "wall_seconds", "peak_memory_mb", "gt_topic", "gt_sentiment", "gt_length", "mean_length"]
 
 
@@ -199,7 +213,7 @@ def write_report(cfg: CompareConfig, results: dict) -> None:
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     cols = [("pref acc", "pref_accuracy", 3), ("reward acc", "reward_accuracy", 3), ("GT reward", "gt_reward", 3),
-            ("win vs SFT", "win_rate_vs_sft", 3), ("entropy", "entropy", 3), ("KL to SFT", "kl_to_ref", 2),
+            ("win vs SFT", "win_rate", 3), ("LC win", "lc_win_rate", 3), ("entropy", "entropy", 3), ("KL to SFT", "kl_to_ref", 2),
             ("feature MSE", "feature_mse", 4), ("wall s", "wall_seconds", 1), ("peak MB", "peak_memory_mb", 0)]
     lines = [f"# featalign compare ({'quick' if cfg.quick else 'default'} budget, {cfg.seeds} seed(s))", "",
              "| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]

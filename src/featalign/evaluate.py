@@ -4,19 +4,23 @@
   under the policy (reference-free, so the SFT model has a score too);
 - ``reward_accuracy``: share of pairs ranked correctly by the DPO implicit reward log pi - log pi_ref
   (ties count one half; at policy == reference every pair ties, so SFT scores 0.5);
-- sampled generations (``generate`` with the stated temperature/top-k and seed): mean ground-truth reward
-  when the prompts come from the built-in world, mean per-token predictive entropy, distinct-2, and the
-  sequence KL(policy || reference) estimated on the policy's own samples;
+- sampled generations (``generate.sample`` with the stated temperature/top-p/top-k and seed): mean per-token
+  predictive entropy, distinct-1/2, the sequence KL(policy || reference) on the policy's own samples, and, with
+  a judge (``--reward-fn`` / ``--reward-model``, see ``judges``), the mean reward, the win rate against the
+  reference's own samples on the same prompts and its length-controlled version, each with a standard error;
 - ``feature_mse`` (with ``sae``/``layer``): FPO's D on the held-out chosen responses, policy vs reference.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from . import data as D
+from .generate import sample, write_outputs
+from .judges import distinct_n, length_controlled_win_rate, make_judge, mean_se, win_rate
 from .models import capture_layer, load_model, load_tokenizer, response_logps
 
 
@@ -34,9 +38,12 @@ class EvalConfig(D.DataOptions):
     max_new_tokens: int = field(default=48, metadata={"help": "max tokens per sampled answer"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_k: int = field(default=0, metadata={"help": "sample from the top-k tokens only (0: all)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     batch_size: int = field(default=32, metadata={"help": "sequences per forward pass / generation batch"})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
-    world_reward: bool | None = field(default=None, metadata={"help": "score answers with the built-in world's reward (default: when every prompt is a world prompt)"})
+    reward_fn: str | None = field(default=None, metadata={"help": "judge: a Python callable 'module:function' (prompt, response) -> float or dict with 'reward' (the built-in world's: featalign.world.judge:reward)"})
+    reward_model: str | None = field(default=None, metadata={"help": "judge: a sequence-classification reward model (folder or hub id); its last logit is the reward"})
+    save_generations: str | None = field(default=None, metadata={"help": "folder to write the sampled answers to (AlpacaEval model_outputs.json + generations.jsonl)"})
 
 
 @torch.no_grad()
@@ -61,31 +68,6 @@ def _pair_logps(model, tok, pairs, batch_size, sae=None, layer=None):
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], max_new_tokens=48, temperature=1.0, top_k=0, batch_size=32, seed=1234):
-    """Sample one response per prompt; returns response token lists (up to and including eos)."""
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    outs = []
-    for b in D.batches(prompts, batch_size):
-        width = max(map(len, b))
-        ids = torch.full((len(b), width), tok.pad_token_id, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for i, p in enumerate(b):
-            ids[i, width - len(p):] = torch.tensor(p)
-            att[i, width - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=True,
-                             temperature=temperature, top_k=top_k, top_p=1.0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for row in gen[:, width:].tolist():
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id) + 1]
-            else:
-                row = [t for t in row if t != tok.pad_token_id]
-            outs.append(row)
-    return outs
-
-
-@torch.no_grad()
 def _sample_stats(model, ref, tok, prompts, responses, batch_size):
     """Per-sample sequence log-ratio log pi - log pi_ref and mean predictive entropy of the policy."""
     kls, ents, n_tok = [], 0.0, 0
@@ -107,19 +89,53 @@ def _sample_stats(model, ref, tok, prompts, responses, batch_size):
     return (torch.cat(kls) if kls else None), ents / max(n_tok, 1)
 
 
-def distinct_n(texts: list[list[str]], n: int = 2) -> float:
-    grams = [tuple(t[i : i + n]) for t in texts for i in range(len(t) - n + 1)]
-    return len(set(grams)) / max(1, len(grams))
+def eval_prompts(pairs: list[D.TokenizedPair], n_prompts: int, samples_per_prompt: int = 1) -> tuple[list, list[list[int]]]:
+    """The first ``n_prompts`` distinct prompts of the held-out pairs (as given, and as token ids), each repeated."""
+    firsts: dict[str, D.TokenizedPair] = {}
+    for t in pairs:
+        if len(firsts) >= n_prompts:
+            break
+        firsts.setdefault(str(t.record.prompt), t)
+    raw = [t.record.prompt for t in firsts.values() for _ in range(samples_per_prompt)]
+    ids = [t.prompt_ids for t in firsts.values() for _ in range(samples_per_prompt)]
+    return raw, ids
 
 
-def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None) -> dict:
+def answer(cfg: EvalConfig, model, tok, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[str]]:
+    gens = sample(model, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.batch_size, cfg.seed, cfg.top_p)
+    return gens, [tok.decode(g, skip_special_tokens=True) for g in gens]
+
+
+def _judged(judge, prompts: list, texts: list[str]) -> dict:
+    """Mean reward (± SE), the mean of every reward part, and the per-answer rewards."""
+    scores = judge(prompts, texts)
+    rewards = [s["reward"] for s in scores]
+    m, se = mean_se(rewards)
+    parts = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0] if k != "reward"} if scores else {}
+    return {"reward": m, "reward_se": se, "reward_parts": parts, "rewards_per_prompt": rewards}
+
+
+def reference_answers(cfg: EvalConfig, ref, tok, prompts: list, prompt_ids: list[list[int]], judge=None) -> dict:
+    """The reference model's own samples on the evaluation prompts (same seed), judged: what win rates compare to.
+    Computed once and passed to every policy's evaluation by ``compare``."""
+    gens, texts = answer(cfg, ref, tok, prompt_ids)
+    out = {"texts": texts, "lengths": [len(g) for g in gens], "mean_length": sum(map(len, gens)) / max(1, len(gens)),
+           "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2)}
+    if judge is not None:
+        out.update(_judged(judge, prompts, texts))
+    return out
+
+
+def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None, judge=None, reference: dict | None = None) -> dict:
+    """Every figure of ``featalign eval`` for one policy. ``judge`` defaults to the one the config names;
+    ``reference`` (from ``reference_answers``) is sampled here when a reference model is given and it is not."""
     from .losses import feature_mse
-    from .world import lang
 
     tok = tok or load_tokenizer(cfg.model)
     model = (model or load_model(cfg.model)).eval()
     if ref is None and cfg.ref_model:
         ref = load_model(cfg.ref_model).eval()
+    judge = judge or make_judge(cfg.reward_fn, cfg.reward_model)
     _, pairs, stats = D.prepare_pairs(cfg, tok)
     sae, layer = None, None
     if cfg.sae and ref is not None:
@@ -137,29 +153,27 @@ def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None) -> dict:
         if sae is not None:
             idx = rp["feat"].topk(min(cfg.k, sae.d_sae), -1)
             res["feature_mse"] = float(feature_mse(pol["feat"], idx.indices, idx.values, cfg.k).mean())
-    firsts: dict[str, D.TokenizedPair] = {}
-    for t in pairs:
-        if len(firsts) >= cfg.n_prompts:
-            break
-        firsts.setdefault(str(t.record.prompt), t)
-    prompts_raw = [t.record.prompt for t in firsts.values() for _ in range(cfg.samples_per_prompt)]
-    prompt_ids = [t.prompt_ids for t in firsts.values() for _ in range(cfg.samples_per_prompt)]
-    gens = generate(model, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.batch_size, cfg.seed)
-    texts = [tok.decode(g, skip_special_tokens=True) for g in gens]
+    prompts, prompt_ids = eval_prompts(pairs, cfg.n_prompts, cfg.samples_per_prompt)
+    gens, texts = answer(cfg, model, tok, prompt_ids)
     kl, ent = _sample_stats(model, ref, tok, prompt_ids, gens, cfg.batch_size)
-    res.update({"n_generations": len(texts), "mean_length": sum(map(len, gens)) / len(gens), "entropy": ent,
-                "distinct2": distinct_n([t.split() for t in texts])})
+    lengths = [len(g) for g in gens]
+    res.update({"n_generations": len(texts), "mean_length": sum(lengths) / len(lengths), "entropy": ent,
+                "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2)})
     if kl is not None:
         res["kl_to_ref"] = float(kl.mean())
-    use_world = cfg.world_reward
-    if use_world is None:
-        use_world = all(isinstance(p, str) and lang.prompt_topic(p) for p in prompts_raw)
-    if use_world:
-        rewards = [lang.reward(p, t) for p, t in zip(prompts_raw, texts)]
-        parts = [lang.reward_parts(p, t) for p, t in zip(prompts_raw, texts)]
-        res["gt_reward"] = sum(rewards) / len(rewards)
-        for key in ("topic", "sentiment", "length"):
-            res[f"gt_{key}"] = sum(q[key] for q in parts) / len(parts)
-        res["rewards_per_prompt"] = rewards
-    res["samples"] = [{"prompt": str(p), "response": t} for p, t in list(zip(prompts_raw, texts))[:5]]
+    if judge is not None:
+        res["judge"] = judge.name
+        res.update(_judged(judge, prompts, texts))
+    if ref is not None and reference is None:
+        reference = reference_answers(cfg, ref, tok, prompts, prompt_ids, judge)
+    if reference is not None:
+        res["reference"] = {k: v for k, v in reference.items() if k not in ("texts", "lengths", "rewards_per_prompt")}
+        if judge is not None and "rewards_per_prompt" in reference:
+            a, b = res["rewards_per_prompt"], reference["rewards_per_prompt"]
+            res["win_rate"], res["win_rate_se"] = win_rate(a, b)
+            res["lc_win_rate"], res["lc_win_rate_se"] = length_controlled_win_rate(a, b, lengths, reference["lengths"])
+    if cfg.save_generations:
+        write_outputs(cfg.save_generations, os.path.basename(os.path.normpath(cfg.model or "policy")), prompts, texts,
+                      {k: v for k, v in vars(cfg).items()}, [{"reward": r} for r in res.get("rewards_per_prompt", [])] or None)
+    res["samples"] = [{"prompt": str(p), "response": t} for p, t in list(zip(prompts, texts))[:5]]
     return res

@@ -108,7 +108,7 @@ def feature_shifts(policy, reference, sae, layer: int, seqs, pad_id: int, batch_
 def _generated_shifts(policy, reference, sae, layer, pairs, tok, cfg):
     """Each model samples a response to the same prompts; each response is encoded by the model that wrote it.
     The shift then says how the policy's *behaviour* moved in feature space (unpaired: Welch's t)."""
-    from .evaluate import generate
+    from .generate import generate
 
     firsts: dict[str, D.TokenizedPair] = {}
     for t in pairs:
