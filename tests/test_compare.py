@@ -36,6 +36,9 @@ def test_frontier_interpolates_at_matched_kl_and_names_the_best_only_outside_the
     runs += [_run("b", s, kl, 1.5 + 0.1 * kl) for s in (0, 1) for kl in (1.0, 3.0)]
     row = frontier(runs, levels=[2.0])["levels"][0]
     assert row["best"] == "b" and verdict(row) == "**b**"
+    runs = [{**r, "method": {"a": "dpo", "b": "fpo"}[r["method"]]} for r in runs]
+    d = frontier(runs, levels=[2.0])["levels"][0]["minus_dpo"]["fpo"]
+    assert d["diff"] == pytest.approx(0.5) and d["se"] == pytest.approx(math.sqrt(2 * 0.01**2 / 2)) and not d["within_noise"]
 
 
 def test_tiers_and_grid_override():

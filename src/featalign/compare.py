@@ -65,7 +65,7 @@ class CompareConfig:
     trdpo_alpha: float = field(default=0.6, metadata={"help": "TR-DPO reference update weight"})
     k: int = field(default=50, metadata={"help": "FPO's k"})
     sae_d: int = field(default=1024, metadata={"help": "SAE latents (trained on the SFT model, cached by its settings)"})
-    sae_k: int = field(default=8, metadata={"help": "SAE TopK k (8 of the world model's 160 dimensions: 5%)"})
+    sae_k: int | None = field(default=None, metadata={"help": "SAE TopK k (default: 5% of the model's hidden size, as sparse as Gemma Scope's SAEs)"})
     sae_tokens: int | None = field(default=None, metadata={"help": "SAE training tokens (default: quick 150k, default 1M, full 2M)"})
     sae_lr: float = field(default=3e-3, metadata={"help": "SAE learning rate"})
     n_prompts: int | None = field(default=None, metadata={"help": "held-out prompts sampled per evaluation (default: quick 64, default 200, full 300)"})
@@ -120,7 +120,7 @@ def _key(obj) -> str:
 
 def world_source(cfg: CompareConfig, progress: bool = True) -> Source:
     """Build (or reuse) the built-in world and its SAE at ``cfg.layer``."""
-    from .models import load_model, load_tokenizer
+    from .models import hidden_size, load_model, load_tokenizer
     from .sae import load_sae
     from .sae.metrics import decoder_cosine_to_init
     from .sae.train import SAE_TRAIN_VERSION, SAETrainConfig, train_sae
@@ -130,18 +130,20 @@ def world_source(cfg: CompareConfig, progress: bool = True) -> Source:
     world_dir = cfg.world + "-quick" if (cfg.quick and cfg.world == "data/world") else cfg.world
     manifest = build_world(world_dir, WorldConfig.quick(cfg.world_seed) if cfg.quick else WorldConfig(seed=cfg.world_seed), progress)
     wp = world_paths(world_dir)
-    sae_cfg = SAETrainConfig(model=wp["sft"], data=wp["sft_text"], layer=cfg.layer, out="", d_sae=cfg.sae_d, k=cfg.sae_k,
+    model = load_model(wp["sft"]).eval()
+    sae_k = cfg.sae_k or max(1, hidden_size(model) // 20)
+    sae_cfg = SAETrainConfig(model=wp["sft"], data=wp["sft_text"], layer=cfg.layer, out="", d_sae=cfg.sae_d, k=sae_k,
                              tokens=b["sae_tokens"], lr=cfg.sae_lr, seed=cfg.world_seed, progress=progress)
     # keyed on every training setting and the trainer's version: a changed default never reuses a stale SAE
     key = _key([SAE_TRAIN_VERSION, {k: v for k, v in asdict(sae_cfg).items() if k not in ("out", "progress", "device")}])
-    sae_cfg.out = os.path.join(world_dir, f"sae-l{cfg.layer}-topk{cfg.sae_k}-{cfg.sae_d}-{key}")
+    sae_cfg.out = os.path.join(world_dir, f"sae-l{cfg.layer}-topk{sae_k}-{cfg.sae_d}-{key}")
     if not os.path.exists(os.path.join(sae_cfg.out, "eval.json")):
-        train_sae(sae_cfg, model=load_model(wp["sft"]).eval(), tokenizer=load_tokenizer(wp["sft"]))
+        train_sae(sae_cfg, model=model, tokenizer=load_tokenizer(wp["sft"]))
     with open(os.path.join(sae_cfg.out, "eval.json")) as f:
         sae_eval = json.load(f)
     sae_eval["decoder_cosine_to_init"] = decoder_cosine_to_init(load_sae(sae_cfg.out))
     return Source(sft=wp["sft"], tokenizer=wp["sft"], train=wp["train"], test=wp["test"], sae=sae_cfg.out, layer=cfg.layer,
-                  info={"world": manifest, "sae": sae_eval, "sae_config": {"d_sae": cfg.sae_d, "k": cfg.sae_k, "tokens": b["sae_tokens"]}})
+                  info={"world": manifest, "sae": sae_eval, "sae_config": {"d_sae": cfg.sae_d, "k": sae_k, "tokens": b["sae_tokens"]}})
 
 
 def _run(cmd: list[str], log_path: str) -> None:
@@ -333,6 +335,11 @@ def frontier(runs: list[dict], levels: list[float] | None = None, n_levels: int 
             row["best"] = None if close else best
             row["inside_noise"] = [best] + close if close else []
             row["leader"] = best
+        if "dpo" in cells:
+            d = cells["dpo"]
+            row["minus_dpo"] = {m: {"diff": c["mean"] - d["mean"], "se": math.sqrt(c["se"] ** 2 + d["se"] ** 2),
+                                    "within_noise": abs(c["mean"] - d["mean"]) <= 2 * math.sqrt(c["se"] ** 2 + d["se"] ** 2)}
+                                for m, c in cells.items() if m != "dpo"}
         rows.append(row)
     return {"levels": rows, "methods": sorted(per)}
 
@@ -367,6 +374,11 @@ def report_lines(cfg: CompareConfig, results: dict) -> list[str]:
         cells = [(_fmt(row["methods"].get(m)) + (f" (n={row['methods'][m]['n']})" if m in row["methods"] and row["methods"][m]["n"] < n_seeds else ""))
                  for m in methods]
         lines.append(f"| {row['kl']:.3g} | " + " | ".join(cells) + f" | {verdict(row)} |")
+    diffs = [(row["kl"], m, d) for row in fr["levels"] for m, d in row.get("minus_dpo", {}).items()]
+    if diffs:
+        lines += ["", "Each method minus DPO at the same KL (± combined SE):", ""]
+        lines += [f"- KL {kl:.3g}: {m} - dpo = {d['diff']:+.3f} ± {d['se']:.3f} ({'inside' if d['within_noise'] else 'outside'} the noise)"
+                  for kl, m, d in diffs]
     cols = [("pref acc", "pref_accuracy", 3), ("reward acc", "reward_accuracy", 3), ("GT reward", "gt_reward", 3),
             ("sentiment", "gt_sentiment", 3), ("topic", "gt_topic", 3), ("win vs SFT", "win_rate_vs_sft", 3),
             ("entropy", "entropy", 3), ("KL to SFT", "kl_to_ref", 2), ("feature MSE", "feature_mse", 3), ("wall s", "wall_seconds", 1)]

@@ -47,7 +47,7 @@ class WorldConfig:
     intermediate_size: int = 448
     num_layers: int = 4
     num_heads: int = 4
-    sft_steps: int = 2000
+    sft_steps: int = 1200
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
 
