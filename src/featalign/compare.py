@@ -39,8 +39,8 @@ GRID = {"dpo": [0.03, 0.1, 0.3, 1.0, 3.0], "ipo": [0.03, 0.1, 0.3, 1.0, 3.0], "s
 # the default tier keeps the middle three values of each grid; quick keeps the two ends of those
 TIERS = {
     "quick": dict(methods="dpo,fpo", seeds=1, grid_values=2, steps=40, n_prompts=64, sae_tokens=150_000),
-    "default": dict(methods="dpo,tdpo2,fpo", seeds=2, grid_values=3, steps=200, n_prompts=200, sae_tokens=1_000_000),
-    "full": dict(methods=ALL_METHODS, seeds=3, grid_values=5, steps=300, n_prompts=300, sae_tokens=2_000_000),
+    "default": dict(methods="dpo,tdpo2,fpo", seeds=2, grid_values=3, steps=200, n_prompts=200, sae_tokens=2_000_000),
+    "full": dict(methods=ALL_METHODS, seeds=3, grid_values=5, steps=300, n_prompts=300, sae_tokens=4_000_000),
 }
 RUN_VERSION = 1  # bumped when a run's training or evaluation changes in a way its settings do not show
 
@@ -64,9 +64,9 @@ class CompareConfig:
     trdpo_tau: int | None = field(default=None, metadata={"help": "TR-DPO reference update period (default: a quarter of the steps)"})
     trdpo_alpha: float = field(default=0.6, metadata={"help": "TR-DPO reference update weight"})
     k: int = field(default=50, metadata={"help": "FPO's k"})
-    sae_d: int = field(default=1024, metadata={"help": "SAE latents (trained on the SFT model, cached by its settings)"})
+    sae_d: int = field(default=512, metadata={"help": "SAE latents (trained on the SFT model, cached by its settings)"})
     sae_k: int | None = field(default=None, metadata={"help": "SAE TopK k (default: 5% of the model's hidden size, as sparse as Gemma Scope's SAEs)"})
-    sae_tokens: int | None = field(default=None, metadata={"help": "SAE training tokens (default: quick 150k, default 1M, full 2M)"})
+    sae_tokens: int | None = field(default=None, metadata={"help": "SAE training tokens (default: quick 150k, default 2M, full 4M)"})
     sae_lr: float = field(default=3e-3, metadata={"help": "SAE learning rate"})
     n_prompts: int | None = field(default=None, metadata={"help": "held-out prompts sampled per evaluation (default: quick 64, default 200, full 300)"})
     max_length: int = field(default=128, metadata={"help": "max tokens of prompt + answer"})
