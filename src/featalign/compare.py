@@ -67,7 +67,7 @@ class CompareConfig:
     sae_d: int = field(default=512, metadata={"help": "SAE latents (trained on the SFT model, cached by its settings)"})
     sae_k: int | None = field(default=None, metadata={"help": "SAE TopK k (default: 5% of the model's hidden size, as sparse as Gemma Scope's SAEs)"})
     sae_tokens: int | None = field(default=None, metadata={"help": "SAE training tokens (default: quick 150k, default 2M, full 4M)"})
-    sae_lr: float = field(default=3e-3, metadata={"help": "SAE learning rate"})
+    sae_lr: float = field(default=1e-2, metadata={"help": "SAE learning rate (higher than `sae train`'s 3e-3: at 3e-3 the small world's decoder rows stayed near their random init)"})
     n_prompts: int | None = field(default=None, metadata={"help": "held-out prompts sampled per evaluation (default: quick 64, default 200, full 300)"})
     max_length: int = field(default=128, metadata={"help": "max tokens of prompt + answer"})
     max_prompt_length: int = field(default=32, metadata={"help": "max prompt tokens"})
