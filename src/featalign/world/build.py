@@ -24,6 +24,8 @@ from .. import data as D
 from ..atomic import replace_dir
 from . import lang
 
+# bumped when the language or the build changes in a way the settings do not show, so cached worlds rebuild
+WORLD_VERSION = 2
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }} "
@@ -45,7 +47,7 @@ class WorldConfig:
     intermediate_size: int = 448
     num_layers: int = 4
     num_heads: int = 4
-    sft_steps: int = 2000
+    sft_steps: int = 1200
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
 
@@ -181,7 +183,7 @@ def build_world(out: str = "data/world", cfg: WorldConfig | None = None, progres
     """Build (or reuse) the world under ``out``; returns the manifest (settings, paths, perplexities)."""
     cfg = cfg or WorldConfig()
     paths = world_paths(out)
-    settings = dataclasses.asdict(cfg)
+    settings = {"version": WORLD_VERSION, **dataclasses.asdict(cfg)}
     if not force and os.path.exists(paths["manifest"]):
         with open(paths["manifest"]) as f:
             manifest = json.load(f)

@@ -3,6 +3,11 @@
 The reward mixes three independent attributes so that methods can differ in what they learn:
 staying on the prompt's topic, positive vs negative sentiment, and a mild (capped) length bonus that
 unnormalised log-ratio methods can exploit and length-normalised ones cannot.
+
+Sentiment is carried by phrases, not single words: "not" flips the word after it ("not lovely" counts as
+negative), so a model must read the pair, and an SAE latent that tracks sentiment cannot be one word's
+identity. Each response draws its mood and its topicality from Beta(0.5, 0.5): most answers lean clearly one
+way, which gives the model (and its SAE) a per-response state worth representing.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ NEGATIVE = (
     "painful tragic harsh rude bitter grim sad dull broken rotten hostile clumsy sloppy "
     "unpleasant dismal tedious gross cruel wretched".split()
 )
+NEGATION = "not"
 FUNCTION = (
     "the a an is are was and but very really it this that i we they think feel with of in on to for "
     "so because also quite rather always never sometimes often maybe today here there my our".split()
@@ -119,7 +125,7 @@ def vocabulary() -> list[str]:
     for parts in TOPICS.values():
         for kind in ("nouns", "verbs", "adjs"):
             words += parts[kind]
-    words += list(TOPICS) + POSITIVE + NEGATIVE + FUNCTION + PUNCT + PROMPT_WORDS
+    words += list(TOPICS) + POSITIVE + NEGATIVE + [NEGATION] + FUNCTION + PUNCT + PROMPT_WORDS
     seen: dict[str, None] = {}
     for w in words:
         seen.setdefault(w, None)
@@ -149,22 +155,29 @@ def prompt_topic(prompt: str) -> str | None:
     return None
 
 
+P_NEGATED = 0.3
+
+
 def sample_response(rng: random.Random, topic: str, p_on: float | None = None, p_pos: float | None = None) -> str:
     """A response of 2-7 short clauses (about 8-48 tokens).
 
     ``p_on`` is the chance each content word comes from the prompt's topic, ``p_pos`` the chance a
-    sentiment word is positive; both are drawn per response when not given, so that the corpus covers
-    good and bad answers and an LM trained on it is a mediocre, improvable policy.
+    sentiment phrase is positive (a positive phrase is a positive word or "not" + a negative one); both
+    are drawn per response from Beta(0.5, 0.5) when not given, so that the corpus covers good and bad
+    answers and an LM trained on it is a mediocre, improvable policy.
     """
-    p_on = rng.random() if p_on is None else p_on
-    p_pos = rng.random() if p_pos is None else p_pos
+    p_on = rng.betavariate(0.5, 0.5) if p_on is None else p_on
+    p_pos = rng.betavariate(0.5, 0.5) if p_pos is None else p_pos
     others = [t for t in TOPICS if t != topic]
 
     def topic_for() -> dict[str, list[str]]:
         return TOPICS[topic if rng.random() < p_on else rng.choice(others)]
 
     def senti() -> str:
-        return rng.choice(POSITIVE if rng.random() < p_pos else NEGATIVE)
+        positive = rng.random() < p_pos
+        if rng.random() < P_NEGATED:
+            return f"{NEGATION} {rng.choice(NEGATIVE if positive else POSITIVE)}"
+        return rng.choice(POSITIVE if positive else NEGATIVE)
 
     clauses = []
     for _ in range(rng.randint(2, 7)):
@@ -194,18 +207,28 @@ class RewardWeights:
     length_cap: int = 40
 
 
+def polarities(words: list[str]) -> list[int]:
+    """+1 / -1 per sentiment phrase: a sentiment word, flipped when "not" comes right before it."""
+    out = []
+    for i, w in enumerate(words):
+        s = 1 if w in POS_SET else -1 if w in NEG_SET else 0
+        if s:
+            out.append(-s if i > 0 and words[i - 1] == NEGATION else s)
+    return out
+
+
 def reward_parts(prompt: str, response: str) -> dict[str, float]:
     """The three attributes of the ground-truth reward, each in a fixed range.
 
     topic: fraction of topical words that belong to the prompt's topic, in [0, 1];
-    sentiment: (pos - neg) / (pos + neg + 1), in (-1, 1); length: min(len, cap) / cap, in [0, 1].
+    sentiment: (pos - neg) / (pos + neg + 1) over sentiment phrases, in (-1, 1); length: min(len, cap) / cap.
     """
     words = response.split()
     topic = prompt_topic(prompt)
     topical = [TOPIC_OF[w] for w in words if w in TOPIC_OF]
     on = sum(t == topic for t in topical) / len(topical) if topical else 0.0
-    pos = sum(w in POS_SET for w in words)
-    neg = sum(w in NEG_SET for w in words)
+    pol = polarities(words)
+    pos, neg = pol.count(1), pol.count(-1)
     cap = RewardWeights.length_cap
     return {"topic": on, "sentiment": (pos - neg) / (pos + neg + 1), "length": min(len(words), cap) / cap}
 
