@@ -70,7 +70,7 @@ class CompareConfig:
     sae: str | None = field(default=None, metadata={"help": "SAE for FPO (any format); default: a TopK SAE trained on the model's --layer with the stated settings"})
     reward_fn: str | None = field(default=None, metadata={"help": "judge: Python callable 'module:function' (prompt, response) -> float (default: the preset's ground truth)"})
     reward_model: str | None = field(default=None, metadata={"help": "judge: a sequence-classification reward model folder"})
-    world: str = field(default="data/world", metadata={"help": "built-in world folder (built when missing or built with other settings)"})
+    world: str = field(default="data/world", metadata={"help": "built-in world folder (built when missing or built with other settings); with --preset sentiment the task's folder (default data/sentiment)"})
     world_seed: int = field(default=0, metadata={"help": "seed of the built-in world (its corpus, SFT model and SAE)"})
     quick: bool = field(default=False, metadata={"help": "quick tier: small world, DPO and FPO, two knob values, one seed (a few minutes; the tests)"})
     full: bool = field(default=False, metadata={"help": "full tier: every method, five knob values, three seeds, longer runs (hours on 2 cores)"})
