@@ -64,11 +64,16 @@ class Head:
     softcap: float | None = None
     dtype: torch.dtype = torch.float32  # the matmul's dtype (the autocast dtype under mixed precision)
 
+    def cast_weight(self) -> torch.Tensor:
+        """The weight in the matmul dtype, cast once per head (not once per chunk)."""
+        if getattr(self, "_cast", None) is None:
+            self._cast = self.weight.detach().to(self.dtype)
+        return self._cast
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the rows of ``h`` [n, H] -> [n, V]."""
-        w = self.weight.to(self.dtype)
-        b = None if self.bias is None else self.bias.to(self.dtype)
-        z = F.linear(h.to(self.dtype), w, b).float()
+        b = None if self.bias is None else self.bias.detach().to(self.dtype)
+        z = F.linear(h.to(self.dtype), self.cast_weight(), b).float()
         if self.scale != 1.0:
             z.mul_(self.scale)
         if self.softcap:
@@ -183,6 +188,9 @@ class _ChunkedHead(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             lp, kl, ref_lp, lse, ref_lse = _forward(h, head, targets, ref_h, ref_head, chunk)
         ctx.save_for_backward(h, targets, lse, ref_h, ref_lse)
+        head._cast = None  # a cast copy of the weight is not kept between forward and backward
+        if ref_head is not None:
+            ref_head._cast = None
         ctx.head, ctx.ref_head, ctx.chunk = head, ref_head, chunk or chunk_size(head.weight.shape[0])
         if kl is None:
             kl, ref_lp = lp.new_zeros(0), lp.new_zeros(0)
@@ -194,7 +202,7 @@ class _ChunkedHead(torch.autograd.Function):
         h, targets, lse, ref_h, ref_lse = ctx.saved_tensors
         head, ref_head, chunk = ctx.head, ctx.ref_head, ctx.chunk
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        w = head.weight.to(head.dtype)
+        w = head.cast_weight()
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(head.weight.shape, dtype=torch.float32, device=h.device) if want_w else None
         grad_b = torch.zeros(head.weight.shape[0], dtype=torch.float32, device=h.device) if want_b else None

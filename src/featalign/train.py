@@ -259,9 +259,9 @@ class Trainer:
 
     def _check_finite(self, losses: list[torch.Tensor], seen: list[tuple[int, list[int]]]) -> None:
         """Raise on the first non-finite loss among the unchecked micro-batches (one host sync for all of them)."""
-        if not losses:
+        if not losses or not seen:
             return
-        recent = torch.stack(losses[-len(seen):]) if seen else torch.stack(losses)
+        recent = torch.stack(losses[-len(seen):])
         bad = (~torch.isfinite(recent)).nonzero()
         if len(bad):
             i = int(bad[0])
