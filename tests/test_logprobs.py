@@ -132,7 +132,7 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off():
 
 
 def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_path, monkeypatch):
-    """The trainer's loss and gradients for each method, chunked (3 positions per chunk) vs full logits."""
+    """The trainer's loss and gradients for each method, chunked (a few positions per chunk) vs full logits."""
     from featalign.losses import METHODS
     from featalign.train import Trainer, TrainConfig
 
