@@ -157,3 +157,78 @@ def test_lora_with_gradient_checkpointing_saves_a_merged_model(world, world_sae,
     assert sorted(merged) == sorted(base)  # a plain model, no adapter keys
     assert max((merged[k] - base[k]).abs().max().item() for k in base) > 0
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # LoRA leaves embeddings
+
+
+def test_length_grouping_pads_less_and_is_a_seeded_permutation():
+    from featalign.data.batching import group_by_length
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 300, (203,), generator=g).tolist()
+    order = torch.randperm(203, generator=g).tolist()
+
+    def grouped(seed):
+        return group_by_length(order, lengths, 8, torch.Generator().manual_seed(seed), window=4)
+
+    out = grouped(1)
+    assert sorted(out) == list(range(203)) and out == grouped(1) and out != grouped(2)
+    assert out[200:] == order[200:]  # the partial batch an epoch drops is the random one
+
+    def padded(o):
+        return sum(8 * max(lengths[i] for i in o[s : s + 8]) - sum(lengths[i] for i in o[s : s + 8]) for s in range(0, 200, 8))
+
+    # random batches of lengths uniform on 10..300 pad ~45% of positions, sorted windows of 32 under 10%
+    assert padded(out) < 0.3 * padded(order)
+    window_of = {i: k // 32 for k, i in enumerate(order)}
+    assert all(len({window_of[i] for i in out[s : s + 8]}) == 1 for s in range(0, 200, 8))  # batches from one window
+
+
+def test_lora_live_reference_is_the_adapter_off_policy(world, tmp_path, monkeypatch):
+    """TDPO-2 + LoRA loads one model, and its losses equal a run with a separately loaded reference."""
+    pytest.importorskip("peft", reason="peft (test extra) is not installed")
+    import featalign.train as T
+
+    loads = []
+    real = T.load_model
+    monkeypatch.setattr(T, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
+    kw = dict(lora_r=4, lr=1e-2, max_steps=2, log_every=1, limit=32, batch_size=4)
+    one = train(cfg_for(world, tmp_path / "one", "tdpo2", **kw))
+    assert loads == [world["sft"]] and not one["reference_model_loaded"]
+    # the same folder under another name: the trainer loads it as a separate reference model
+    two = train(cfg_for(world, tmp_path / "two", "tdpo2", ref_model=os.path.join(world["sft"], "."), **kw))
+    assert two["reference_model_loaded"]
+    a = [json.loads(line) for line in open(tmp_path / "one" / "tdpo2" / "metrics.jsonl")]
+    b = [json.loads(line) for line in open(tmp_path / "two" / "tdpo2" / "metrics.jsonl")]
+    assert a[1]["kl/chosen"] > 0  # the adapter moved the policy after one step at lr 1e-2
+    for x, y in zip(a, b):
+        for key in ("loss", "kl/chosen", "rewards/margins"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), key
+
+
+def test_offline_cache_is_built_from_the_policy_without_a_second_load(world, tmp_path, monkeypatch):
+    import featalign.train as T
+
+    loads = []
+    real = T.load_model
+    monkeypatch.setattr(T, "load_model", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
+    s = train(cfg_for(world, tmp_path, "dpo", max_steps=1, limit=16))
+    assert loads == [world["sft"]] and not s["reference_model_loaded"]
+    assert os.path.exists(tmp_path / "dpo" / "ref_cache" / "manifest.json")
+
+
+def test_trdpo_lora_update_mixes_the_base_and_keeps_the_policy(world, tmp_path):
+    pytest.importorskip("peft", reason="peft (test extra) is not installed")
+    t = Trainer(cfg_for(world, tmp_path, "trdpo", lora_r=4, trdpo_alpha=0.25, max_steps=1))
+    assert t.ref_model is None and t.ref_adapter_off
+    peft_model = t.acc.unwrap_model(t.model)
+    layer = peft_model.get_base_model().model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    w0, delta = layer.get_base_layer().weight.clone(), layer.get_delta_weight("default").clone()
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        before = peft_model(input_ids=ids).logits
+    t._update_reference()
+    with torch.no_grad():
+        after = peft_model(input_ids=ids).logits
+    assert torch.allclose(layer.get_base_layer().weight, w0 + 0.25 * delta, atol=1e-6)  # reference = 0.25 policy + 0.75 old
+    assert torch.allclose(before, after, atol=1e-5)  # the policy itself did not move

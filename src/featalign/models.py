@@ -1,4 +1,4 @@
-"""Loading causal LMs, finding decoder layers, capturing hidden states by hook, and response log-probs."""
+"""Loading causal LMs, finding decoder layers, capturing hidden states by hook (response log-probs: ``logprobs``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 
 from .errors import ConfigError
+from .logprobs import response_logps, sequential_kl, token_logps  # noqa: F401  (their home is logprobs)
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +114,19 @@ def check_layer(model, layer: int) -> int:
 
 
 @contextlib.contextmanager
-def capture_layer(model, layer: int, stop: bool = False):
+def capture_layer(model, layer: int, stop: bool = False, first: bool = False):
     """Capture the residual-stream output of decoder ``layer`` in ``box['h']`` via a forward hook.
 
-    With ``stop=True`` the forward pass is cut short after that layer (an exception caught here), which
+    With ``first=True`` only the first forward pass in the block is kept (a LoRA run's reference pass, the same
+    model with its adapter off, would otherwise overwrite the policy's activations). With ``stop=True`` the forward pass is cut short after that layer (an exception caught here), which
     saves the rest of the model's compute when only the activations are wanted.
     """
     layer = check_layer(model, layer)
     box: dict[str, torch.Tensor] = {}
 
     def hook(_module, _inputs, output):
+        if first and "h" in box:
+            return
         box["h"] = output[0] if isinstance(output, tuple) else output
         if stop:
             raise _StopForward
@@ -146,28 +149,6 @@ def run_to_layer(model, layer: int, **inputs) -> torch.Tensor:
     with capture_layer(model, layer, stop=True) as box:
         model(**inputs, use_cache=False)
     return box["h"]
-
-
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token_t | <t) for t >= 1: shape [N, T-1], computed in float32."""
-    logits = logits[:, :-1].float()
-    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
-
-
-def response_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-prob and response length per row (prompt and padding masked)."""
-    mask = response_mask[:, 1:].to(torch.float32)
-    lp = token_logps(logits, input_ids)
-    return (lp * mask).sum(-1), mask.sum(-1)
-
-
-def sequential_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """TDPO's K(y) = sum over response positions of KL(p_ref || p_theta) of the next-token distributions."""
-    mask = response_mask[:, 1:].to(torch.float32)
-    lp = F.log_softmax(policy_logits[:, :-1].float(), -1)
-    lr = F.log_softmax(ref_logits[:, :-1].float(), -1)
-    kl = (lr.exp() * (lr - lp)).sum(-1)
-    return (kl * mask).sum(-1)
 
 
 def pool_response(acts: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ training refuses a cache whose manifest does not match, naming the part that cha
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -155,7 +156,8 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
                 batch_size: int = 16, shard_size: int = 512, progress: bool = True) -> str:
     """Compute the reference's log-probs (and top-k pooled SAE activations) for every pair, in shards."""
     from .data import collate_pairs
-    from .models import capture_layer, check_layer, response_logps
+    from .logprobs import response_positions, response_terms
+    from .models import capture_layer, check_layer
 
     t0 = time.time()
     if sae is not None:
@@ -188,15 +190,15 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
         parts: dict[str, list[torch.Tensor]] = {}
         for i in range(0, len(chunk), batch_size):
             mb = chunk[i : i + batch_size]
-            b = {kk: v.to(device) for kk, v in collate_pairs(mb, tokenizer.pad_token_id).items()}
+            b = collate_pairs(mb, tokenizer.pad_token_id)
+            positions = response_positions(b["response_mask"])
+            b = {kk: v.to(device) for kk, v in b.items()}
+            with capture_layer(model, layer) if sae is not None else contextlib.nullcontext() as box:
+                r = response_terms(model, b["input_ids"], b["attention_mask"], b["response_mask"], positions)
             if sae is not None:
-                with capture_layer(model, layer) as box:
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
                 pooled = sae.encode_pooled(box["h"], b["response_mask"])
                 vals, idx = pooled.topk(min(k, pooled.shape[-1]), dim=-1)
-            else:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-            lp, length = response_logps(logits, b["input_ids"], b["response_mask"])
+            lp, length = r["logps"], r["length"]
             n = len(mb)
             new = {"index": b["index"], "chosen_logps": lp[:n], "rejected_logps": lp[n:],
                    "chosen_len": length[:n], "rejected_len": length[n:]}
@@ -246,7 +248,8 @@ class ReferenceCache:
     def batch(self, index: torch.Tensor, device=None) -> dict[str, torch.Tensor]:
         """The rows of ``index`` (on any device; the cache itself stays in CPU memory), moved to ``device``."""
         index = index.cpu()
-        return {kk: v[index].to(device, non_blocking=True) for kk, v in self.tensors.items()}
+        gpu = torch.device(device or "cpu").type == "cuda"
+        return {kk: (v[index].pin_memory() if gpu else v[index]).to(device, non_blocking=gpu) for kk, v in self.tensors.items()}
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.tensors.values())

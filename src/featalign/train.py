@@ -10,11 +10,13 @@ Reference handling per method:
   reference model if ``cache`` is not given, then the reference is freed); FPO's cache adds top-k pooled
   SAE activations.
 - simpo: no reference at all.
-- tdpo1, tdpo2, trdpo: a live reference model (full next-token distributions; in-training updates).
+- tdpo1, tdpo2, trdpo: a live reference model (full next-token distributions; in-training updates); with
+  LoRA, the policy itself with its adapter disabled (no second model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,9 +30,11 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .atomic import atomic_dir
+from .data.batching import group_by_length, pair_length
 from .errors import ConfigError, TrainingDivergedError
 from .losses import METHODS, compute_loss, feature_mse
-from .models import capture_layer, load_model, load_tokenizer, response_logps, sequential_kl
+from .logprobs import response_positions, response_terms
+from .models import capture_layer, load_model, load_tokenizer
 
 
 def _f(default, help: str, **meta):
@@ -65,6 +69,7 @@ class TrainConfig(D.DataOptions):
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clip (0: off)")
     seed: int = _f(0, "seed of the data order and of any sampling")
+    group_by_length: bool = _f(True, "batch pairs of similar length together (a seeded order, so less padding and exact resume)")
     bf16: bool = _f(True, "bf16 autocast on GPUs that support it (CPU runs stay float32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     lora_r: int = _f(0, "LoRA rank (0: train all weights); the saved model has the adapter merged")
@@ -126,6 +131,7 @@ class Trainer:
         os.makedirs(cfg.out, exist_ok=True)
         self.tokenizer = load_tokenizer(cfg.model)
         _, self.pairs, self.stats = D.prepare_pairs(cfg, self.tokenizer)
+        self.lengths = [pair_length(p) for p in self.pairs]
         self.model = load_model(cfg.model)
         self.sae = None
         if self.spec.features:
@@ -134,8 +140,11 @@ class Trainer:
             self.sae = load_sae(cfg.sae, cfg.layer).to(self.device)
             cfg.layer = resolve_layer(self.sae, cfg.layer, self.model, cfg.sae)
         self.ref_model = None
+        self.ref_adapter_off = False
         self.cache = None
-        if self.spec.live_reference:
+        if self.spec.live_reference and cfg.lora_r and cfg.ref_model in (None, cfg.model):
+            self.ref_adapter_off = True  # the reference is the policy with its adapter disabled: no second model
+        elif self.spec.live_reference:
             self.ref_model = load_model(cfg.ref_model or cfg.model).to(self.device).eval().requires_grad_(False)
         elif self.spec.ref_logps:
             self.cache = self._offline_reference()
@@ -170,7 +179,9 @@ class Trainer:
         if cache_dir is None:
             cache_dir = os.path.join(cfg.out, "ref_cache")
             if self.acc.is_main_process:
-                ref = load_model(ref_path).to(self.device)
+                # the policy before its first step is the reference: no second model unless --ref-model differs
+                own = cfg.ref_model in (None, cfg.model)
+                ref = self.model if own else load_model(ref_path).to(self.device)
                 build_cache(ref, self.tokenizer, self.pairs, cache_dir, expected, self.sae, cfg.layer, cfg.k,
                             progress=cfg.progress)
                 del ref
@@ -182,8 +193,21 @@ class Trainer:
 
     @torch.no_grad()
     def _update_reference(self) -> None:
-        """TR-DPO: theta_ref <- a * theta + (1 - a) * theta_ref (a = 1: hard copy)."""
+        """TR-DPO: theta_ref <- a * theta + (1 - a) * theta_ref (a = 1: hard copy).
+
+        With LoRA the reference is the base weights W and the policy W + BA, so the update is W <- W + a BA,
+        B <- (1 - a) B: the policy is unchanged and the reference (adapter off) is exactly the mix."""
         a = self.cfg.trdpo_alpha
+        if self.ref_adapter_off:
+            from peft.tuners.lora import LoraLayer
+
+            for m in self.acc.unwrap_model(self.model).modules():
+                if isinstance(m, LoraLayer):
+                    for name in m.active_adapters:
+                        if name in m.lora_A:
+                            m.get_base_layer().weight.add_(m.get_delta_weight(name).to(m.get_base_layer().weight.dtype), alpha=a)
+                            m.lora_B[name].weight.mul_(1 - a)
+            return
         pol = self.acc.unwrap_model(self.model).state_dict()
         for name, p in self.ref_model.state_dict().items():
             if p.dtype.is_floating_point:
@@ -195,21 +219,17 @@ class Trainer:
         cfg = self.cfg
         ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         n = ids.shape[0] // 2
-        if self.sae is not None:
-            with capture_layer(model, cfg.layer) as box:
-                logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
-        else:
-            logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
-        lp, length = response_logps(logits, ids, resp)
+        live = self.ref_model is not None or self.ref_adapter_off
+        positions = (batch["response_rows"], batch["response_cols"]) if "response_rows" in batch else None
+        with capture_layer(model, cfg.layer, first=True) if self.sae is not None else contextlib.nullcontext() as box:
+            r = response_terms(model, ids, att, resp, positions, ref=self.ref_model, kl=cfg.method.startswith("tdpo"),
+                               ref_adapter_off=self.ref_adapter_off)
+        lp, length = r["logps"], r["length"]
         t = {"policy_chosen_logps": lp[:n], "policy_rejected_logps": lp[n:], "chosen_len": length[:n], "rejected_len": length[n:]}
-        if self.ref_model is not None:
-            with torch.no_grad():
-                ref_logits = self.ref_model(input_ids=ids, attention_mask=att, use_cache=False).logits
-            rlp, _ = response_logps(ref_logits, ids, resp)
-            t.update(ref_chosen_logps=rlp[:n], ref_rejected_logps=rlp[n:])
-            if self.cfg.method.startswith("tdpo"):
-                kl = sequential_kl(logits, ref_logits, resp)
-                t.update(kl_chosen=kl[:n], kl_rejected=kl[n:])
+        if live:
+            t.update(ref_chosen_logps=r["ref_logps"][:n], ref_rejected_logps=r["ref_logps"][n:])
+            if "kl" in r:
+                t.update(kl_chosen=r["kl"][:n], kl_rejected=r["kl"][n:])
         elif self.cache is not None:
             c = self.cache.batch(batch["index"], self.device)
             t.update(ref_chosen_logps=c["chosen_logps"], ref_rejected_logps=c["rejected_logps"],
@@ -227,13 +247,38 @@ class Trainer:
         c = self.cfg
         return compute_loss(c.method, terms, beta=c.beta, alpha=c.alpha, gamma=c.gamma)
 
+    def _device_batch(self, idx: list[int]) -> dict:
+        """Collate on the CPU (response positions and token count included, so no step reads the device back)
+        and copy to the device asynchronously from pinned memory. ``index`` stays on the CPU for the cache."""
+        batch = D.collate_pairs([self.pairs[i] for i in idx], self.tokenizer.pad_token_id)
+        batch["response_rows"], batch["response_cols"] = response_positions(batch["response_mask"])
+        out = {"n_tokens": int(batch["attention_mask"].sum()), "n_positions": batch["attention_mask"].numel(), "index": batch.pop("index")}
+        gpu = self.device.type == "cuda"
+        out.update({k: (v.pin_memory() if gpu else v).to(self.device, non_blocking=gpu) for k, v in batch.items()})
+        return out
+
+    def _check_finite(self, losses: list[torch.Tensor], seen: list[tuple[int, list[int]]]) -> None:
+        """Raise on the first non-finite loss among the unchecked micro-batches (one host sync for all of them)."""
+        if not losses or not seen:
+            return
+        recent = torch.stack(losses[-len(seen):])
+        bad = (~torch.isfinite(recent)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            step, idx = seen[i]
+            raise TrainingDivergedError(
+                f"loss is {recent[i].item()} at step {step} on pairs {idx[:8]}{'...' if len(idx) > 8 else ''}; "
+                f"last checkpoint kept in {self.ckpt_dir()}")
+
     # ------------------------------------------------------------------ data order
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This process's micro-batches for an epoch: a seeded permutation, split across processes."""
+        """This process's micro-batches for an epoch: a seeded permutation (grouped by length), split across processes."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
         perm = torch.randperm(len(self.pairs), generator=g).tolist()
         bs, world, rank = self.cfg.batch_size, self.acc.num_processes, self.acc.process_index
         global_bs = bs * world
+        if self.cfg.group_by_length:
+            perm = group_by_length(perm, self.lengths, global_bs, g)
         out = []
         for i in range(0, len(perm) - global_bs + 1, global_bs):
             out.append(perm[i + rank * bs : i + (rank + 1) * bs])
@@ -317,22 +362,20 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
                    disable=not (cfg.progress and self.acc.is_main_process))
         t0 = time.time()
-        tokens = 0
+        tokens = positions = 0
         self.model.train()
         micro = self._micro_batches()
         window: dict[str, list[torch.Tensor]] = {}
+        seen: list[tuple[int, list[int]]] = []  # (step, pairs) of the micro-batches whose losses are not yet checked
         while self.step < self.total_steps:
             for _ in range(cfg.grad_accum):
                 idx = next(micro)
-                batch = D.collate_pairs([self.pairs[i] for i in idx], self.tokenizer.pad_token_id)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                tokens += int(batch["attention_mask"].sum())
+                batch = self._device_batch(idx)
+                tokens += batch.pop("n_tokens")
+                positions += batch.pop("n_positions")
                 with self.acc.accumulate(self.model):
                     loss, metrics = self.loss(self.model, batch)
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"loss is {loss.item()} at step {self.step} on pairs {idx[:8]}{'...' if len(idx) > 8 else ''}; "
-                            f"last checkpoint kept in {self.ckpt_dir()}")
+                    seen.append((self.step, idx))
                     self.acc.backward(loss)
                     if self.acc.sync_gradients and cfg.max_grad_norm:
                         self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -346,10 +389,15 @@ class Trainer:
                     if v.dim() == 0:
                         window.setdefault(k, []).append(v.detach())
             self.step += 1
-            if self.ref_model is not None and cfg.method == "trdpo" and self.step % cfg.trdpo_tau == 0:
+            if cfg.method == "trdpo" and self.step % cfg.trdpo_tau == 0:
                 self._update_reference()
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            logged = self.step % cfg.log_every == 0 or self.step == self.total_steps
+            saving = cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps
+            if logged or saving or self.device.type == "cpu":  # the one host sync: never a diverged checkpoint
+                self._check_finite(window.get("loss", []), seen)
+                seen = []
+            if logged:
                 rec = {"step": self.step, "lr": self.sched.get_last_lr()[0],
                        **{k: torch.stack(v).float().mean().item() for k, v in window.items()}}
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec.get('rewards/accuracies', float('nan')):.2f}")
@@ -364,7 +412,7 @@ class Trainer:
                         for k, v in rec.items():
                             if k != "step":
                                 writer.add_scalar(k, v, self.step)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+            if saving:
                 self.save_checkpoint()
         bar.close()
         if writer is not None:
@@ -374,6 +422,7 @@ class Trainer:
             "method": cfg.method, "steps": self.step, "wall_seconds": round(wall, 2),
             "tokens_per_second": round(tokens * self.acc.num_processes / max(wall, 1e-9), 1),
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+            "padded_share": round(1 - tokens / max(positions, 1), 4),
             "reference_model_loaded": self.ref_model is not None,
             "final": self.history[-1] if self.history else {}, "data": self.stats.summary(),
         }

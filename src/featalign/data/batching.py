@@ -114,3 +114,23 @@ def collate_pairs(batch: list[TokenizedPair], pad_id: int) -> dict[str, torch.Te
     out = pad_sequences([s for s, _ in seqs], [m for _, m in seqs], pad_id)
     out["index"] = torch.tensor([ex.index for ex in batch], dtype=torch.long)
     return out
+
+
+def pair_length(ex: TokenizedPair) -> int:
+    """The padded width a pair needs: prompt + its longer answer."""
+    return len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
+
+
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
+                    window: int = 64) -> list[int]:
+    """``order`` rearranged so that each run of ``batch_size`` items has similar lengths, so little is padded.
+
+    Which items fill the complete batches is left to ``order`` (a trailing partial batch stays last, unsorted,
+    so the pairs an epoch drops are not always the short ones). Within windows of ``window`` batches the
+    items are sorted longest first and cut into batches, then the batches are shuffled with ``generator``:
+    a pure function of its inputs, so a seeded order resumes exactly."""
+    n_full = len(order) // batch_size * batch_size
+    span = batch_size * window
+    ranked = [i for s in range(0, n_full, span) for i in sorted(order[s : min(s + span, n_full)], key=lambda j: -lengths[j])]
+    chunks = [ranked[s : s + batch_size] for s in range(0, n_full, batch_size)]
+    return [i for k in torch.randperm(len(chunks), generator=generator).tolist() for i in chunks[k]] + order[n_full:]

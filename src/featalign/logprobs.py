@@ -1,0 +1,373 @@
+"""Per-token log-probs, TDPO's per-position KL and predictive entropy, a chunk of positions at a time.
+
+Full-vocabulary logits are the largest tensors of a preference step: 8 rows x 512 tokens x a 256k
+vocabulary is 4 GiB in float32, held three times over (logits, log-softmax, their gradient). Here they exist
+for one chunk of positions at a time. The forward pass keeps only per-token results; the backward pass
+recomputes each chunk's logits from the last hidden state and the LM head (the idea of Liger's fused linear
+cross-entropy and of Cut Cross-Entropy, in plain torch so it runs on CPU). Only the positions that predict a
+response token are projected onto the vocabulary at all: prompt and padding logits are never computed.
+
+The hidden state comes from a hook on the model's decoder while the model's own forward runs with
+``logits_to_keep=1`` (so DDP and PEFT wrappers see an ordinary call); the head is ``get_output_embeddings()``
+with Gemma-2's final soft-capping and Cohere/Granite logit scales applied. The first call on a model checks
+the head against the model's own last-position logits and falls back to full logits if they disagree.
+
+``token_logps``/``response_logps``/``sequential_kl`` are the plain (full-logits) versions, kept as the oracle
+of the tests and for callers that already hold logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+CHUNK_ELEMENTS = 2**25  # logits per chunk: 128 MiB of float32, 131 positions of a 256k vocabulary
+
+
+# ---------------------------------------------------------------------------------------------- plain path
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token_t | <t) for t >= 1: shape [N, T-1], computed in float32."""
+    logits = logits[:, :-1].float()
+    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
+
+
+def response_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-prob and response length per row (prompt and padding masked)."""
+    mask = response_mask[:, 1:].to(torch.float32)
+    lp = token_logps(logits, input_ids)
+    return (lp * mask).sum(-1), mask.sum(-1)
+
+
+def sequential_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """TDPO's K(y) = sum over response positions of KL(p_ref || p_theta) of the next-token distributions."""
+    mask = response_mask[:, 1:].to(torch.float32)
+    lp = F.log_softmax(policy_logits[:, :-1].float(), -1)
+    lr = F.log_softmax(ref_logits[:, :-1].float(), -1)
+    kl = (lr.exp() * (lr - lp)).sum(-1)
+    return (kl * mask).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------- the head
+@dataclass
+class Head:
+    """The LM head as a function of the last hidden state: cap * tanh(scale * (h W^T + b) / cap)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+    dtype: torch.dtype = torch.float32  # the matmul's dtype (the autocast dtype under mixed precision)
+
+    def cast_weight(self) -> torch.Tensor:
+        """The weight in the matmul dtype, cast once per head (not once per chunk)."""
+        if getattr(self, "_cast", None) is None:
+            self._cast = self.weight.detach().to(self.dtype)
+        return self._cast
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the rows of ``h`` [n, H] -> [n, V]."""
+        b = None if self.bias is None else self.bias.detach().to(self.dtype)
+        z = F.linear(h.to(self.dtype), self.cast_weight(), b).float()
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+
+def unwrap(model):
+    """The causal LM inside DDP / torch.compile / PEFT wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def output_head(model, dtype: torch.dtype | None = None) -> Head:
+    lm = unwrap(model)
+    out = lm.get_output_embeddings()
+    cfg = getattr(lm.config, "text_config", None) or lm.config
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
+    if getattr(cfg, "logits_scaling", None):  # Granite divides
+        scale /= float(cfg.logits_scaling)
+    return Head(out.weight, getattr(out, "bias", None), scale, getattr(cfg, "final_logit_softcapping", None),
+                dtype or out.weight.dtype)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _chunked_ok(model) -> bool:
+    lm = unwrap(model)
+    ok = getattr(lm, "_featalign_chunked", None)
+    if ok is None:
+        try:
+            ok = "logits_to_keep" in inspect.signature(lm.forward).parameters and lm.get_output_embeddings() is not None
+            lm.get_decoder()
+        except (AttributeError, NotImplementedError):
+            ok = False
+        if type(model).__name__.startswith(("FullyShardedDataParallel", "FSDP")) or hasattr(model, "_fsdp_wrapped_module"):
+            ok = False  # FSDP shards the head's weight outside its forward
+    return ok
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Head] | None:
+    """(last hidden state [N, T, H], head) from one forward pass that projects only the last position;
+    None for a model this module cannot split into decoder + head (the caller then uses full logits)."""
+    if not _chunked_ok(model):
+        return None
+    lm = unwrap(model)
+    box = {}
+    handle = lm.get_decoder().register_forward_hook(lambda _m, _i, out: box.__setitem__("h", out[0]))
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    h = box["h"]
+    head = output_head(model, _autocast_dtype(h.device))
+    if getattr(lm, "_featalign_chunked", None) is None:
+        with torch.no_grad():  # once per model: does our head reproduce the model's own logits?
+            mine, theirs = head.logits(h[:, -1]), out.logits[:, -1].float()
+            tol = 1e-3 if head.dtype == torch.float32 else 5e-2
+            ok = bool(torch.allclose(mine, theirs, rtol=tol, atol=tol * max(1.0, theirs.abs().max().item())))
+        lm._featalign_chunked = ok
+        if not ok:
+            log.warning("%s: the LM head does not reproduce the model's logits; using full logits", type(lm).__name__)
+            return None
+    return h, head
+
+
+# ---------------------------------------------------------------------------------------------- chunked core
+def chunk_size(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+def _forward(h, head: Head, targets, ref_h=None, ref_head: Head | None = None, chunk: int = 0):
+    """Per-token log p(target), and with a reference KL(p_ref || p) and log p_ref(target); plus logsumexps."""
+    n = h.shape[0]
+    chunk = chunk or chunk_size(head.weight.shape[0])
+    lp, lse = h.new_empty(n, dtype=torch.float32), h.new_empty(n, dtype=torch.float32)
+    kl = ref_lp = ref_lse = None
+    if ref_h is not None:
+        kl, ref_lp, ref_lse = (h.new_empty(n, dtype=torch.float32) for _ in range(3))
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        z = head.logits(h[s:e])
+        lse[s:e] = z.logsumexp(-1)
+        lp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+        if ref_h is not None:
+            zr = ref_head.logits(ref_h[s:e])
+            ref_lse[s:e] = zr.logsumexp(-1)
+            ref_lp[s:e] = zr.gather(1, targets[s:e, None]).squeeze(1) - ref_lse[s:e]
+            # KL = sum_v p_ref (lr - lp) with lr = zr - lse_r, lp = z - lse
+            zr.sub_(ref_lse[s:e, None])
+            z.sub_(lse[s:e, None]).neg_().add_(zr)
+            kl[s:e] = (zr.exp_() * z).sum(-1)
+    return lp, kl, ref_lp, lse, ref_lse
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """Per-token log-probs (and KL to a fixed reference) through the LM head, recomputing logits in backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ref_h, head: Head, ref_head: Head | None, chunk: int):
+        with torch.autocast(h.device.type, enabled=False):
+            lp, kl, ref_lp, lse, ref_lse = _forward(h, head, targets, ref_h, ref_head, chunk)
+        ctx.save_for_backward(h, targets, lse, ref_h, ref_lse)
+        head._cast = None  # a cast copy of the weight is not kept between forward and backward
+        if ref_head is not None:
+            ref_head._cast = None
+        ctx.head, ctx.ref_head, ctx.chunk = head, ref_head, chunk or chunk_size(head.weight.shape[0])
+        if kl is None:
+            kl, ref_lp = lp.new_zeros(0), lp.new_zeros(0)
+        ctx.mark_non_differentiable(ref_lp)
+        return lp, kl, ref_lp
+
+    @staticmethod
+    def backward(ctx, g_lp, g_kl, _g_ref):
+        h, targets, lse, ref_h, ref_lse = ctx.saved_tensors
+        head, ref_head, chunk = ctx.head, ctx.ref_head, ctx.chunk
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        w = head.cast_weight()
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(head.weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        grad_b = torch.zeros(head.weight.shape[0], dtype=torch.float32, device=h.device) if want_b else None
+        use_kl = ref_h is not None and g_kl is not None
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float()
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                e = min(h.shape[0], s + chunk)
+                z = head.logits(h[s:e])
+                dcap = 1 - (z / head.softcap) ** 2 if head.softcap else None
+                # d lp / d z = onehot(target) - p;  d KL / d z = p - p_ref
+                p = z.sub_(lse[s:e, None]).exp_()
+                coef = -g_lp[s:e]
+                if use_kl:
+                    coef = coef + g_kl[s:e].float()
+                gz = p.mul_(coef[:, None])
+                gz.scatter_add_(1, targets[s:e, None], g_lp[s:e, None])
+                if use_kl:
+                    pr = ref_head.logits(ref_h[s:e]).sub_(ref_lse[s:e, None]).exp_()
+                    gz.sub_(pr.mul_(g_kl[s:e, None].float()))
+                    del pr
+                if dcap is not None:
+                    gz.mul_(dcap)
+                if head.scale != 1.0:
+                    gz.mul_(head.scale)
+                gzc = gz.to(head.dtype)
+                if want_h:
+                    grad_h[s:e] = gzc @ w
+                if want_w:
+                    if head.dtype == torch.float32:
+                        grad_w.addmm_(gzc.t(), h[s:e].float())
+                    else:
+                        grad_w.add_(gzc.t() @ h[s:e].to(head.dtype))
+                if want_b:
+                    grad_b.add_(gz.sum(0))
+        return (grad_h, grad_w.to(head.weight.dtype) if want_w else None,
+                grad_b.to(head.bias.dtype) if want_b else None, None, None, None, None, None)
+
+
+def chunked_token_terms(h: torch.Tensor, head: Head, targets: torch.Tensor, ref_h: torch.Tensor | None = None,
+                        ref_head: Head | None = None, chunk: int = 0):
+    """(log p [M], KL(ref || policy) [M] or None, log p_ref [M] or None) for M selected positions.
+
+    ``h``/``ref_h`` [M, H] are the hidden states of the positions, ``targets`` [M] the tokens they predict.
+    The reference enters without gradient."""
+    if ref_h is not None:
+        ref_h = ref_h.detach()
+        ref_head = Head(ref_head.weight.detach(), None if ref_head.bias is None else ref_head.bias.detach(),
+                        ref_head.scale, ref_head.softcap, ref_head.dtype)
+    if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+        lp, kl, ref_lp = _ChunkedHead.apply(h, head.weight, head.bias, targets, ref_h, head, ref_head, chunk)
+        return lp, (kl if ref_h is not None else None), (ref_lp if ref_h is not None else None)
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+        lp, kl, ref_lp, _, _ = _forward(h, head, targets, ref_h, ref_head, chunk)
+    return lp, kl, ref_lp
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def response_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every hidden state that predicts a response token (position t predicts token t+1).
+
+    Computed on the CPU copy of the mask before the batch moves to the GPU, it costs no device sync."""
+    rows, cols = response_mask[:, 1:].nonzero(as_tuple=True)
+    return rows, cols
+
+
+def _gather(h, rows, cols):
+    return h[rows.to(h.device), cols.to(h.device)]
+
+
+def response_terms(model, input_ids, attention_mask, response_mask, positions=None, ref=None, kl: bool = False,
+                   chunk: int = 0, ref_adapter_off: bool = False) -> dict[str, torch.Tensor]:
+    """Per-row summed response log-prob ``logps`` and ``length``; with a reference (a model, or ``model`` itself
+    with its PEFT adapter disabled when ``ref_adapter_off``) also ``ref_logps`` and, when ``kl``, TDPO's
+    summed per-position ``kl``. Gradients flow into ``model`` only. ``positions``: ``response_positions`` of
+    the mask, precomputed on the CPU (else computed here, a device sync on a GPU)."""
+    if positions is None:
+        positions = response_positions(response_mask.cpu())
+    rows, cols = (x.to(input_ids.device, non_blocking=True) for x in positions)
+    n = input_ids.shape[0]
+    out = {"length": response_mask[:, 1:].to(torch.float32).sum(-1)}
+    with_ref = ref is not None or ref_adapter_off
+    pol = hidden_states(model, input_ids, attention_mask)
+    ref_split = None
+    if with_ref and pol is not None:
+        with torch.no_grad(), _reference(model, ref, ref_adapter_off) as rm:
+            ref_split = hidden_states(rm, input_ids, attention_mask)
+    if pol is None or (with_ref and ref_split is None):  # a model this module cannot split: full logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        out["logps"], _ = response_logps(logits, input_ids, response_mask)
+        if with_ref:
+            with torch.no_grad(), _reference(model, ref, ref_adapter_off) as rm:
+                ref_logits = rm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            out["ref_logps"], _ = response_logps(ref_logits, input_ids, response_mask)
+            if kl:
+                out["kl"] = sequential_kl(logits, ref_logits, response_mask)
+        return out
+    h, head = pol
+    targets = input_ids[:, 1:][rows, cols]
+    h = _gather(h, rows, cols)
+    if with_ref and kl:
+        lp, tok_kl, ref_lp = chunked_token_terms(h, head, targets, _gather(ref_split[0], rows, cols), ref_split[1], chunk)
+        out["kl"] = _row_sum(tok_kl, rows, n)
+    else:
+        lp, _, _ = chunked_token_terms(h, head, targets, chunk=chunk)
+        if with_ref:  # reference log-probs alone need no graph
+            with torch.no_grad():
+                ref_lp, _, _ = chunked_token_terms(_gather(ref_split[0], rows, cols), ref_split[1], targets, chunk=chunk)
+    out["logps"] = _row_sum(lp, rows, n)
+    if with_ref:
+        out["ref_logps"] = _row_sum(ref_lp.detach(), rows, n)
+    return out
+
+
+def _row_sum(x, rows, n):
+    return x.new_zeros(n).index_add(0, rows, x)
+
+
+class _reference:
+    """The reference model: ``ref`` itself, or ``model`` with its PEFT adapter switched off."""
+
+    def __init__(self, model, ref, adapter_off):
+        self.model, self.ref, self.adapter_off, self.ctx = model, ref, adapter_off, None
+
+    def __enter__(self):
+        if not self.adapter_off:
+            return self.ref
+        peft_model = self.model
+        while not hasattr(peft_model, "disable_adapter"):
+            peft_model = getattr(peft_model, "module", None) or peft_model._orig_mod
+        self.ctx = peft_model.disable_adapter()
+        self.ctx.__enter__()
+        return peft_model
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+@torch.no_grad()
+def sample_logps_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                         chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(token) and predictive entropy (nats) of the next-token distribution, both [N, T-1]
+    aligned with ``response_mask[:, 1:]`` and zero outside it: what ``eval`` needs for sampled answers."""
+    rows, cols = response_positions(response_mask.cpu())
+    rows, cols = rows.to(input_ids.device), cols.to(input_ids.device)
+    n, t = input_ids.shape
+    lp_out = torch.zeros(n, t - 1, device=input_ids.device)
+    ent_out = torch.zeros_like(lp_out)
+    pol = hidden_states(model, input_ids, attention_mask)
+    if pol is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+        logp = logits.log_softmax(-1)
+        m = response_mask[:, 1:].bool()
+        lp_out = torch.where(m, logp.gather(2, input_ids[:, 1:, None]).squeeze(2), 0.0)
+        ent_out = torch.where(m, -(logp.exp() * logp).sum(-1), 0.0)
+        return lp_out, ent_out
+    h, head = pol
+    h = _gather(h, rows, cols)
+    targets = input_ids[:, 1:][rows, cols]
+    chunk = chunk or chunk_size(head.weight.shape[0])
+    with torch.autocast(h.device.type, enabled=False):
+        for s in range(0, h.shape[0], chunk):
+            e = min(h.shape[0], s + chunk)
+            logp = head.logits(h[s:e]).log_softmax(-1)
+            lp_out[rows[s:e], cols[s:e]] = logp.gather(1, targets[s:e, None]).squeeze(1)
+            ent_out[rows[s:e], cols[s:e]] = -(logp.exp() * logp).sum(-1)
+    return lp_out, ent_out

@@ -1,0 +1,158 @@
+"""The chunked log-prob path against the plain full-logits path (the oracle: log_softmax over the model's logits)."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import featalign.logprobs as L
+from featalign.logprobs import response_logps, response_terms, sample_logps_entropy, sequential_kl
+
+
+def tiny(kind: str, vocab: int = 300, **kw):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, **kw)
+    if kind == "gemma2":  # final logit soft-capping at a small cap, so the tanh bends the logits
+        return Gemma2ForCausalLM(Gemma2Config(head_dim=8, final_logit_softcapping=2.0, **common))
+    return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
+
+
+def batch(vocab: int = 300, n: int = 6, t: int = 20):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (n, t), generator=g)
+    att = torch.ones_like(ids)
+    att[3, 15:] = 0  # right padding on two rows
+    att[5, 11:] = 0
+    resp = torch.zeros_like(ids)
+    resp[:, 7:] = 1
+    resp[1, 4:] = 1  # a row with a shorter prompt
+    return ids, att, resp * att
+
+
+def plain_terms(model, ref, ids, att, resp):
+    logits = model(input_ids=ids, attention_mask=att).logits
+    with torch.no_grad():
+        ref_logits = ref(input_ids=ids, attention_mask=att).logits
+    lp, length = response_logps(logits, ids, resp)
+    return {"logps": lp, "length": length, "ref_logps": response_logps(ref_logits, ids, resp)[0],
+            "kl": sequential_kl(logits, ref_logits, resp)}
+
+
+def grads_of(model, terms):
+    """Gradients of a loss mixing every term with distinct per-row weights (so no error can cancel out)."""
+    model.zero_grad()
+    w = torch.linspace(-1, 1, len(terms["logps"]))
+    (0.1 * (w * terms["logps"]).sum() + ((w + 2) * terms["kl"]).sum()).backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_chunked_equals_full_logits_with_gradients(kind, chunk):
+    model = tiny(kind)
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids, att, resp = batch()
+    got = response_terms(model, ids, att, resp, ref=ref, kl=True, chunk=chunk)
+    want = plain_terms(model, ref, ids, att, resp)
+    assert model._featalign_chunked  # the split path ran, not the fallback
+    for k in want:  # log-probs are sums of ~13 terms of size ~6: 1e-5 is float32 rounding, not slack
+        assert torch.allclose(got[k], want[k], atol=1e-5, rtol=1e-6), (k, (got[k] - want[k]).abs().max())
+    g_got, g_want = grads_of(model, got), grads_of(model, want)
+    assert g_got.keys() == g_want.keys()
+    for k in g_want:
+        assert torch.allclose(g_got[k], g_want[k], atol=1e-6, rtol=1e-4), k
+
+
+def test_full_vocabulary_logits_are_never_saved_for_backward():
+    vocab = 4000
+    model = tiny("llama", vocab)
+    ids, att, resp = batch(vocab, n=6, t=48)
+    biggest = []
+
+    def pack(x):
+        biggest.append(x.numel())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        response_terms(model, ids, att, resp)["logps"].sum().backward()
+    logits_numel = ids.numel() * vocab
+    assert max(biggest) <= model.lm_head.weight.numel() < logits_numel  # the largest saved tensor is the head's weight
+
+
+def test_a_head_that_does_not_reproduce_the_logits_falls_back(caplog):
+    model = tiny("llama")
+    model.config.final_logit_softcapping = 1.0  # the head would cap; Llama's forward does not
+    ids, att, resp = batch()
+    with caplog.at_level(logging.WARNING, logger="featalign.logprobs"):
+        got = response_terms(model, ids, att, resp)
+    assert "does not reproduce" in caplog.text and model._featalign_chunked is False
+    with torch.no_grad():
+        want, _ = response_logps(model(input_ids=ids, attention_mask=att).logits, ids, resp)
+    assert torch.allclose(got["logps"], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_sample_logps_and_entropy(kind):
+    model = tiny(kind)
+    ids, att, resp = batch()
+    lp, ent = sample_logps_entropy(model, ids, att, resp, chunk=5)
+    with torch.no_grad():
+        logp = model(input_ids=ids, attention_mask=att).logits[:, :-1].float().log_softmax(-1)
+    m = resp[:, 1:].bool()
+    want_lp = logp.gather(2, ids[:, 1:, None]).squeeze(2) * m
+    want_ent = -(logp.exp() * logp).sum(-1) * m
+    assert torch.allclose(lp, want_lp, atol=1e-5) and torch.allclose(ent, want_ent, atol=1e-5)
+    assert (ent[m] > 0).all() and (ent[~m] == 0).all()
+
+
+def test_lora_reference_is_the_base_model_with_the_adapter_off():
+    pytest.importorskip("peft", reason="peft (test extra) is not installed")
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny("llama")
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids, att, resp = batch()
+    got = response_terms(model, ids, att, resp, kl=True, ref_adapter_off=True)
+    want = plain_terms(model, frozen, ids, att, resp)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-5), k
+    assert (want["kl"] > 0).all()  # the adapter (random init) moved the policy: the KL is not trivially 0
+    g_got, g_want = grads_of(model, got), grads_of(model, want)
+    assert g_got and all("lora_" in k for k in g_got)
+    for k in g_want:
+        assert torch.allclose(g_got[k], g_want[k], atol=1e-6, rtol=1e-4), k
+
+
+def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_path, monkeypatch):
+    """The trainer's loss and gradients for each method, chunked (a few positions per chunk) vs full logits."""
+    from featalign.losses import METHODS
+    from featalign.train import Trainer, TrainConfig
+
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 3 * 1024)
+    for method in METHODS:
+        extra = {"sae": world_sae["path"], "layer": world_sae["layer"], "k": 20} if method == "fpo" else {}
+        t = Trainer(TrainConfig(method=method, model=world["sft"], data=world["train"], out=str(tmp_path / method),
+                                batch_size=4, max_steps=1, limit=8, max_length=96, max_prompt_length=24, progress=False,
+                                tensorboard=False, **extra))
+        idx = list(range(4))
+        results = []
+        for split in (True, False):
+            monkeypatch.setattr(L, "_chunked_ok", (lambda m: True) if split else (lambda m: False))
+            b = t._device_batch(idx)
+            b.pop("n_tokens"), b.pop("n_positions")
+            t.model.zero_grad()
+            loss, _ = t.loss(t.model, b)
+            loss.backward()
+            results.append((loss.detach(), {k: p.grad.clone() for k, p in t.model.named_parameters() if p.grad is not None}))
+        (l1, g1), (l2, g2) = results
+        assert abs(l1 - l2) < 1e-5, (method, l1, l2)
+        for k in g2:
+            assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-3), (method, k)
