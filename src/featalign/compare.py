@@ -287,7 +287,7 @@ class _Evaluator:
         b = self.b
         return EvalConfig(model=model_path, data=self.src.test, sae=self.src.sae, layer=self.src.layer, k=self.cfg.k,
                           n_prompts=b["n_prompts"], max_length=b["max_length"], max_prompt_length=b["max_prompt_length"],
-                          max_new_tokens=b["max_new_tokens"], seed=1234 + seed)
+                          max_new_tokens=b["max_new_tokens"], seed=1234 + seed, progress=False)
 
     def __call__(self, seed: int, model, model_path: str) -> dict:
         from . import data as D

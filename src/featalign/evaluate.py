@@ -13,15 +13,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 from . import data as D
+from .data.batching import pair_length
 from .generate import sample, write_outputs
 from .judges import distinct_n, length_controlled_win_rate, make_judge, mean_se, win_rate
-from .models import capture_layer, load_model, load_tokenizer, response_logps
+from .logprobs import response_positions, response_terms, sample_logps_entropy
+from .models import capture_layer, load_model, load_tokenizer
 
 
 @dataclass
@@ -43,50 +46,62 @@ class EvalConfig(D.DataOptions):
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
     reward_fn: str | None = field(default=None, metadata={"help": "judge: a Python callable 'module:function' (prompt, response) -> float or dict with 'reward' (the built-in world's: featalign.world.judge:reward)"})
     reward_model: str | None = field(default=None, metadata={"help": "judge: a sequence-classification reward model (folder or hub id); its last logit is the reward"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
     save_generations: str | None = field(default=None, metadata={"help": "folder to write the sampled answers to (AlpacaEval model_outputs.json + generations.jsonl)"})
+
+
+def _by_length(lengths: list[int]) -> tuple[list[int], list[int]]:
+    """An order that batches similar lengths together (little padding), and its inverse."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    inverse = [0] * len(order)
+    for pos, i in enumerate(order):
+        inverse[i] = pos
+    return order, inverse
 
 
 @torch.no_grad()
 def _pair_logps(model, tok, pairs, batch_size, sae=None, layer=None):
-    """Summed logps and lengths [N] for chosen and rejected, and pooled SAE features of chosen if asked."""
+    """Summed logps and lengths [N] for chosen and rejected, and pooled SAE features of chosen if asked. Only response
+    positions are projected onto the vocabulary, a chunk at a time (``logprobs.response_terms``)."""
     out = {"c": [], "r": [], "cl": [], "rl": [], "feat": []}
     device = next(model.parameters()).device
     if sae is not None:
         sae = sae.to(device)
-    for b in D.batches(pairs, batch_size):
-        t = {k: v.to(device) for k, v in D.collate_pairs(b, tok.pad_token_id).items()}
+    order, inverse = _by_length([pair_length(p) for p in pairs])
+    for b in D.batches([pairs[i] for i in order], batch_size):
+        t = D.collate_pairs(b, tok.pad_token_id)
+        positions = response_positions(t["response_mask"])
+        t = {k: v.to(device) for k, v in t.items()}
+        with capture_layer(model, layer) if sae is not None else contextlib.nullcontext() as box:
+            r = response_terms(model, t["input_ids"], t["attention_mask"], t["response_mask"], positions)
         if sae is not None:
-            with capture_layer(model, layer) as box:
-                logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
             out["feat"].append(sae.encode_pooled(box["h"], t["response_mask"])[: len(b)])
-        else:
-            logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        lp, ln = response_logps(logits, t["input_ids"], t["response_mask"])
         n = len(b)
+        lp, ln = r["logps"], r["length"]
         out["c"].append(lp[:n]); out["r"].append(lp[n:]); out["cl"].append(ln[:n]); out["rl"].append(ln[n:])
-    return {k: torch.cat(v) if v else None for k, v in out.items()}
+    back = torch.tensor(inverse, device=device)
+    return {k: torch.cat(v)[back] if v else None for k, v in out.items()}
 
 
 @torch.no_grad()
 def _sample_stats(model, ref, tok, prompts, responses, batch_size):
-    """Per-sample sequence log-ratio log pi - log pi_ref and mean predictive entropy of the policy."""
+    """Per-sample sequence log-ratio log pi - log pi_ref and mean predictive entropy of the policy over answer tokens;
+    the reference is run only for the log-ratio, and neither model materialises full-vocabulary logits for a batch."""
+    device = next(model.parameters()).device
+    order, inverse = _by_length([len(p) + len(r) for p, r in zip(prompts, responses)])
     kls, ents, n_tok = [], 0.0, 0
-    for bp, br in zip(D.batches(prompts, batch_size), D.batches(responses, batch_size)):
-        seqs = [p + r for p, r in zip(bp, br)]
-        masks = [[0] * len(p) + [1] * len(r) for p, r in zip(bp, br)]
-        t = {k: v.to(model.device) for k, v in D.pad_sequences(seqs, masks, tok.pad_token_id).items()}
-        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        lp, _ = response_logps(logits, t["input_ids"], t["response_mask"])
+    for idx in D.batches(order, batch_size):
+        seqs = [prompts[i] + responses[i] for i in idx]
+        masks = [[0] * len(prompts[i]) + [1] * len(responses[i]) for i in idx]
+        t = {k: v.to(device) for k, v in D.pad_sequences(seqs, masks, tok.pad_token_id).items()}
+        lp, ent = sample_logps_entropy(model, t["input_ids"], t["attention_mask"], t["response_mask"])
         if ref is not None:
-            rl = ref(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-            rlp, _ = response_logps(rl, t["input_ids"], t["response_mask"])
-            kls.append(lp - rlp)
-        logp = logits[:, :-1].float().log_softmax(-1)
-        ent = -(logp.exp() * logp).sum(-1)
-        m = t["response_mask"][:, 1:].float()
-        ents += (ent * m).sum().item()
-        n_tok += m.sum().item()
-    return (torch.cat(kls) if kls else None), ents / max(n_tok, 1)
+            r = response_terms(ref, t["input_ids"], t["attention_mask"], t["response_mask"])
+            kls.append(lp.sum(-1) - r["logps"])
+        ents += float(ent.sum())
+        n_tok += int(t["response_mask"][:, 1:].sum())
+    kl = torch.cat(kls)[torch.tensor(inverse, device=device)] if kls else None
+    return kl, ents / max(n_tok, 1)
 
 
 def eval_prompts(pairs: list[D.TokenizedPair], n_prompts: int, samples_per_prompt: int = 1) -> tuple[list, list[list[int]]]:
@@ -102,7 +117,8 @@ def eval_prompts(pairs: list[D.TokenizedPair], n_prompts: int, samples_per_promp
 
 
 def answer(cfg: EvalConfig, model, tok, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[str]]:
-    gens = sample(model, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.batch_size, cfg.seed, cfg.top_p)
+    gens = sample(model, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.batch_size, cfg.seed, cfg.top_p,
+                  progress=cfg.progress)
     return gens, [tok.decode(g, skip_special_tokens=True) for g in gens]
 
 
