@@ -135,7 +135,7 @@ def reference_answers(cfg: EvalConfig, ref, tok, prompts: list, prompt_ids: list
     """The reference model's own samples on the evaluation prompts (same seed), judged: what win rates compare to.
     Computed once and passed to every policy's evaluation by ``compare``."""
     gens, texts = answer(cfg, ref, tok, prompt_ids)
-    out = {"texts": texts, "lengths": [len(g) for g in gens], "mean_length": sum(map(len, gens)) / max(1, len(gens)),
+    out = {"gens": gens, "texts": texts, "lengths": [len(g) for g in gens], "mean_length": sum(map(len, gens)) / max(1, len(gens)),
            "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2)}
     if judge is not None:
         out.update(_judged(judge, prompts, texts))
@@ -170,7 +170,10 @@ def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None, judge=None,
             idx = rp["feat"].topk(min(cfg.k, sae.d_sae), -1)
             res["feature_mse"] = float(feature_mse(pol["feat"], idx.indices, idx.values, cfg.k).mean())
     prompts, prompt_ids = eval_prompts(pairs, cfg.n_prompts, cfg.samples_per_prompt)
-    gens, texts = answer(cfg, model, tok, prompt_ids)
+    if model is ref and reference is not None and len(reference["gens"]) == len(prompt_ids):
+        gens, texts = reference["gens"], reference["texts"]  # the reference itself: its samples are already drawn
+    else:
+        gens, texts = answer(cfg, model, tok, prompt_ids)
     kl, ent = _sample_stats(model, ref, tok, prompt_ids, gens, cfg.batch_size)
     lengths = [len(g) for g in gens]
     res.update({"n_generations": len(texts), "mean_length": sum(lengths) / len(lengths), "entropy": ent,
@@ -183,7 +186,7 @@ def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None, judge=None,
     if ref is not None and reference is None:
         reference = reference_answers(cfg, ref, tok, prompts, prompt_ids, judge)
     if reference is not None:
-        res["reference"] = {k: v for k, v in reference.items() if k not in ("texts", "lengths", "rewards_per_prompt")}
+        res["reference"] = {k: v for k, v in reference.items() if k not in ("gens", "texts", "lengths", "rewards_per_prompt")}
         if judge is not None and "rewards_per_prompt" in reference:
             a, b = res["rewards_per_prompt"], reference["rewards_per_prompt"]
             res["win_rate"], res["win_rate_se"] = win_rate(a, b)
