@@ -1,5 +1,6 @@
-"""Train SAEs on a causal LM's residual stream at one layer: TopK + AuxK, JumpReLU (straight-through
-estimator), ReLU + decoder-norm-weighted L1. Activations are streamed through a shuffle buffer."""
+"""Train SAEs on a causal LM's residual stream: TopK + AuxK, BatchTopK + AuxK, JumpReLU (straight-through
+estimator), ReLU + decoder-norm-weighted L1. Activations are streamed through a shuffle buffer and scaled to mean
+norm sqrt(d_in) while training (the scale is folded back into the saved SAE)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import doc_batches
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..models import check_layer, hidden_size, run_to_layer
 from .model import SAE, SAEConfig
 
 
 # bumped when training changes in a way the settings do not show (init, update rule), so cached SAEs
 # keyed on the settings (the comparison's) are retrained
-SAE_TRAIN_VERSION = 2
+SAE_TRAIN_VERSION = 3
 
 
 @dataclass
@@ -29,9 +30,10 @@ class SAETrainConfig:
     data: str = field(default="", metadata={"help": "documents: text, conversations, prompt/response, or preference records (prompt + chosen and prompt + rejected)"})
     layer: int = field(default=2, metadata={"help": "decoder layer whose output (residual stream) is encoded"})
     out: str = field(default="runs/sae", metadata={"help": "SAE folder to write (SAELens layout, plus eval.json)"})
-    architecture: str = field(default="topk", metadata={"help": "activation: TopK (+AuxK), JumpReLU (straight-through L0) or ReLU (+L1)", "choices": ["topk", "jumprelu", "relu"]})
+    architecture: str = field(default="topk", metadata={"help": "activation: TopK (+AuxK), BatchTopK (k per token on average over a batch, +AuxK; saved as JumpReLU with the learnt threshold), JumpReLU (straight-through L0) or ReLU (+L1)", "choices": ["topk", "batchtopk", "jumprelu", "relu"]})
     d_sae: int = field(default=512, metadata={"help": "number of latents"})
-    k: int = field(default=32, metadata={"help": "TopK: active latents per token"})
+    k: int = field(default=32, metadata={"help": "TopK/BatchTopK: active latents per token (BatchTopK: on average)"})
+    normalize: bool = field(default=True, metadata={"help": "train on activations scaled to mean norm sqrt(d_in); the scale is folded into the saved weights, which read raw activations"})
     l1_coeff: float = field(default=5.0, metadata={"help": "ReLU: L1 coefficient (decoder-norm weighted)"})
     l0_coeff: float = field(default=1e-3, metadata={"help": "JumpReLU: L0 coefficient"})
     jumprelu_bandwidth: float = field(default=0.001, metadata={"help": "JumpReLU: straight-through rectangle kernel width"})
@@ -42,6 +44,7 @@ class SAETrainConfig:
     tokens: int = field(default=600_000, metadata={"help": "training tokens"})
     batch_tokens: int = field(default=1024, metadata={"help": "tokens per optimiser step"})
     lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (constant, linear decay over the last 20%)"})
+    format: str = field(default="saelens", metadata={"help": "folder layout to save: SAELens (cfg.json + sae_weights.safetensors) or sparsify (cfg.json + sae.safetensors, TopK only)", "choices": ["saelens", "sparsify"]})
     buffer_tokens: int = field(default=32_768, metadata={"help": "shuffle buffer of activations (mixes tokens of many documents)"})
     model_batch_size: int = field(default=32, metadata={"help": "documents per forward pass of the model"})
     max_length: int = field(default=128, metadata={"help": "tokens kept per document"})
@@ -130,23 +133,55 @@ class _Step(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- training
+SPARSE_ARCHS = ("topk", "batchtopk")  # k-sparse by construction: unit-norm decoder rows, AuxK revives dead latents
+
+
 def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, model_name: str) -> SAE:
+    """Decoder rows random unit vectors (scaled by 0.1 for L1/L0-penalised SAEs), encoder their transpose, b_dec the
+    mean of the first batch. A BatchTopK SAE is a JumpReLU SAE whose threshold training estimates."""
     # the layer enters the seed: SAEs of two layers must not share a random init, or matching their
     # latents (SAE Match) would find the shared init rather than shared features
     g = torch.Generator().manual_seed(cfg.seed * 1009 + layer)
-    sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.architecture, k=cfg.k if cfg.architecture == "topk" else None,
-                        apply_b_dec_to_input=True, layer=layer, model=model_name))
+    arch = "jumprelu" if cfg.architecture == "batchtopk" else cfg.architecture
+    extra = {"trained_as": "batchtopk", "k": cfg.k} if cfg.architecture == "batchtopk" else {}
+    sae = SAE(SAEConfig(d_in, cfg.d_sae, arch, k=cfg.k if arch == "topk" else None, apply_b_dec_to_input=True, layer=layer,
+                        model=model_name, extra=extra))
     with torch.no_grad():
         w = torch.randn(cfg.d_sae, d_in, generator=g)
         w /= w.norm(dim=-1, keepdim=True)
-        if cfg.architecture != "topk":
+        if cfg.architecture not in SPARSE_ARCHS:
             w *= 0.1
         sae.W_dec.copy_(w)
         sae.W_enc.copy_(w.T)
         sae.b_dec.copy_(first.mean(0))
         if cfg.architecture == "jumprelu":
             sae.threshold.fill_(cfg.jumprelu_init_threshold)
+        if cfg.architecture == "batchtopk":
+            sae.threshold.fill_(-1.0)  # unset: the first batch sets it
+    if cfg.architecture == "batchtopk":
+        sae.threshold.requires_grad_(False)
     return sae
+
+
+def input_scale(x: torch.Tensor) -> float:
+    """The factor that brings activations to mean norm sqrt(d_in) (SAELens' and dictionary_learning's
+    normalisation): learning rates and loss coefficients then mean the same at every layer and model."""
+    return float(x.shape[-1] ** 0.5 / x.norm(dim=-1).mean().clamp(min=1e-8))
+
+
+def _sparse_codes(sae: SAE, pre: torch.Tensor, arch: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_hat, active latent ids, L0, smallest value kept). TopK keeps the k largest per token and decodes only those
+    rows; BatchTopK keeps the k * tokens largest of the whole batch (so a token gets more or fewer)."""
+    if arch == "topk":
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        vals = vals.relu()
+        return sae.decode_sparse(idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
+    n = pre.shape[0]
+    vals, flat = pre.relu().flatten().topk(k * n, sorted=False)
+    f = torch.zeros(n * sae.d_sae, dtype=pre.dtype, device=pre.device).scatter(0, flat, vals).view(n, sae.d_sae)
+    live = vals.detach() > 0
+    low = vals.detach()[live].min() if live.any() else vals.new_zeros(())
+    return sae.decode(f), flat[live] % sae.d_sae, live.sum().float() / n, low
 
 
 def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
@@ -155,12 +190,9 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
     pre = sae.encode_pre(x)
     arch = cfg.architecture
     aux = torch.zeros((), device=x.device)
-    if arch == "topk":
-        vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
-        vals = vals.relu()
-        x_hat = sae.decode_sparse(idx, vals)
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, idx[vals > 0], True)
-        l0 = (vals > 0).float().sum(-1).mean()
+    if arch in SPARSE_ARCHS:
+        x_hat, fired_idx, l0, low = _sparse_codes(sae, pre, arch, cfg.k)
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, fired_idx, True)
     else:
         if arch == "jumprelu":
             thr = sae.threshold
@@ -171,10 +203,11 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
         x_hat = sae.decode(f)
         fired = (f > 0).any(0)
         l0 = (f > 0).float().sum(-1).mean()
+        low = None
     err = x - x_hat
     mse = err.pow(2).sum(-1).mean()
     var = (x - x.mean(0)).pow(2).sum(-1).mean()
-    if arch == "topk":
+    if arch in SPARSE_ARCHS:
         loss = mse
         n_dead = int(dead.sum()) if dead is not None else 0
         if n_dead:
@@ -189,44 +222,54 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
     else:
         loss = mse + cfg.l1_coeff * (f * sae.W_dec.norm(dim=-1)).sum(-1).mean()
     return loss, {"mse": mse.detach(), "ev": 1 - mse.detach() / var.clamp(min=1e-8), "l0": l0.detach(), "aux": aux.detach(),
-                  "fired": fired}
+                  "fired": fired, "low": low}
 
 
 def fit(sae: SAE, first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAETrainConfig, progress: bool = False) -> torch.Tensor:
     """The SAE optimisation loop over ``cfg.tokens`` tokens of activation batches (``first``, then ``stream``).
 
-    Adam, constant learning rate then linear decay over the last 20%; TopK decoder rows renormalised after each
-    step; a latent is dead once it has not fired for ``cfg.dead_tokens`` tokens. Returns tokens since each fired."""
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    Adam, constant learning rate then linear decay over the last 20%; TopK/BatchTopK decoder rows kept unit-norm;
+    a latent is dead once it has not fired for ``cfg.dead_tokens`` tokens. With ``cfg.normalize`` every batch is
+    scaled by ``input_scale(first)`` and the SAE is rescaled back at the end. BatchTopK's inference threshold is the
+    mean over the decay phase (where the weights settle) of each batch's smallest kept value: an estimate taken
+    earlier lags the growing encoder. Returns tokens since each fired."""
+    scale = input_scale(first) if cfg.normalize else 1.0
+    sae.rescale_inputs(scale)
+    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999))
     steps = max(1, cfg.tokens // cfg.batch_tokens)
     decay_from = int(0.8 * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from)))
     since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=first.device)
+    sparse = cfg.architecture in SPARSE_ARCHS
     bar = tqdm(range(steps), desc=f"sae {cfg.architecture}", disable=not progress)
     x = first
     for step in bar:
         if step:
             x = next(stream)
-        dead = since_fired > cfg.dead_tokens if cfg.architecture == "topk" else None
-        loss, m = sae_loss(sae, x, cfg, dead)
+        dead = since_fired > cfg.dead_tokens if sparse else None
+        loss, m = sae_loss(sae, x * scale, cfg, dead)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.architecture == "topk":
+        if sparse:
             with torch.no_grad():  # rows stay unit-norm: drop the radial part of their gradient (OpenAI)
                 w, g = sae.W_dec, sae.W_dec.grad
                 g -= (g * w).sum(-1, keepdim=True) * w
         opt.step()
         sched.step()
         with torch.no_grad():
-            if cfg.architecture == "topk":
+            if sparse:
                 sae.normalize_decoder()
             if cfg.architecture == "jumprelu":
                 sae.threshold.clamp_(min=1e-6)
+        if cfg.architecture == "batchtopk" and step >= decay_from:
+            n = step - decay_from
+            sae.threshold.data.fill_((float(sae.threshold[0]) * n + float(m["low"])) / (n + 1) if n else float(m["low"]))
         since_fired += len(x)
         since_fired[m["fired"]] = 0
         if progress and (step % 10 == 0 or step == steps - 1):
             bar.set_postfix(mse=f"{m['mse'].item():.4f}", ev=f"{m['ev'].item():.3f}", l0=f"{m['l0'].item():.1f}",
                             dead=int((since_fired > cfg.dead_tokens).sum()))
+    sae.rescale_inputs(1 / scale)
     return since_fired
 
 
@@ -235,6 +278,8 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
     from ..models import load_model, load_tokenizer
     from .metrics import evaluate_sae
 
+    if cfg.format == "sparsify" and cfg.architecture != "topk":
+        raise ConfigError(f"format=sparsify holds TopK SAEs only, not architecture={cfg.architecture}; use format=saelens")
     torch.manual_seed(cfg.seed)
     model = model if model is not None else load_model(cfg.model, device=cfg.device or "auto")
     if cfg.device:
@@ -257,7 +302,7 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
     report = evaluate_sae(sae, model, tokenizer, eval_docs, layer, max_tokens=cfg.eval_tokens, batch_size=cfg.model_batch_size,
                           max_length=cfg.max_length)
     report["train_dead_fraction"] = float((since_fired > cfg.dead_tokens).float().mean())
-    sae.save(cfg.out, extra={"train_config": asdict(cfg), "eval": report})
+    sae.save(cfg.out, extra={"train_config": asdict(cfg), "eval": report}, format=cfg.format)
     with open(os.path.join(cfg.out, "eval.json"), "w") as f:
         json.dump(report, f, indent=2)
     return sae, report
