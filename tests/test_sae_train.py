@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig, load_sae
 from featalign.sae.train import SAETrainConfig, fit, init_sae, input_scale, sae_loss
 
@@ -114,3 +115,32 @@ def test_topk_training_on_synthetic_features():
     sae, _ = train(x)
     ev = 1 - float((held - sae.forward(held)).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
     margin("topk explained variance (raw scale 300)", ev, 0.3)
+
+
+def test_layers_from_one_forward_pass(world, tmp_path):
+    """`--layers 1,3`: one SAE per layer, each trained on the activations its own layer yields (checked against
+    `run_to_layer` on the same documents), saved as a multi-layer folder that `load_sae(out, layer)` reads."""
+    from featalign.models import load_model, load_tokenizer, run_to_layer
+    from featalign.sae.metrics import format_table
+    from featalign.sae.train import iter_activations, read_texts, train_sae
+
+    model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
+    docs = read_texts(world["sft_text"], tok)[:8]
+    both = next(iter_activations(model, tok, docs, [1, 3], batch_size=8, loop=False))
+    for i, layer in enumerate([1, 3]):
+        assert torch.allclose(both[:, i], next(iter_activations(model, tok, docs, layer, batch_size=8, loop=False)), atol=1e-5)
+    assert not torch.allclose(both[:, 0], both[:, 1], atol=1e-2)
+    out = str(tmp_path / "multi")
+    _, reports = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layers="1,3", out=out, d_sae=128, k=16,
+                                          tokens=20_000, eval_tokens=2000, progress=False), model=model, tokenizer=tok)
+    assert sorted(reports) == [1, 3] and "layer 3" in format_table(reports)
+    for layer in (1, 3):
+        sae = load_sae(out, layer)
+        assert sae.cfg.layer == layer and reports[layer]["l0"] <= 16
+        # trained on its own layer: it reconstructs that layer better than the other one. Measured EV ~0.9 on its
+        # own layer against far below 0 on the other (residual streams of different scale and direction)
+        x = run_to_layer(model, layer, input_ids=torch.tensor([docs[0]]))[0]
+        other = run_to_layer(model, 4 - layer, input_ids=torch.tensor([docs[0]]))[0]
+        assert (x - sae.forward(x)).pow(2).sum() < (other - sae.forward(other)).pow(2).sum()
+    with pytest.raises(ConfigError, match="layers='1,x': expected comma-separated layer indices"):
+        train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layers="1,x", out=out), model=model, tokenizer=tok)
