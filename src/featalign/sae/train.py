@@ -184,15 +184,22 @@ def input_scale(x: torch.Tensor) -> float:
     return float(x.shape[-1] ** 0.5 / x.norm(dim=-1).mean().clamp(min=1e-8))
 
 
-def _sparse_codes(sae: SAE, xc: torch.Tensor, arch: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_hat, active latent ids, L0, smallest value kept) for centred inputs ``xc``. TopK keeps the k largest per
-    token and decodes only those rows; BatchTopK keeps the k * tokens largest of the whole batch (so a token gets
-    more or fewer)."""
-    pre = torch.addmm(sae.b_enc, xc, sae.W_enc)
+def _decode_k(sae: SAE, idx: torch.Tensor, vals: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    """Decode k (index, value) pairs per token: ``embedding_bag`` on a GPU; on a CPU its backward is slower than the
+    dense product of the scattered codes (a TopK step took 1.9x as long with it, bench notes in the README)."""
+    if vals.is_cuda:
+        return sae.decode_sparse(idx, vals, bias)
+    f = torch.zeros(len(vals), sae.d_sae, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
+    return torch.addmm(sae.b_dec, f, sae.W_dec) if bias else f @ sae.W_dec
+
+
+def _sparse_codes(sae: SAE, pre: torch.Tensor, arch: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_hat, active latent ids, L0, smallest value kept). TopK keeps the k largest per token; BatchTopK keeps
+    the k * tokens largest of the whole batch (so a token gets more or fewer)."""
     if arch == "topk":
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         vals = vals.relu()
-        return sae.decode_sparse(idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
+        return _decode_k(sae, idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
     n = pre.shape[0]
     vals, flat = pre.relu().flatten().topk(k * n, sorted=False)
     f = torch.zeros(n * sae.d_sae, dtype=pre.dtype, device=pre.device).scatter(0, flat, vals).view(n, sae.d_sae)
@@ -202,14 +209,15 @@ def _sparse_codes(sae: SAE, xc: torch.Tensor, arch: str, k: int) -> tuple[torch.
 
 
 def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    """Loss and metrics for one batch. TopK decodes sparsely (the k active decoder rows per token, and the k_aux
-    dead ones for AuxK, whose pre-activations are computed for the dead latents only). A sparse encoder backward
-    (sparsify's) was measured slower on CPU than the dense product autograd does (bench notes in the README)."""
+    """Loss and metrics for one batch. TopK/BatchTopK: the centring is folded into the encoder bias
+    (``(x - b_dec) W + b = x W + (b - b_dec W)``), so b_dec's gradient through the encoder costs a vector-matrix
+    product, not a third [tokens, d_sae] x [d_sae, d_in] one; AuxK's pre-activations are computed for the dead
+    latents only. A sparse encoder backward (sparsify's) measured slower on CPU than these dense products."""
     arch = cfg.architecture
     aux = torch.zeros((), device=x.device)
     if arch in SPARSE_ARCHS:
-        xc = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
-        x_hat, fired_idx, l0, low = _sparse_codes(sae, xc, arch, cfg.k)
+        b_eff = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
+        x_hat, fired_idx, l0, low = _sparse_codes(sae, torch.addmm(b_eff, x, sae.W_enc), arch, cfg.k)
         fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, fired_idx, True)
     else:
         pre = sae.encode_pre(x)
@@ -232,9 +240,8 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
         if n_dead:
             k_aux = min(cfg.aux_k or max(1, x.shape[-1] // 2), n_dead)
             ids = dead.nonzero().squeeze(1)  # only the dead latents' pre-activations are needed
-            a_vals, pos = torch.addmm(sae.b_enc[ids], xc, sae.W_enc[:, ids]).topk(k_aux, dim=-1, sorted=False)
-            a_idx = ids[pos]
-            e_hat = sae.decode_sparse(a_idx, a_vals.relu(), bias=False)
+            a_vals, pos = torch.addmm(b_eff[ids], x, sae.W_enc[:, ids]).topk(k_aux, dim=-1, sorted=False)
+            e_hat = _decode_k(sae, ids[pos], a_vals.relu(), bias=False)
             target = err.detach()
             aux = (e_hat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp(min=1e-8)
             loss = loss + cfg.aux_coeff * aux
