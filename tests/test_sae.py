@@ -138,7 +138,7 @@ def test_other_architectures_train(world, tmp_path, arch, extra):
                                       architecture=arch, d_sae=256, tokens=60_000, eval_tokens=5000, progress=False, **extra))
     margin(f"{arch} explained variance", r["explained_variance"], 0.5)  # measured 0.980-0.986, seeds 0-2, 3 settings
     assert 0 < r["l0"] < 256
-    if arch == "batchtopk":  # a JumpReLU at inference; its threshold keeps about k=32 per token (measured 25-40)
+    if arch == "batchtopk":  # a JumpReLU at inference; its threshold keeps about k=32 per token (measured 31.4, seed 0; bounds 4x off)
         margin("batchtopk L0 at inference", r["l0"], 8)
         margin("batchtopk L0 at inference", r["l0"], 128, above=False)
     if arch in ("jumprelu", "batchtopk"):

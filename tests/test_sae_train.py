@@ -137,10 +137,11 @@ def test_layers_from_one_forward_pass(world, tmp_path):
     for layer in (1, 3):
         sae = load_sae(out, layer)
         assert sae.cfg.layer == layer and reports[layer]["l0"] <= 16
-        # trained on its own layer: it reconstructs that layer better than the other one. Measured EV ~0.9 on its
-        # own layer against far below 0 on the other (residual streams of different scale and direction)
+        # trained on its own layer, it reconstructs that layer better than the other one (residual streams of
+        # different scale and direction; see the printed margin)
         x = run_to_layer(model, layer, input_ids=torch.tensor([docs[0]]))[0]
         other = run_to_layer(model, 4 - layer, input_ids=torch.tensor([docs[0]]))[0]
-        assert (x - sae.forward(x)).pow(2).sum() < (other - sae.forward(other)).pow(2).sum()
+        own_err, other_err = float((x - sae.forward(x)).pow(2).sum()), float((other - sae.forward(other)).pow(2).sum())
+        margin(f"layer {layer}: error on the other layer / on its own", other_err / own_err, 1.0)
     with pytest.raises(ConfigError, match="layers='1,x': expected comma-separated layer indices"):
         train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layers="1,x", out=out), model=model, tokenizer=tok)
