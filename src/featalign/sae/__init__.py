@@ -1,5 +1,5 @@
 """Sparse autoencoders: architectures and formats (model), training, metrics, matching."""
 
-from .model import SAE, SAEConfig, check_fits, load_gemma_scope, load_sae, load_saelens, resolve_layer
+from .model import SAE, SAEConfig, check_fits, load_gemma_scope, load_sae, load_saelens, load_sparsify, resolve_layer
 
-__all__ = ["SAE", "SAEConfig", "check_fits", "load_gemma_scope", "load_sae", "load_saelens", "resolve_layer"]
+__all__ = ["SAE", "SAEConfig", "check_fits", "load_gemma_scope", "load_sae", "load_saelens", "load_sparsify", "resolve_layer"]

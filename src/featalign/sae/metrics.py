@@ -98,6 +98,9 @@ def evaluate_sae(sae, model, tokenizer, docs: list[list[int]], layer: int, max_t
 
 
 def format_table(report: dict) -> str:
+    """A metric/value table; for reports keyed by layer (``sae train --layers``), one table per layer."""
+    if report and all(isinstance(v, dict) for v in report.values()):
+        return "\n\n".join(f"layer {layer}\n{format_table(r)}" for layer, r in report.items())
     rows = [("metric", "value")] + [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in report.items()]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)

@@ -1,14 +1,16 @@
 """One SAE module for ReLU, TopK and JumpReLU, and loading/saving in the formats researchers already have.
 
-Formats: Gemma Scope ``params.npz``; SAELens folders (``cfg.json`` + ``sae_weights.safetensors``). featalign
-saves the SAELens layout, adding a ``featalign`` block to ``cfg.json`` (layer, model, training stats), so
-SAELens' ``SAE.load_from_disk`` reads what featalign trains and featalign reads SAELens' folders as is.
+Formats: Gemma Scope ``params.npz``; SAELens folders (``cfg.json`` + ``sae_weights.safetensors``); sparsify
+folders (``cfg.json`` + ``sae.safetensors``) and sparsify's multi-layer folder of such folders (``layers.N/``).
+featalign saves the SAELens layout by default (sparsify's on request, TopK only), adding a ``featalign`` block to
+``cfg.json`` (layer, model, training stats); both libraries' loaders read what featalign writes and ignore it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 
@@ -21,6 +23,8 @@ from ..errors import ConfigError
 ARCHITECTURES = ("relu", "topk", "jumprelu")
 _SAELENS_ARCH = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+SAVE_FORMATS = ("saelens", "sparsify")
+_LAYER_DIR = re.compile(r"^(?:.*\.)?(\d+)$")  # sparsify's hookpoint folders: layers.4, model.layers.4, h.4
 
 
 @dataclass
@@ -116,17 +120,42 @@ class SAE(nn.Module):
         return pooled / sel.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
 
     @torch.no_grad()
+    def rescale_inputs(self, c: float) -> "SAE":
+        """Turn this SAE for inputs ``x`` into the same SAE for inputs ``c * x``: latents scale by ``c``, the
+        decoder rows are unchanged (so stay unit-norm), TopK picks the same latents. Training on normalised
+        activations calls it with the scale, then with its inverse to save an SAE that reads raw activations."""
+        self.b_dec.mul_(c)
+        self.b_enc.mul_(c)
+        if self.cfg.architecture == "jumprelu":
+            self.threshold.mul_(c)
+        return self
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
     # --- persistence -----------------------------------------------------------------------------
-    def save(self, path: str, extra: dict | None = None) -> str:
-        """Save in the SAELens folder layout, atomically (temp folder + rename)."""
-        from safetensors.torch import save_file
-
+    def save(self, path: str, extra: dict | None = None, format: str = "saelens") -> str:
+        """Save in the SAELens (or sparsify) folder layout, atomically (temp folder + rename)."""
+        if format not in SAVE_FORMATS:
+            raise ConfigError(f"unknown SAE format {format!r}; choose from {list(SAVE_FORMATS)}")
         tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+        try:
+            (self._write_sparsify if format == "sparsify" else self._write_saelens)(tmp, extra)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_dir(tmp, path)
+        return path
+
+    def _featalign_block(self, extra: dict | None) -> dict:
+        return {**asdict(self.cfg), "extra": {**self.cfg.extra, **(extra or {})}}
+
+    def _write_saelens(self, tmp: str, extra: dict | None) -> None:
+        from safetensors.torch import save_file
+
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, os.path.join(tmp, "sae_weights.safetensors"))
         cfg = {
@@ -135,15 +164,29 @@ class SAE(nn.Module):
             "normalize_activations": "none", "reshape_activations": "none",
             "metadata": {"hook_name": f"layers.{self.cfg.layer}" if self.cfg.layer is not None else None,
                          "model_name": self.cfg.model},
-            "featalign": {**asdict(self.cfg), "extra": {**self.cfg.extra, **(extra or {})}},
+            "featalign": self._featalign_block(extra),
         }
         if self.cfg.architecture == "topk":
             cfg["k"] = self.cfg.k
             cfg["rescale_acts_by_decoder_norm"] = False
         with open(os.path.join(tmp, "cfg.json"), "w") as f:
             json.dump(cfg, f, indent=2)
-        replace_dir(tmp, path)
-        return path
+
+    def _write_sparsify(self, tmp: str, extra: dict | None) -> None:
+        """sparsify's SparseCoder always centres on b_dec (``relu((x - b_dec) W^T + b)``, top k): an SAE that does
+        not centre is written with ``b_dec @ W_enc`` folded into the encoder bias, which encodes the same."""
+        from safetensors.torch import save_file
+
+        if self.cfg.architecture != "topk":
+            raise ConfigError(f"sparsify's format holds TopK SAEs only; this SAE is {self.cfg.architecture} (save it as saelens)")
+        b_enc = self.b_enc if self.cfg.apply_b_dec_to_input else self.b_enc + self.b_dec @ self.W_enc
+        tensors = {"encoder.weight": self.W_enc.T, "encoder.bias": b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "sae.safetensors"))
+        cfg = {"activation": "topk", "expansion_factor": max(1, self.d_sae // self.d_in), "normalize_decoder": True,
+               "num_latents": self.d_sae, "k": self.cfg.k, "multi_topk": False, "skip_connection": False, "transcode": False,
+               "d_in": self.d_in, "featalign": {**self._featalign_block(extra), "apply_b_dec_to_input": True}}
+        with open(os.path.join(tmp, "cfg.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
 
 
 def _check_shapes(t: dict[str, torch.Tensor], source: str, arch: str) -> tuple[int, int]:
@@ -208,10 +251,63 @@ def load_saelens(path: str) -> SAE:
     return from_tensors(load_file(w_path), cfg, w_path)
 
 
+def _layer_dirs(path: str) -> dict[int, str]:
+    """A multi-layer folder's SAE subfolders (sparsify's ``layers.N/``, any format) by layer."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        m = _LAYER_DIR.match(name)
+        if m and os.path.isfile(os.path.join(path, name, "cfg.json")):
+            out[int(m.group(1))] = os.path.join(path, name)
+    return out
+
+
+def load_sparsify(path: str, layer: int | None = None) -> SAE:
+    """A sparsify SparseCoder folder (``cfg.json`` + ``sae.safetensors``): TopK after a ReLU, input centred on b_dec."""
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = os.path.join(path, "cfg.json"), os.path.join(path, "sae.safetensors")
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    for key, bad, why in (("transcode", True, "a transcoder (it predicts a module's output), not an SAE"),
+                          ("skip_connection", True, "has a skip connection, which featalign's SAE does not model"),
+                          ("activation", "groupmax", "uses the groupmax activation; featalign reads topk")):
+        if raw.get(key, False) == bad:
+            raise ConfigError(f"{cfg_path}: {key}={bad!r}: {why}")
+    t = load_file(w_path)
+    for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
+        if name not in t:
+            raise ConfigError(f"{w_path}: missing tensor '{name}' (has {sorted(t)})")
+    t = {"W_enc": t["encoder.weight"].T, "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    d_in, d_sae = _check_shapes(t, w_path, "topk")
+    if "d_in" in raw and int(raw["d_in"]) != d_in:
+        raise ConfigError(f"{cfg_path}: d_in={raw['d_in']} but {os.path.basename(w_path)} holds {d_in}-dim inputs")
+    fa = raw.get("featalign", {})
+    k = raw.get("k", 32)
+    if not 0 < k <= d_sae:
+        raise ConfigError(f"{cfg_path}: k={k} is not in 1..{d_sae} (the number of latents)")
+    m = _LAYER_DIR.match(os.path.basename(os.path.normpath(path)))
+    layer = layer if layer is not None else fa.get("layer", int(m.group(1)) if m else None)
+    cfg = SAEConfig(d_in, d_sae, "topk", k=k, apply_b_dec_to_input=True, layer=layer, model=fa.get("model"),
+                    extra=fa.get("extra", {}))
+    return from_tensors(t, cfg, w_path)
+
+
 def load_sae(path: str, layer: int | None = None) -> SAE:
-    """Load an SAE from a Gemma Scope ``params.npz``, a SAELens folder or a featalign folder."""
+    """Load an SAE from a Gemma Scope ``params.npz``, a SAELens/featalign folder, a sparsify folder, or a
+    multi-layer folder of such folders (``layers.N/``, as sparsify and ``featalign sae train --layers`` write)."""
     if path.endswith(".npz"):
         sae = load_gemma_scope(path, layer)
+    elif os.path.isdir(path) and not os.path.exists(os.path.join(path, "cfg.json")):
+        layers = _layer_dirs(path)
+        if not layers:
+            raise ConfigError(f"{path}: not an SAE folder (no cfg.json) nor a multi-layer one (no layers.N/cfg.json inside)")
+        if layer is None:
+            raise ConfigError(f"{path}: holds SAEs for layers {sorted(layers)}; pass --layer to pick one")
+        if layer not in layers:
+            raise ConfigError(f"{path}: no SAE for layer {layer}; it holds layers {sorted(layers)}")
+        return load_sae(layers[layer], layer)
+    elif os.path.isfile(os.path.join(path, "sae.safetensors")):
+        sae = load_sparsify(path, layer)
     elif os.path.isdir(path):
         sae = load_saelens(path)
     else:

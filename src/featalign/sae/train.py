@@ -1,11 +1,14 @@
-"""Train SAEs on a causal LM's residual stream at one layer: TopK + AuxK, JumpReLU (straight-through
-estimator), ReLU + decoder-norm-weighted L1. Activations are streamed through a shuffle buffer."""
+"""Train SAEs on a causal LM's residual stream: TopK + AuxK, BatchTopK + AuxK, JumpReLU (straight-through
+estimator), ReLU + decoder-norm-weighted L1. Activations are streamed through a shuffle buffer and scaled to mean
+norm sqrt(d_in) while training (the scale is folded back into the saved SAE)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -13,14 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import doc_batches
-from ..errors import DataError
-from ..models import check_layer, hidden_size, run_to_layer
+from ..errors import ConfigError, DataError
+from ..models import capture_layer, check_layer, hidden_size, run_to_layer
 from .model import SAE, SAEConfig
 
 
 # bumped when training changes in a way the settings do not show (init, update rule), so cached SAEs
 # keyed on the settings (the comparison's) are retrained
-SAE_TRAIN_VERSION = 2
+SAE_TRAIN_VERSION = 3
 
 
 @dataclass
@@ -28,10 +31,12 @@ class SAETrainConfig:
     model: str = field(default="", metadata={"help": "model whose residual stream the SAE reads: HF folder, hub id or .gguf"})
     data: str = field(default="", metadata={"help": "documents: text, conversations, prompt/response, or preference records (prompt + chosen and prompt + rejected)"})
     layer: int = field(default=2, metadata={"help": "decoder layer whose output (residual stream) is encoded"})
+    layers: str = field(default="", metadata={"help": "several layers, e.g. 4,8,12: one SAE per layer from a single forward pass, saved to OUT/layers.N (overrides --layer)"})
     out: str = field(default="runs/sae", metadata={"help": "SAE folder to write (SAELens layout, plus eval.json)"})
-    architecture: str = field(default="topk", metadata={"help": "activation: TopK (+AuxK), JumpReLU (straight-through L0) or ReLU (+L1)", "choices": ["topk", "jumprelu", "relu"]})
+    architecture: str = field(default="topk", metadata={"help": "activation: TopK (+AuxK), BatchTopK (k per token on average over a batch, +AuxK; saved as JumpReLU with the learnt threshold), JumpReLU (straight-through L0) or ReLU (+L1)", "choices": ["topk", "batchtopk", "jumprelu", "relu"]})
     d_sae: int = field(default=512, metadata={"help": "number of latents"})
-    k: int = field(default=32, metadata={"help": "TopK: active latents per token"})
+    k: int = field(default=32, metadata={"help": "TopK/BatchTopK: active latents per token (BatchTopK: on average)"})
+    normalize: bool = field(default=True, metadata={"help": "train on activations scaled to mean norm sqrt(d_in); the scale is folded into the saved weights, which read raw activations"})
     l1_coeff: float = field(default=5.0, metadata={"help": "ReLU: L1 coefficient (decoder-norm weighted)"})
     l0_coeff: float = field(default=1e-3, metadata={"help": "JumpReLU: L0 coefficient"})
     jumprelu_bandwidth: float = field(default=0.001, metadata={"help": "JumpReLU: straight-through rectangle kernel width"})
@@ -42,6 +47,7 @@ class SAETrainConfig:
     tokens: int = field(default=600_000, metadata={"help": "training tokens"})
     batch_tokens: int = field(default=1024, metadata={"help": "tokens per optimiser step"})
     lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (constant, linear decay over the last 20%)"})
+    format: str = field(default="saelens", metadata={"help": "folder layout to save: SAELens (cfg.json + sae_weights.safetensors) or sparsify (cfg.json + sae.safetensors, TopK only)", "choices": ["saelens", "sparsify"]})
     buffer_tokens: int = field(default=32_768, metadata={"help": "shuffle buffer of activations (mixes tokens of many documents)"})
     model_batch_size: int = field(default=32, metadata={"help": "documents per forward pass of the model"})
     max_length: int = field(default=128, metadata={"help": "tokens kept per document"})
@@ -60,10 +66,19 @@ def read_texts(path: str, tokenizer) -> list[list[int]]:
     return read_documents(path, tokenizer)
 
 
+def run_to_layers(model, layers: list[int], **inputs) -> torch.Tensor:
+    """Residual streams after each of ``layers`` from one forward pass cut after the deepest: [..., layers, d]."""
+    with contextlib.ExitStack() as stack:
+        boxes = [stack.enter_context(capture_layer(model, layer, stop=layer == max(layers))) for layer in layers]
+        model(**inputs, use_cache=False)
+    return torch.stack([b["h"] for b in boxes], -2)
+
+
 @torch.no_grad()
-def iter_activations(model, tokenizer, docs: list[list[int]], layer: int, batch_size: int = 32, max_length: int = 128,
+def iter_activations(model, tokenizer, docs: list[list[int]], layer: int | list[int], batch_size: int = 32, max_length: int = 128,
                      seed: int = 0, loop: bool = True) -> Iterator[torch.Tensor]:
-    """Yield [n_tokens, d] residual-stream activations at ``layer`` (padding removed), cycling over docs."""
+    """Yield [n_tokens, d] residual-stream activations at ``layer`` (padding removed), cycling over docs; for a list
+    of layers, [n_tokens, layers, d] from one forward pass."""
     device = next(model.parameters()).device
     rng = random.Random(seed)
     pad = tokenizer.pad_token_id
@@ -71,7 +86,10 @@ def iter_activations(model, tokenizer, docs: list[list[int]], layer: int, batch_
         order = list(range(len(docs)))
         rng.shuffle(order)
         for ids, att in doc_batches([docs[j] for j in order], batch_size, max_length, pad, device):
-            h = run_to_layer(model, layer, input_ids=ids, attention_mask=att)
+            if isinstance(layer, int):
+                h = run_to_layer(model, layer, input_ids=ids, attention_mask=att)
+            else:
+                h = run_to_layers(model, layer, input_ids=ids, attention_mask=att)
             yield h[att.bool()].float()
         if not loop:
             return
@@ -130,38 +148,79 @@ class _Step(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- training
+SPARSE_ARCHS = ("topk", "batchtopk")  # k-sparse by construction: unit-norm decoder rows, AuxK revives dead latents
+
+
 def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, model_name: str) -> SAE:
+    """Decoder rows random unit vectors (scaled by 0.1 for L1/L0-penalised SAEs), encoder their transpose, b_dec the
+    mean of the first batch. A BatchTopK SAE is a JumpReLU SAE whose threshold training estimates."""
     # the layer enters the seed: SAEs of two layers must not share a random init, or matching their
     # latents (SAE Match) would find the shared init rather than shared features
     g = torch.Generator().manual_seed(cfg.seed * 1009 + layer)
-    sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.architecture, k=cfg.k if cfg.architecture == "topk" else None,
-                        apply_b_dec_to_input=True, layer=layer, model=model_name))
+    arch = "jumprelu" if cfg.architecture == "batchtopk" else cfg.architecture
+    extra = {"trained_as": "batchtopk", "k": cfg.k} if cfg.architecture == "batchtopk" else {}
+    sae = SAE(SAEConfig(d_in, cfg.d_sae, arch, k=cfg.k if arch == "topk" else None, apply_b_dec_to_input=True, layer=layer,
+                        model=model_name, extra=extra))
     with torch.no_grad():
         w = torch.randn(cfg.d_sae, d_in, generator=g)
         w /= w.norm(dim=-1, keepdim=True)
-        if cfg.architecture != "topk":
+        if cfg.architecture not in SPARSE_ARCHS:
             w *= 0.1
         sae.W_dec.copy_(w)
         sae.W_enc.copy_(w.T)
         sae.b_dec.copy_(first.mean(0))
         if cfg.architecture == "jumprelu":
             sae.threshold.fill_(cfg.jumprelu_init_threshold)
+        if cfg.architecture == "batchtopk":
+            sae.threshold.fill_(-1.0)  # unset: the first batch sets it
+    if cfg.architecture == "batchtopk":
+        sae.threshold.requires_grad_(False)
     return sae
 
 
+def input_scale(x: torch.Tensor) -> float:
+    """The factor that brings activations to mean norm sqrt(d_in) (SAELens' and dictionary_learning's
+    normalisation): learning rates and loss coefficients then mean the same at every layer and model."""
+    return float(x.shape[-1] ** 0.5 / x.norm(dim=-1).mean().clamp(min=1e-8))
+
+
+def _decode_k(sae: SAE, idx: torch.Tensor, vals: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    """Decode k (index, value) pairs per token: ``embedding_bag`` on a GPU; on a CPU its backward is slower than the
+    dense product of the scattered codes (a TopK step took 1.9x as long with it, bench notes in the README)."""
+    if vals.is_cuda:
+        return sae.decode_sparse(idx, vals, bias)
+    f = torch.zeros(len(vals), sae.d_sae, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
+    return torch.addmm(sae.b_dec, f, sae.W_dec) if bias else f @ sae.W_dec
+
+
+def _sparse_codes(sae: SAE, pre: torch.Tensor, arch: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_hat, active latent ids, L0, smallest value kept). TopK keeps the k largest per token; BatchTopK keeps
+    the k * tokens largest of the whole batch (so a token gets more or fewer)."""
+    if arch == "topk":
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        vals = vals.relu()
+        return _decode_k(sae, idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
+    n = pre.shape[0]
+    vals, flat = pre.relu().flatten().topk(k * n, sorted=False)
+    f = torch.zeros(n * sae.d_sae, dtype=pre.dtype, device=pre.device).scatter(0, flat, vals).view(n, sae.d_sae)
+    live = vals.detach() > 0
+    low = vals.detach()[live].min() if live.any() else vals.new_zeros(())
+    return sae.decode(f), flat[live] % sae.d_sae, live.sum().float() / n, low
+
+
 def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    """Loss and metrics for one batch. TopK decodes sparsely (the k active decoder rows per token, and the
-    k_aux dead ones for AuxK), so neither pass multiplies a mostly-zero [tokens, d_sae] matrix."""
-    pre = sae.encode_pre(x)
+    """Loss and metrics for one batch. TopK/BatchTopK: the centring is folded into the encoder bias
+    (``(x - b_dec) W + b = x W + (b - b_dec W)``), so b_dec's gradient through the encoder costs a vector-matrix
+    product, not a third [tokens, d_sae] x [d_sae, d_in] one; AuxK's pre-activations are computed for the dead
+    latents only. A sparse encoder backward (sparsify's) measured slower on CPU than these dense products."""
     arch = cfg.architecture
     aux = torch.zeros((), device=x.device)
-    if arch == "topk":
-        vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
-        vals = vals.relu()
-        x_hat = sae.decode_sparse(idx, vals)
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, idx[vals > 0], True)
-        l0 = (vals > 0).float().sum(-1).mean()
+    if arch in SPARSE_ARCHS:
+        b_eff = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
+        x_hat, fired_idx, l0, low = _sparse_codes(sae, torch.addmm(b_eff, x, sae.W_enc), arch, cfg.k)
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, fired_idx, True)
     else:
+        pre = sae.encode_pre(x)
         if arch == "jumprelu":
             thr = sae.threshold
             f = _JumpReLU.apply(torch.relu(pre), thr, cfg.jumprelu_bandwidth)
@@ -171,16 +230,18 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
         x_hat = sae.decode(f)
         fired = (f > 0).any(0)
         l0 = (f > 0).float().sum(-1).mean()
+        low = None
     err = x - x_hat
     mse = err.pow(2).sum(-1).mean()
     var = (x - x.mean(0)).pow(2).sum(-1).mean()
-    if arch == "topk":
+    if arch in SPARSE_ARCHS:
         loss = mse
         n_dead = int(dead.sum()) if dead is not None else 0
         if n_dead:
             k_aux = min(cfg.aux_k or max(1, x.shape[-1] // 2), n_dead)
-            a_vals, a_idx = pre.masked_fill(~dead, -float("inf")).topk(k_aux, dim=-1, sorted=False)
-            e_hat = sae.decode_sparse(a_idx, a_vals.relu(), bias=False)
+            ids = dead.nonzero().squeeze(1)  # only the dead latents' pre-activations are needed
+            a_vals, pos = torch.addmm(b_eff[ids], x, sae.W_enc[:, ids]).topk(k_aux, dim=-1, sorted=False)
+            e_hat = _decode_k(sae, ids[pos], a_vals.relu(), bias=False)
             target = err.detach()
             aux = (e_hat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp(min=1e-8)
             loss = loss + cfg.aux_coeff * aux
@@ -189,76 +250,137 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
     else:
         loss = mse + cfg.l1_coeff * (f * sae.W_dec.norm(dim=-1)).sum(-1).mean()
     return loss, {"mse": mse.detach(), "ev": 1 - mse.detach() / var.clamp(min=1e-8), "l0": l0.detach(), "aux": aux.detach(),
-                  "fired": fired}
+                  "fired": fired, "low": low}
 
 
-def fit(sae: SAE, first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAETrainConfig, progress: bool = False) -> torch.Tensor:
-    """The SAE optimisation loop over ``cfg.tokens`` tokens of activation batches (``first``, then ``stream``).
+class _Fit:
+    """One SAE's optimiser state and step. Adam, constant learning rate then linear decay over the last 20%;
+    TopK/BatchTopK decoder rows kept unit-norm; a latent is dead once it has not fired for ``cfg.dead_tokens``
+    tokens. With ``cfg.normalize`` every batch is scaled by ``input_scale(first)`` and the SAE is rescaled back at
+    the end. BatchTopK's inference threshold is the mean over the decay phase (where the weights settle) of each
+    batch's smallest kept value: an estimate taken earlier lags the growing encoder."""
 
-    Adam, constant learning rate then linear decay over the last 20%; TopK decoder rows renormalised after each
-    step; a latent is dead once it has not fired for ``cfg.dead_tokens`` tokens. Returns tokens since each fired."""
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    def __init__(self, sae: SAE, first: torch.Tensor, cfg: SAETrainConfig):
+        self.sae, self.cfg = sae, cfg
+        self.scale = input_scale(first) if cfg.normalize else 1.0
+        sae.rescale_inputs(self.scale)
+        self.opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999))
+        steps = max(1, cfg.tokens // cfg.batch_tokens)
+        self.decay_from = decay_from = int(0.8 * steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from)))
+        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=first.device)
+        self.sparse = cfg.architecture in SPARSE_ARCHS
+        self.n = 0
+
+    def step(self, x: torch.Tensor) -> dict:
+        sae, cfg = self.sae, self.cfg
+        dead = self.since_fired > cfg.dead_tokens if self.sparse else None
+        loss, m = sae_loss(sae, x * self.scale, cfg, dead)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.sparse:
+            with torch.no_grad():  # rows stay unit-norm: drop the radial part of their gradient (OpenAI)
+                w, g = sae.W_dec, sae.W_dec.grad
+                g -= (g * w).sum(-1, keepdim=True) * w
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            if self.sparse:
+                sae.normalize_decoder()
+            if cfg.architecture == "jumprelu":
+                sae.threshold.clamp_(min=1e-6)
+            if cfg.architecture == "batchtopk" and self.n >= self.decay_from:
+                i = self.n - self.decay_from
+                sae.threshold.fill_((float(sae.threshold[0]) * i + float(m["low"])) / (i + 1))
+        self.since_fired += len(x)
+        self.since_fired[m["fired"]] = 0
+        self.n += 1
+        return m
+
+    def finish(self) -> torch.Tensor:
+        self.sae.rescale_inputs(1 / self.scale)
+        return self.since_fired
+
+
+def fit_many(saes: list[SAE], first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAETrainConfig,
+             progress: bool = False) -> list[torch.Tensor]:
+    """Train one SAE per layer on batches [tokens, layers, d_in] (``first``, then ``stream``) for ``cfg.tokens``
+    tokens: each batch feeds every SAE, so the model runs once for all layers. Returns tokens since each latent fired."""
+    fits = [_Fit(sae, first[:, i], cfg) for i, sae in enumerate(saes)]
     steps = max(1, cfg.tokens // cfg.batch_tokens)
-    decay_from = int(0.8 * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from)))
-    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=first.device)
     bar = tqdm(range(steps), desc=f"sae {cfg.architecture}", disable=not progress)
     x = first
     for step in bar:
         if step:
             x = next(stream)
-        dead = since_fired > cfg.dead_tokens if cfg.architecture == "topk" else None
-        loss, m = sae_loss(sae, x, cfg, dead)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.architecture == "topk":
-            with torch.no_grad():  # rows stay unit-norm: drop the radial part of their gradient (OpenAI)
-                w, g = sae.W_dec, sae.W_dec.grad
-                g -= (g * w).sum(-1, keepdim=True) * w
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            if cfg.architecture == "topk":
-                sae.normalize_decoder()
-            if cfg.architecture == "jumprelu":
-                sae.threshold.clamp_(min=1e-6)
-        since_fired += len(x)
-        since_fired[m["fired"]] = 0
+        ms = [f.step(x[:, i]) for i, f in enumerate(fits)]
         if progress and (step % 10 == 0 or step == steps - 1):
+            m, f = ms[0], fits[0]
             bar.set_postfix(mse=f"{m['mse'].item():.4f}", ev=f"{m['ev'].item():.3f}", l0=f"{m['l0'].item():.1f}",
-                            dead=int((since_fired > cfg.dead_tokens).sum()))
-    return since_fired
+                            dead=int((f.since_fired > cfg.dead_tokens).sum()))
+    return [f.finish() for f in fits]
+
+
+def fit(sae: SAE, first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAETrainConfig, progress: bool = False) -> torch.Tensor:
+    """``fit_many`` for one SAE on batches [tokens, d_in]."""
+    return fit_many([sae], first[:, None], (x[:, None] for x in stream), cfg, progress)[0]
+
+
+def parse_layers(layers: str | list | None, model) -> list[int]:
+    """``--layers 4,8,12`` (or a YAML list) as checked, distinct layer indices."""
+    if not layers:
+        return []
+    try:
+        out = [int(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
+    except ValueError:
+        raise ConfigError(f"layers={layers!r}: expected comma-separated layer indices such as 4,8,12") from None
+    out = [check_layer(model, v) for v in out]
+    if len(set(out)) != len(out):
+        raise ConfigError(f"layers={layers!r}: a layer is named twice")
+    return out
 
 
 def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dict]:
-    """Train an SAE on ``cfg.model`` at ``cfg.layer`` over ``cfg.tokens`` tokens; save it to ``cfg.out``."""
+    """Train an SAE on ``cfg.model`` at ``cfg.layer`` over ``cfg.tokens`` tokens; save it to ``cfg.out``. With
+    ``cfg.layers``, one SAE per layer from the same forward passes, saved to ``cfg.out/layers.N`` (sparsify's
+    multi-layer layout, which ``load_sae(out, layer)`` reads); returns the first and a report per layer."""
     from ..models import load_model, load_tokenizer
     from .metrics import evaluate_sae
 
+    if cfg.format == "sparsify" and cfg.architecture != "topk":
+        raise ConfigError(f"format=sparsify holds TopK SAEs only, not architecture={cfg.architecture}; use format=saelens")
     torch.manual_seed(cfg.seed)
     model = model if model is not None else load_model(cfg.model, device=cfg.device or "auto")
     if cfg.device:
         model = model.to(cfg.device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     model.eval()
-    layer = check_layer(model, cfg.layer)
+    layers = parse_layers(cfg.layers, model) or [check_layer(model, cfg.layer)]
     d_in = hidden_size(model)
     docs = read_texts(cfg.data, tokenizer)
     rng = random.Random(cfg.seed)
     rng.shuffle(docs)
     n_eval_docs = max(1, len(docs) // 10)
     eval_docs, train_docs = docs[:n_eval_docs], docs[n_eval_docs:]
-    stream = shuffle_buffer(iter_activations(model, tokenizer, train_docs, layer, cfg.model_batch_size, cfg.max_length, cfg.seed),
+    stream = shuffle_buffer(iter_activations(model, tokenizer, train_docs, layers, cfg.model_batch_size, cfg.max_length, cfg.seed),
                             cfg.buffer_tokens, cfg.batch_tokens, cfg.seed)
+    t0 = time.perf_counter()
     first = next(stream)
-    sae = init_sae(cfg, d_in, first, layer, cfg.model).to(first.device)
-    since_fired = fit(sae, first, stream, cfg, progress=cfg.progress)
-    sae.eval().requires_grad_(False)
-    report = evaluate_sae(sae, model, tokenizer, eval_docs, layer, max_tokens=cfg.eval_tokens, batch_size=cfg.model_batch_size,
-                          max_length=cfg.max_length)
-    report["train_dead_fraction"] = float((since_fired > cfg.dead_tokens).float().mean())
-    sae.save(cfg.out, extra={"train_config": asdict(cfg), "eval": report})
-    with open(os.path.join(cfg.out, "eval.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    return sae, report
-
+    saes = [init_sae(cfg, d_in, first[:, i], layer, cfg.model).to(first.device) for i, layer in enumerate(layers)]
+    since_fired = fit_many(saes, first, stream, cfg, progress=cfg.progress)
+    train_s = time.perf_counter() - t0
+    reports = {}
+    for sae, layer, fired in zip(saes, layers, since_fired):
+        sae.eval().requires_grad_(False)
+        report = evaluate_sae(sae, model, tokenizer, eval_docs, layer, max_tokens=cfg.eval_tokens, batch_size=cfg.model_batch_size,
+                              max_length=cfg.max_length)
+        report["train_dead_fraction"] = float((fired > cfg.dead_tokens).float().mean())
+        report["train_seconds"] = train_s  # model forward passes and all layers' SAE steps together
+        report["train_tokens_per_s"] = cfg.tokens / train_s
+        out = os.path.join(cfg.out, f"layers.{layer}") if cfg.layers else cfg.out
+        sae.save(out, extra={"train_config": asdict(cfg), "eval": report}, format=cfg.format)
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        reports[layer] = report
+    return saes[0], (reports if cfg.layers else reports[layers[0]])
