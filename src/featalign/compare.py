@@ -42,7 +42,7 @@ PUBLISHED = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "dpo_ln": 0.1, "tdpo1": 0.1, 
 WORLD = dict(lr=1e-4, batch_size=16, sae_d=512, sae_lr=1e-2, max_length=128, max_prompt_length=32, max_new_tokens=48)
 TIERS = {
     "quick": dict(WORLD, methods="dpo,fpo", seeds=1, grid_values=2, steps=40, n_prompts=64, sae_tokens=150_000),
-    "default": dict(WORLD, methods="dpo,tdpo2,fpo", seeds=2, grid_values=3, steps=200, n_prompts=200, sae_tokens=2_000_000),
+    "default": dict(WORLD, methods="dpo,fpo", seeds=2, grid_values=3, steps=200, n_prompts=200, sae_tokens=2_000_000),
     "full": dict(WORLD, methods=ALL_METHODS, seeds=3, grid_values=5, steps=300, n_prompts=300, sae_tokens=4_000_000),
 }
 # a real LM (--model, --preset sentiment): full fine-tuning at a small lr, an SAE 8x the hidden size, and a budget that
@@ -75,7 +75,7 @@ class CompareConfig:
     quick: bool = field(default=False, metadata={"help": "quick tier: small world, DPO and FPO, two knob values, one seed (a few minutes; the tests)"})
     full: bool = field(default=False, metadata={"help": "full tier: every method, five knob values, three seeds, longer runs (hours on 2 cores)"})
     seeds: int | None = field(default=None, metadata={"help": "training seeds per knob value (default: quick 1, default 2, full 3)"})
-    methods: str | None = field(default=None, metadata={"help": f"comma-separated methods (default: quick dpo,fpo; default dpo,tdpo2,fpo; full {ALL_METHODS})"})
+    methods: str | None = field(default=None, metadata={"help": f"comma-separated methods (default: quick and default dpo,fpo; full {ALL_METHODS})"})
     grid: str = field(default="", metadata={"help": "knob values per method, e.g. 'dpo=0.1,0.3;fpo=0.5,2' (default: the tier's slice of each method's grid)"})
     kl_levels: str = field(default="", metadata={"help": "comma-separated KL levels (nats) to compare rewards at (default: 6 levels spaced over the KLs reached)"})
     layer: int | None = field(default=None, metadata={"help": "decoder layer of the SAE and of FPO's constraint (default: 2 in the world, the middle layer of a real model)"})

@@ -108,8 +108,8 @@ def format_table(report: dict) -> str:
 
 def decoder_cosine_to_init(sae) -> float | None:
     """Median cosine between each decoder row and its random init (regenerated from the seed the way
-    ``train.init_sae`` draws it): near 1 means training barely moved the dictionary. None for SAEs
-    featalign did not train."""
+    ``train.init_sae`` draws it): near 1 means training barely moved the dictionary. None unless the SAE
+    carries its training settings, as one loaded from a folder `featalign sae train` wrote does."""
     tc = sae.cfg.extra.get("train_config")
     if not tc or sae.cfg.layer is None:
         return None
