@@ -129,9 +129,9 @@ def test_matches_trl_dpo_losses():
     Loss, per-pair losses and metrics equal TRL's to 1e-5.
 
     Why the guard is safe: with HF's default init (std 0.02) both models are near-uniform and DPO-LN's loss lies
-    within 1e-3 of log 2; at std 0.3 the measured |loss - log 2| is 0.127 (dpo) and 0.031 (dpo_ln), and the mean
-    |logit| 3.2 and 0.11, against guards of 1e-2 and 5e-2 and float noise of about 1e-6 between CPUs.
-    """
+    within 1e-3 of log 2; at std 0.3 the measured |loss - log 2| is 0.82 (dpo) and 0.0041 (dpo_ln, the world v2
+    pairs), and the mean |logit| 2.1 and 0.070, against guards of 2e-3 and 5e-2 and float noise of about 1e-6
+    between CPUs: the inputs are built from seeds and Python's RNG, so these figures do not move with the machine."""
     pytest.importorskip("trl", reason="trl (test extra) is not installed")
     datasets = pytest.importorskip("datasets", reason="datasets (installed with trl) is missing")
     import random
@@ -167,7 +167,7 @@ def test_matches_trl_dpo_losses():
         loss, m = L.compute_loss(ours, terms, beta=0.1)
         margin, mean_abs_u = abs(loss.item() - math.log(2)), m["logits"].abs().mean().item()
         print(f"{ours}: |loss - log 2| = {margin:.4f}, mean |logit| = {mean_abs_u:.4f}")
-        assert margin > 1e-2 and mean_abs_u > 5e-2  # policy != reference, so the check means something
+        assert margin > 2e-3 and mean_abs_u > 5e-2  # policy != reference, so the check means something
         assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
         ours_pair = (-torch.nn.functional.logsigmoid(m["logits"])).tolist()
         assert ours_pair == pytest.approx(trl_pair, abs=1e-5)
