@@ -136,7 +136,7 @@ def test_world_sae_is_sparse_and_trained(world, tmp_path):
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
     d_in = model.config.hidden_size
     sae, rep = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=str(tmp_path / "sae"), d_sae=256,
-                                        k=d_in // 20, tokens=300_000, lr=CompareConfig().sae_lr, eval_tokens=20_000, seed=SEED,
+                                        k=d_in // 20, tokens=300_000, lr=CompareConfig().budget()["sae_lr"], eval_tokens=20_000, seed=SEED,
                                         progress=False), model=model, tokenizer=tok)
     raw = D.load_pairs(world["test"], limit=150)
     pooled = pooled_features(model, sae, 2, D.pair_sequences(D.tokenize_pairs(raw, tok)), tok.pad_token_id)
