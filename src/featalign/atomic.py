@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Callable
@@ -24,6 +25,15 @@ def atomic_file(final: str, write: Callable[[str], None]) -> None:
     tmp = f"{final}.tmp-{os.getpid()}"
     write(tmp)
     os.replace(tmp, final)
+
+
+def write_json(path: str, obj, indent: int | None = 2) -> None:
+    """``obj`` as JSON at ``path``, written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, ensure_ascii=False)
+
+    atomic_file(path, write)
 
 
 def atomic_dir(final: str, write: Callable[[str], None]) -> None:

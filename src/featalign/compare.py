@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from .atomic import atomic_file
+from .atomic import write_json
 from .errors import ConfigError
 
 ALL_METHODS = "dpo,ipo,simpo,dpo_ln,tdpo1,tdpo2,trdpo,fpo"
@@ -317,11 +317,7 @@ def _cached(path: str, make) -> tuple[dict, bool]:
 
 
 def _dump(path: str, obj, indent: int | None = None) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent)
-
-    atomic_file(path, write)
+    write_json(path, obj, indent)
 
 
 def sweep(cfg: CompareConfig, src: Source, progress: bool = True) -> list[dict]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -193,6 +193,6 @@ def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None, judge=None,
             res["lc_win_rate"], res["lc_win_rate_se"] = length_controlled_win_rate(a, b, lengths, reference["lengths"])
     if cfg.save_generations:
         write_outputs(cfg.save_generations, os.path.basename(os.path.normpath(cfg.model or "policy")), prompts, texts,
-                      {k: v for k, v in vars(cfg).items()}, [{"reward": r} for r in res.get("rewards_per_prompt", [])] or None)
+                      asdict(cfg), [{"reward": r} for r in res.get("rewards_per_prompt", [])] or None)
     res["samples"] = [{"prompt": str(p), "response": t} for p, t in list(zip(prompts, texts))[:5]]
     return res

@@ -108,7 +108,7 @@ def feature_shifts(policy, reference, sae, layer: int, seqs, pad_id: int, batch_
 def _generated_shifts(policy, reference, sae, layer, pairs, tok, cfg):
     """Each model samples a response to the same prompts; each response is encoded by the model that wrote it.
     The shift then says how the policy's *behaviour* moved in feature space (unpaired: Welch's t)."""
-    from .generate import generate
+    from .generate import sample
 
     firsts: dict[str, D.TokenizedPair] = {}
     for t in pairs:
@@ -117,7 +117,7 @@ def _generated_shifts(policy, reference, sae, layer, pairs, tok, cfg):
     ids = [t.prompt_ids for t in firsts.values()]
     seqs, pooled = [], []
     for model in (policy, reference):
-        gens = generate(model, tok, ids, cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+        gens = sample(model, tok, ids, cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
         sq = [(p + g, [0] * len(p) + [1] * len(g)) for p, g in zip(ids, gens) if g]
         texts = [(pr, tok.decode(g, skip_special_tokens=True)) for pr, g in zip(prompts, gens) if g]
         pooled.append(pooled_features(model, sae, layer, sq, tok.pad_token_id, cfg.batch_size))

@@ -62,11 +62,6 @@ def sample(model, tok, prompts: list[list[int]], max_new_tokens: int = 48, tempe
     return outs
 
 
-def generate(model, tok, prompts, max_new_tokens=48, temperature=1.0, top_k=0, batch_size=32, seed=1234):
-    """``sample`` with the positional signature explain and older callers use."""
-    return sample(model, tok, prompts, max_new_tokens, temperature, top_k, batch_size, seed)
-
-
 def _prompt_of(rec, path: str, line: int):
     if isinstance(rec, str):
         return rec
@@ -118,22 +113,16 @@ def instruction_text(prompt) -> str:
 
 def write_outputs(out: str, generator: str, prompts: list, answers: list[str], settings: dict, extra: list[dict] | None = None) -> None:
     """model_outputs.json (AlpacaEval), generations.jsonl and settings.json, each written atomically."""
-    from .atomic import atomic_file
+    from .atomic import write_json
 
     os.makedirs(out, exist_ok=True)
     alpaca = [{"instruction": instruction_text(p), "output": a, "generator": generator} for p, a in zip(prompts, answers)]
     rows = [{"prompt": p, "output": a, "generator": generator, **(extra[i] if extra else {})}
             for i, (p, a) in enumerate(zip(prompts, answers))]
 
-    def dump(obj):
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(obj, f, indent=1, ensure_ascii=False)
-        return write
-
-    atomic_file(os.path.join(out, "model_outputs.json"), dump(alpaca))
+    write_json(os.path.join(out, "model_outputs.json"), alpaca, indent=1)
     D.write_jsonl(os.path.join(out, "generations.jsonl"), rows)
-    atomic_file(os.path.join(out, "settings.json"), dump(settings))
+    write_json(os.path.join(out, "settings.json"), settings, indent=1)
 
 
 @dataclass

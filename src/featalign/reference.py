@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_file
+from .atomic import atomic_file, write_json
 from .data import DataOptions
 from .errors import CacheMismatchError, ConfigError
 
@@ -172,7 +172,7 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
         if {k_: old.get(k_) for k_ in IDENTITY} != {k_: manifest.get(k_) for k_ in IDENTITY}:
             for f in glob.glob(os.path.join(out, "shard-*.safetensors")):
                 os.remove(f)
-    _write_json(mpath, {**manifest, "complete": False})
+    write_json(mpath, {**manifest, "complete": False})
     model.eval()
     device = next(model.parameters()).device
     if sae is not None:
@@ -210,17 +210,11 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
             bar.update(n)
         atomic_file(shard_path, lambda tmp: save_file({kk: torch.cat(v).contiguous() for kk, v in parts.items()}, tmp))
     bar.close()
-    _write_json(mpath, {**manifest, "complete": True, "n_pairs": len(pairs), "n_shards": n_shards,
+    write_json(mpath, {**manifest, "complete": True, "n_pairs": len(pairs), "n_shards": n_shards,
                         "build_seconds": round(time.time() - t0, 2)})
     return out
 
 
-def _write_json(path: str, obj: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-
-    atomic_file(path, write)
 
 
 class ReferenceCache:

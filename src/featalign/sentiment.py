@@ -156,11 +156,7 @@ def build_task(out: str, cfg: SentimentConfig = SentimentConfig(), progress: boo
         stats[name] = {"prompts": len(ps), "pairs": len(rows), "dropped_ties": ties}
     manifest = {"key": key, "version": TASK_VERSION, "settings": asdict(cfg), "source_model": model_path, "stats": stats,
                 **{k: v for k, v in p.items() if k != "manifest"}}
-    from .atomic import atomic_file  # the manifest is written last: after a crash the next call rebuilds
+    from .atomic import write_json
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-
-    atomic_file(p["manifest"], write)
+    write_json(p["manifest"], manifest, indent=1)  # written last: after a crash the next call rebuilds
     return manifest
