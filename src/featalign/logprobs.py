@@ -112,6 +112,10 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def _chunked_ok(model) -> bool:
+    # FSDP shards the head's weight outside its forward; checked first, since the model may have been
+    # marked chunkable before it was wrapped (the offline cache is built from the unwrapped policy)
+    if type(model).__name__.startswith(("FullyShardedDataParallel", "FSDP")) or hasattr(model, "_fsdp_wrapped_module"):
+        return False
     lm = unwrap(model)
     ok = getattr(lm, "_featalign_chunked", None)
     if ok is None:
@@ -120,8 +124,6 @@ def _chunked_ok(model) -> bool:
             lm.get_decoder()
         except (AttributeError, NotImplementedError):
             ok = False
-        if type(model).__name__.startswith(("FullyShardedDataParallel", "FSDP")) or hasattr(model, "_fsdp_wrapped_module"):
-            ok = False  # FSDP shards the head's weight outside its forward
     return ok
 
 
