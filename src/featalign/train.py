@@ -107,6 +107,25 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _fsdp_on_cpu(acc) -> None:
+    """Let a launcher's FSDP request (``accelerate launch`` with an FSDP config, or ACCELERATE_USE_FSDP=true) shard on CPUs.
+
+    torch's FSDP (1 and 2) runs on CPU processes over gloo, but accelerate only honours the request for GPU-like
+    devices (``AcceleratorState.__init__`` switches to FSDP in its MULTI_GPU/NPU/XPU... branch), so a gloo group
+    of CPU processes silently stays DDP. Switching the shared state to FSDP with the launcher's plugin runs
+    accelerate's own FSDP path (wrapping, gradient clipping, state-dict gathering): the code GPUs run."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if acc.distributed_type != DistributedType.MULTI_CPU or os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    PartialState._shared_state["distributed_type"] = acc.state.distributed_type = DistributedType.FSDP
+    # FSDP1 takes device_id=acc.device and insists it equals its compute device "cpu" (MULTI_CPU's device is "cpu:0")
+    PartialState._shared_state["device"] = acc.state.device = torch.device("cpu")
+    acc.state.fsdp_plugin = plugin
+
+
 def _lr_lambda(total: int, warmup: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -119,6 +138,7 @@ def _lr_lambda(total: int, warmup: int):
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         cfg.validate()
         self.cfg = cfg
@@ -127,6 +147,11 @@ class Trainer:
         # cpu=True on CPU-only machines: without it accelerate ignores a torchrun/gloo process group
         self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_bf16 else "no",
                                cpu=not torch.cuda.is_available())
+        _fsdp_on_cpu(self.acc)
+        self.fsdp = self.acc.distributed_type == DistributedType.FSDP
+        if self.fsdp and (cfg.lora_r or cfg.method == "trdpo" or cfg.save_every):
+            raise ConfigError("under FSDP, --lora-r, trdpo and --save-every are not supported (untested: the weights are "
+                              "sharded where they are merged, mixed or checkpointed); run them with DDP")
         self.device = self.acc.device
         os.makedirs(cfg.out, exist_ok=True)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -157,13 +182,21 @@ class Trainer:
         per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         self.steps_per_epoch = max(1, len(self.pairs) // per_step)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * self.steps_per_epoch))
+        # FSDP1 replaces the parameters by flat shards when it wraps: its optimiser must be built on the wrapped model
+        # (one built before would step tensors the model no longer uses, and nothing would train)
+        fsdp1 = self.fsdp and not self.acc.is_fsdp2
+        if fsdp1:
+            self.model = self.acc.prepare(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # fused AdamW on GPU: no parameter-sized temporaries at the step (what HF Trainer uses there too)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total_steps, int(cfg.warmup_ratio * self.total_steps)))
         # the scheduler is stepped by hand once per optimiser step, so the schedule is the same for any process count
-        self.model, self.opt = self.acc.prepare(self.model, self.opt)
+        if fsdp1:
+            self.opt = self.acc.prepare(self.opt)
+        else:
+            self.model, self.opt = self.acc.prepare(self.model, self.opt)
         self.step = 0
         self.history: list[dict] = []
 
@@ -424,6 +457,8 @@ class Trainer:
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
             "padded_share": round(1 - tokens / max(positions, 1), 4),
             "reference_model_loaded": self.ref_model is not None,
+            "distributed": {"type": self.acc.distributed_type.value, "processes": self.acc.num_processes,
+                            "fsdp_version": self.acc.state.fsdp_plugin.fsdp_version if self.fsdp else None},
             "final": self.history[-1] if self.history else {}, "data": self.stats.summary(),
         }
         self.save_final()
@@ -432,16 +467,39 @@ class Trainer:
                 json.dump(summary, f, indent=2)
         return summary
 
+    def _full_state_dict(self) -> dict | None:
+        """Under FSDP the whole model's weights, gathered on the main process (every process must call this);
+        otherwise None (the model holds them)."""
+        if not self.fsdp:
+            return None
+        if self.acc.is_fsdp2 or self.device.type != "cpu":
+            sd = self.acc.get_state_dict(self.model)
+        else:
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            # accelerate gathers with offload_to_cpu=True, which on a CPU device frees the unsharded storage it then
+            # reads (torch: "setStorage: ... out of bounds for storage of size 0"); the weights are on the CPU already
+            cfg = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, cfg):
+                sd = self.model.state_dict()
+        # gathered tied weights (a tied LM head) are separate copies: alias them so save_pretrained writes one
+        for name, source in (getattr(self.acc.unwrap_model(self.model), "all_tied_weights_keys", None) or {}).items():
+            if sd and name in sd and source in sd and torch.equal(sd[name], sd[source]):
+                sd[name] = sd[source]
+        return sd
+
     def save_final(self) -> str:
         final = os.path.join(self.cfg.out, "final")
         self.acc.wait_for_everyone()
+        state_dict = self._full_state_dict()
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.model)
             if self.cfg.lora_r:
                 model = model.merge_and_unload()
 
             def write(tmp):
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, state_dict=state_dict)
                 self.tokenizer.save_pretrained(tmp)
 
             atomic_dir(final, write)
