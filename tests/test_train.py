@@ -207,6 +207,16 @@ def test_fsdp_on_two_gloo_processes_matches_one_process(world, tmp_path, version
     margin(f"fsdp{version} final vs 1-process final, relative", dist(w2, w1) / dist(w1, base), 1e-3, above=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is accelerate's on machines without a GPU")
+def test_fsdp1_cpu_config_that_accelerate_refuses_is_a_config_error(world, tmp_path, monkeypatch):
+    from featalign.errors import ConfigError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "true")  # what `accelerate config` writes for FSDP1 by default
+    with pytest.raises(ConfigError, match="fsdp_sync_module_states: false"):
+        Trainer(cfg_for(world, tmp_path, "dpo"))
+
+
 def test_lora_with_gradient_checkpointing_saves_a_merged_model(world, world_sae, tmp_path):
     pytest.importorskip("peft", reason="peft (test extra) is not installed")
     from transformers import AutoModelForCausalLM

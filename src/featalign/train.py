@@ -145,8 +145,14 @@ class Trainer:
         self.spec = METHODS[cfg.method]
         use_bf16 = cfg.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         # cpu=True on CPU-only machines: without it accelerate ignores a torchrun/gloo process group
-        self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_bf16 else "no",
-                               cpu=not torch.cuda.is_available())
+        try:
+            self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_bf16 else "no",
+                                   cpu=not torch.cuda.is_available())
+        except RuntimeError as e:  # accelerate's FSDP1 plugin looks for a GPU to broadcast the weights from
+            if "no available devices" not in str(e):
+                raise
+            raise ConfigError("FSDP on CPU: set fsdp_sync_module_states: false and fsdp_cpu_ram_efficient_loading: false "
+                              "in the accelerate config (or use fsdp_version: 2)") from None
         _fsdp_on_cpu(self.acc)
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         if self.fsdp and (cfg.lora_r or cfg.method == "trdpo" or cfg.save_every):
