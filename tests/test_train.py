@@ -192,9 +192,9 @@ def test_fsdp_on_two_gloo_processes_matches_one_process(world, tmp_path, version
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     assert one[-1]["loss"] != pytest.approx(one[0]["loss"], abs=1e-4)  # it trained
     keys = ("loss", "rewards/margins") + (("kl/chosen",) if method == "tdpo2" else ())
-    for a, b in zip(one, two):
-        for key in keys:
-            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    # float32 sums in another order (full logits vs the chunked head, 2 half-batches): measured <= 1.1e-6
+    margin(f"fsdp{version} {method} max |curve difference|", max(abs(a[k] - b[k]) for a, b in zip(one, two) for k in keys),
+           1e-5, above=False)
     base, w1, w2 = (AutoModelForCausalLM.from_pretrained(p).state_dict()
                     for p in (world["sft"], tmp_path / "one" / "final", tmp_path / "two" / "final"))
     assert sorted(w2) == sorted(base)
