@@ -158,6 +158,11 @@ class Trainer:
         if self.fsdp and (cfg.lora_r or cfg.method == "trdpo" or cfg.save_every):
             raise ConfigError("under FSDP, --lora-r, trdpo and --save-every are not supported (untested: the weights are "
                               "sharded where they are merged, mixed or checkpointed); run them with DDP")
+        if self.fsdp and self.spec.live_reference and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() == "true":
+            # transformers then loads real weights on the first process only; FSDP broadcasts the policy's, but the
+            # live reference is not wrapped and would stay empty elsewhere
+            raise ConfigError(f"{cfg.method} under FSDP needs fsdp_cpu_ram_efficient_loading: false (its reference "
+                              "model is loaded in every process)")
         self.device = self.acc.device
         os.makedirs(cfg.out, exist_ok=True)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -364,6 +369,9 @@ class Trainer:
         d = self.ckpt_dir()
         if not (self.cfg.resume and os.path.exists(os.path.join(d, "trainer_state.json"))):
             return False
+        if self.fsdp:
+            raise ConfigError(f"{d}: resuming under FSDP is not supported (the checkpoint holds whole weights); "
+                              "resume with DDP or pass --no-resume")
         from safetensors.torch import load_model as load_weights
 
         with open(os.path.join(d, "trainer_state.json")) as f:
