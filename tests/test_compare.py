@@ -58,11 +58,19 @@ def test_tiers_and_grid_override():
         CompareConfig(methods="dpo,vibes").budget()
     # a real model gets its own budget (small lr and batch, the sentiment preset's four methods, one knob value)
     r = CompareConfig(model="m.gguf", data="pairs.jsonl").budget()
-    assert r["lr"] == 5e-5 and r["batch_size"] == 8 and set(r["grid"]) == {"dpo", "simpo", "tdpo2", "fpo"}
+    assert r["lr"] == 1e-4 and r["steps"] == 12 and r["batch_size"] == 8 and set(r["grid"]) == {"dpo", "simpo", "tdpo2", "fpo"}
     assert r["grid"]["dpo"] == [0.1] and r["grid"]["fpo"] == [0.5] and r["grid"]["simpo"] == [2.0]  # the published defaults
     assert CompareConfig(preset="sentiment", lr=1e-6).budget()["lr"] == 1e-6
     with pytest.raises(ConfigError, match="preset"):
         CompareConfig(preset="vibes").budget()
+
+
+def test_report_cells_show_the_seed_sd_or_one_seed_prompt_se():
+    from featalign.compare import _fmt
+
+    assert _fmt({"mean": 0.5, "sd": 0.1, "n": 2}) == "0.500 ± 0.100"
+    assert _fmt({"mean": 0.5, "sd": 0.0, "n": 1}, 3, {"mean": 0.04, "sd": 0.0, "n": 1}) == "0.500 ± 0.040 SE"
+    assert _fmt({"mean": 0.5, "sd": 0.0, "n": 1}) == "0.500" and _fmt(None) == "-"
 
 
 def test_compare_on_a_user_model_needs_data_and_a_judge():

@@ -184,3 +184,4 @@ def test_compare_on_the_gguf_with_a_reward_function(smol, tmp_path):
         assert r["method"] == "sft" or r["reference_model_loaded"] is False
     report = (out / "report.md").read_text()
     assert "featalign.sentiment:reward" in report and "| fpo |" in report and "| dpo |" in report
+    assert "No frontier" in report and "| KL to SFT | dpo" not in report  # one knob value each: no table of empty cells

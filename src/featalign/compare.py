@@ -47,11 +47,12 @@ TIERS = {
 }
 # a real LM (--model, --preset sentiment): full fine-tuning at a small lr, an SAE 8x the hidden size, and a budget that
 # runs the sentiment preset's four methods on SmolLM2-135M on 2 CPU cores in about half an hour (one knob value each
-# by default: the published defaults; --full sweeps three per method with two seeds)
+# by default, the published defaults; 12 steps at lr 1e-4 move the policy about as far as 24 at 5e-5, measured, in half
+# the time; --full sweeps three per method with two seeds at the small lr)
 REAL = dict(lr=5e-5, batch_size=8, sae_d=None, sae_lr=3e-3, max_length=192, max_prompt_length=None, max_new_tokens=40)
 REAL_TIERS = {
     "quick": dict(REAL, methods="dpo,fpo", seeds=1, grid_values=1, steps=4, n_prompts=16, sae_tokens=20_000),
-    "default": dict(REAL, methods="dpo,simpo,tdpo2,fpo", seeds=1, grid_values=1, steps=24, n_prompts=64, sae_tokens=100_000),
+    "default": dict(REAL, methods="dpo,simpo,tdpo2,fpo", seeds=1, grid_values=1, steps=12, n_prompts=64, sae_tokens=40_000, lr=1e-4),
     "full": dict(REAL, methods="dpo,simpo,tdpo2,fpo", seeds=2, grid_values=3, steps=60, n_prompts=128, sae_tokens=400_000),
 }
 PRESET_JUDGE = {"world": "featalign.world.judge:reward", "sentiment": "featalign.sentiment:reward"}
@@ -79,16 +80,16 @@ class CompareConfig:
     grid: str = field(default="", metadata={"help": "knob values per method, e.g. 'dpo=0.1,0.3;fpo=0.5,2' (default: the tier's slice of each method's grid)"})
     kl_levels: str = field(default="", metadata={"help": "comma-separated KL levels (nats) to compare rewards at (default: 6 levels spaced over the KLs reached)"})
     layer: int | None = field(default=None, metadata={"help": "decoder layer of the SAE and of FPO's constraint (default: 2 in the world, the middle layer of a real model)"})
-    steps: int | None = field(default=None, metadata={"help": "training steps per run (default: quick 40, default 200, full 300)"})
+    steps: int | None = field(default=None, metadata={"help": "training steps per run (default: world quick 40, default 200, full 300; real model 4, 12, 60)"})
     batch_size: int | None = field(default=None, metadata={"help": "pairs per step (default: world 16, real model 8)"})
-    lr: float | None = field(default=None, metadata={"help": "learning rate of every method (default: world 1e-4, real model 5e-5)"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate of every method (default: world 1e-4; real model 1e-4 in the default tier, 5e-5 in quick and full)"})
     simpo_lr: float | None = field(default=None, metadata={"help": "SimPO's own learning rate (default: --lr)"})
     trdpo_tau: int | None = field(default=None, metadata={"help": "TR-DPO reference update period (default: a quarter of the steps)"})
     trdpo_alpha: float = field(default=0.6, metadata={"help": "TR-DPO reference update weight"})
     k: int = field(default=50, metadata={"help": "FPO's k"})
     sae_d: int | None = field(default=None, metadata={"help": "SAE latents (trained on the SFT model, cached by its settings; default: world 512, real model 8x its hidden size)"})
     sae_k: int | None = field(default=None, metadata={"help": "SAE TopK k (default: 5% of the model's hidden size, as sparse as Gemma Scope's SAEs)"})
-    sae_tokens: int | None = field(default=None, metadata={"help": "SAE training tokens (default: quick 150k, default 2M, full 4M)"})
+    sae_tokens: int | None = field(default=None, metadata={"help": "SAE training tokens (default: world quick 150k, default 2M, full 4M; real model 20k, 40k, 400k)"})
     sae_lr: float | None = field(default=None, metadata={"help": "SAE learning rate (default: world 1e-2, real model 3e-3; at 3e-3 the small world's decoder rows stayed near their random init)"})
     n_prompts: int | None = field(default=None, metadata={"help": "held-out prompts sampled per evaluation (default: quick 64, default 200, full 300)"})
     max_length: int | None = field(default=None, metadata={"help": "max tokens of prompt + answer (default: world 128, real model 192)"})
@@ -388,7 +389,7 @@ def compare(cfg: CompareConfig, src: Source | None = None) -> dict:
 
 METRICS = ["pref_accuracy", "reward_accuracy", "gt_reward", "win_rate_vs_sft", "lc_win_rate_vs_sft", "entropy", "distinct1",
            "distinct2", "kl_to_ref", "feature_mse", "wall_seconds", "peak_memory_mb", "gt_topic", "gt_sentiment", "gt_length",
-           "gt_pos", "gt_neg", "mean_length"]
+           "gt_pos", "gt_neg", "mean_length", "reward_se", "win_rate_se", "lc_win_rate_se"]
 
 
 def _mean_sd(vals: list[float]) -> dict:
@@ -470,11 +471,17 @@ def frontier(runs: list[dict], levels: list[float] | None = None, n_levels: int 
     return {"levels": rows, "methods": sorted(per)}
 
 
-def _fmt(d: dict | None, digits: int = 3) -> str:
+SE_OF = {"gt_reward": "reward_se", "win_rate_vs_sft": "win_rate_se", "lc_win_rate_vs_sft": "lc_win_rate_se"}
+
+
+def _fmt(d: dict | None, digits: int = 3, se: dict | None = None) -> str:
+    """mean ± sd over seeds; with one seed, mean ± its standard error over prompts where one is known."""
     if not d:
         return "-"
     s = f"{d['mean']:.{digits}f}"
-    return s + (f" ± {d['sd']:.{digits}f}" if d.get("n", 1) > 1 else "")
+    if d.get("n", 1) > 1:
+        return s + f" ± {d['sd']:.{digits}f}"
+    return s + (f" ± {se['mean']:.{digits}f} SE" if se and se["mean"] > 0 else "")
 
 
 def verdict(row: dict) -> str:
@@ -489,14 +496,21 @@ def report_lines(cfg: CompareConfig, results: dict) -> list[str]:
     b, fr = results["budget"], results["frontier"]
     methods = fr["methods"]
     n_seeds = b["seeds"]
+    levels = fr["levels"] if any(row["methods"] for row in fr["levels"]) else []
     lines = [f"# featalign compare ({b['tier']} tier, {n_seeds} seed(s) per knob value)", "",
-             "## Ground-truth reward at matched KL", "",
-             "Reward of each method's frontier interpolated at common KL levels (per seed, between that seed's knob "
-             "values; never extrapolated), mean ± sd over the seeds that reach the level. 'best' needs a lead over "
-             "every other method of more than 2 SE, SE = sqrt((sd² + prompt-sampling SE²) / n seeds); otherwise the "
-             "methods within 2 SE of the leader are 'inside the noise'.", "",
-             "| KL to SFT | " + " | ".join(methods) + " | best |", "|---" * (len(methods) + 2) + "|"]
-    for row in fr["levels"]:
+             "## Ground-truth reward at matched KL", ""]
+    if not levels:
+        lines += ["No frontier: a method's reward at a common KL is interpolated between two or more of its knob values, and "
+                  "this sweep ran one per method (`--full`, or `--grid 'dpo=0.05,0.1,0.3;...'`, sweeps more). Read the points "
+                  "below, each with its own KL."]
+    else:
+        lines += [
+            "Reward of each method's frontier interpolated at common KL levels (per seed, between that seed's knob "
+            "values; never extrapolated), mean ± sd over the seeds that reach the level. 'best' needs a lead over "
+            "every other method of more than 2 SE, SE = sqrt((sd² + prompt-sampling SE²) / n seeds); otherwise the "
+            "methods within 2 SE of the leader are 'inside the noise'.", "",
+            "| KL to SFT | " + " | ".join(methods) + " | best |", "|---" * (len(methods) + 2) + "|"]
+    for row in levels:
         cells = [(_fmt(row["methods"].get(m)) + (f" (n={row['methods'][m]['n']})" if m in row["methods"] and row["methods"][m]["n"] < n_seeds else ""))
                  for m in methods]
         lines.append(f"| {row['kl']:.3g} | " + " | ".join(cells) + f" | {verdict(row)} |")
@@ -513,7 +527,7 @@ def report_lines(cfg: CompareConfig, results: dict) -> list[str]:
               "| method | knob | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for row in results["points"]:
         knob = "-" if row["knob"] is None else f"{row['knob']}={row['value']:g}"
-        lines.append(f"| {row['method']} | {knob} | " + " | ".join(_fmt(row.get(k), d) for _, k, d in cols) + " |")
+        lines.append(f"| {row['method']} | {knob} | " + " | ".join(_fmt(row.get(k), d, row.get(SE_OF.get(k, ""))) for _, k, d in cols) + " |")
     info = results["source"]["info"]
     sae = info.get("sae", {})
     reused = sum(r["reused"] for r in results["runs"])
