@@ -163,14 +163,14 @@ def test_sentiment_task_pairs_are_ranked_by_vader(smol, tmp_path):
 @pytest.mark.slow
 def test_compare_on_the_gguf_with_a_reward_function(smol, tmp_path):
     """`featalign compare --model X.gguf --data pairs --reward-fn ...` on a tiny budget: the GGUF converted once, a
-    held-out split by prompt, an SAE trained on the middle layer, DPO and FPO runs judged against the SFT's samples."""
+    held-out split by prompt, an SAE trained on the middle layer, an FPO run judged against the SFT's samples."""
     pytest.importorskip("vaderSentiment", reason="vaderSentiment (test extra) is not installed")
     from featalign import cli
 
     out = tmp_path / "cmp"
     assert cli.main(["compare", "--model", GGUF, "--data", smol["data"], "--reward-fn", "featalign.sentiment:reward",
                      "--out", str(out), "--quick", "--steps", "1", "--n-prompts", "2", "--max-new-tokens", "4",
-                     "--sae-tokens", "2048", "--test-fraction", "0.5", "--batch-size", "4"]) == 0
+                     "--sae-tokens", "2048", "--test-fraction", "0.5", "--batch-size", "4", "--methods", "fpo"]) == 0
     res = json.loads((out / "results.json").read_text())
     src = res["source"]
     assert src["layer"] == 15 and src["sft"].startswith(str(out / "source" / "model-"))
@@ -178,10 +178,10 @@ def test_compare_on_the_gguf_with_a_reward_function(smol, tmp_path):
     test = {json.dumps(r["chosen"][0]) for r in map(json.loads, open(src["test"]))}
     assert train and test and not train & test  # split by prompt: no held-out prompt is trained on
     methods = {r["method"] for r in res["runs"]}
-    assert methods == {"sft", "dpo", "fpo"}
+    assert methods == {"sft", "fpo"}  # FPO alone takes every path (SAE, offline cache, judge); DPO's is the same minus the SAE
     for r in res["runs"]:
         assert -1 <= r["gt_reward"] <= 1 and 0 <= r["win_rate_vs_sft"] <= 1 and "lc_win_rate_vs_sft" in r, r["method"]
         assert r["method"] == "sft" or r["reference_model_loaded"] is False
     report = (out / "report.md").read_text()
-    assert "featalign.sentiment:reward" in report and "| fpo |" in report and "| dpo |" in report
-    assert "No frontier" in report and "| KL to SFT | dpo" not in report  # one knob value each: no table of empty cells
+    assert "featalign.sentiment:reward" in report and "| fpo |" in report
+    assert "No frontier" in report and "| KL to SFT | fpo" not in report  # one knob value each: no table of empty cells
