@@ -23,7 +23,7 @@ from .model import SAE, SAEConfig
 
 # bumped when training changes in a way the settings do not show (init, update rule), so cached SAEs
 # keyed on the settings (the comparison's) are retrained
-SAE_TRAIN_VERSION = 3
+SAE_TRAIN_VERSION = 4
 
 
 @dataclass
@@ -169,6 +169,8 @@ def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, mo
         sae.W_dec.copy_(w)
         sae.W_enc.copy_(w.T)
         sae.b_dec.copy_(first.mean(0))
+        if cfg.architecture in SPARSE_ARCHS:
+            sae.W_enc.mul_(_init_encoder_scale(sae, first, cfg))
         if cfg.architecture == "jumprelu":
             sae.threshold.fill_(cfg.jumprelu_init_threshold)
         if cfg.architecture == "batchtopk":
@@ -176,6 +178,23 @@ def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, mo
     if cfg.architecture == "batchtopk":
         sae.threshold.requires_grad_(False)
     return sae
+
+
+def _init_encoder_scale(sae: SAE, first: torch.Tensor, cfg: SAETrainConfig) -> float:
+    """The least-squares scale of the first batch's reconstruction: with the encoder the decoder's transpose the k
+    selected latents add up to far more than the input (about 2x its norm at k = d_in / 2), an overshoot the first
+    steps spend undoing, worst at large k. Scaling the encoder changes no latent's selection (TopK and BatchTopK
+    are invariant to a positive scale), only the values, so the scale is read off one forward pass."""
+    c = first - sae.b_dec
+    pre = c @ sae.W_enc
+    if cfg.architecture == "topk":
+        vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+        f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    else:
+        vals, flat = pre.relu().flatten().topk(cfg.k * len(pre), sorted=False)
+        f = torch.zeros(pre.numel(), dtype=pre.dtype).scatter(0, flat, vals).view_as(pre)
+    r = f @ sae.W_dec
+    return float(((c * r).sum() / r.pow(2).sum().clamp(min=1e-12)).clamp(min=1e-3, max=1.0))
 
 
 def input_scale(x: torch.Tensor) -> float:
