@@ -49,6 +49,9 @@ def collect(path: str, tokens: int, layer: int) -> dict:
 
 
 def _split(a):
+    """Held-out and training activations; also pays torch.optim's one-time import (about 1.5 s, torch._dynamo) here,
+    outside every library's timed loop (featalign builds its optimiser inside ``fit``, the others before timing)."""
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     x = torch.load(a.acts)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     n_eval = a.eval_tokens

@@ -66,6 +66,34 @@ def test_normalised_training_is_scale_invariant():
     assert torch.allclose(b.W_dec, a.W_dec, atol=1e-3)
 
 
+def test_sparse_topk_step_equals_dense_autograd():
+    """The CPU TopK step's own backward (sparse encoder and decoder gradients, AuxK on dead latents) against plain
+    autograd through the dense codes: the same loss and gradients up to float32 summation order."""
+    x = synthetic(300, seed=SEED)
+    cfg = SAETrainConfig(d_sae=96, k=6, aux_k=8)
+    sae = init_sae(cfg, 24, x, 0, "synthetic")
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    loss, _ = sae_loss(sae, x, cfg, dead)
+    mine = torch.autograd.grad(loss, list(sae.parameters()))
+
+    def dense(w_enc, b_enc, w_dec, b_dec):
+        pre = (x - b_dec) @ w_enc + b_enc
+        vals, idx = pre.topk(6, dim=-1)
+        err = x - torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ w_dec - b_dec
+        dpre = pre[:, dead].topk(8, dim=-1)
+        e_hat = torch.zeros_like(pre[:, dead]).scatter(-1, dpre.indices, dpre.values.relu()) @ w_dec[dead]
+        aux = (e_hat - err.detach()).pow(2).sum(-1).mean() / err.detach().pow(2).sum(-1).mean()
+        return err.pow(2).sum(-1).mean() + cfg.aux_coeff * aux
+
+    ref = torch.autograd.grad(dense(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec])
+    assert float(loss.detach()) == pytest.approx(float(dense(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec).detach()), rel=1e-5)
+    for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], mine, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), name
+
+
 def test_batchtopk_keeps_k_per_token_on_average():
     """k * tokens activations in the whole batch, spread unevenly over tokens (closed form on one batch)."""
     x = synthetic(256)
