@@ -205,29 +205,12 @@ def input_scale(x: torch.Tensor) -> float:
 
 def _rows_times(idx: torch.Tensor, vals: torch.Tensor, y: torch.Tensor, n_rows: int) -> torch.Tensor:
     """``F^T @ y`` for the k-sparse codes F [tokens, n_rows] given as (idx, vals) [tokens, k]: a sparse-dense
-    product, about 2.5x faster than the dense one on a CPU at 1024 latents and k <= 64."""
+    product, about 2.5x faster on a CPU than the dense one at 1024 latents and k <= 64, and than ``index_add`` of
+    the [tokens * k, d] outer products (sparsify's)."""
     n, k = idx.shape
     tok = torch.arange(n, device=idx.device).repeat_interleave(k)
     f_t = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), tok]), vals.reshape(-1), (n_rows, n), check_invariants=False)
     return torch.sparse.mm(f_t, y)
-
-
-class _DecodeK(torch.autograd.Function):
-    """``sum_k vals * W_dec[idx]``: forward by ``embedding_bag`` (the [tokens, d_sae] codes are never formed);
-    backward by a dense product gathered at idx (values' gradient) and a sparse one (decoder gradient), where
-    ``embedding_bag``'s own backward gathers [tokens, k, d_in] rows and made a CPU step 1.9x slower."""
-
-    @staticmethod
-    def forward(ctx, idx, vals, w_dec):
-        ctx.save_for_backward(idx, vals, w_dec)
-        return torch.nn.functional.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum")
-
-    @staticmethod
-    def backward(ctx, g):
-        idx, vals, w_dec = ctx.saved_tensors
-        g_vals = (g @ w_dec.T).gather(1, idx) if ctx.needs_input_grad[1] else None
-        g_w = _rows_times(idx, vals, g, w_dec.shape[0]) if ctx.needs_input_grad[2] else None
-        return None, g_vals, g_w
 
 
 class _EncodeTopK(torch.autograd.Function):
@@ -251,21 +234,13 @@ class _EncodeTopK(torch.autograd.Function):
         return g_x, g_w, g_b, None
 
 
-def _decode_k(sae: SAE, idx: torch.Tensor, vals: torch.Tensor, bias: bool = True) -> torch.Tensor:
-    """Decode k (index, value) pairs per token: ``embedding_bag`` on a GPU, ``_DecodeK`` on a CPU."""
-    if vals.is_cuda:
-        return sae.decode_sparse(idx, vals, bias)
-    out = _DecodeK.apply(idx, vals, sae.W_dec)
-    return out + sae.b_dec if bias else out
-
-
 def _sparse_codes(sae: SAE, pre: torch.Tensor, arch: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_hat, active latent ids, L0, smallest value kept). TopK keeps the k largest per token; BatchTopK keeps
     the k * tokens largest of the whole batch (so a token gets more or fewer)."""
     if arch == "topk":
         vals, idx = pre.topk(k, dim=-1, sorted=False) if torch.is_tensor(pre) else _EncodeTopK.apply(*pre, k)
         vals = vals.relu()
-        return _decode_k(sae, idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
+        return sae.decode_sparse(idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
     n = pre.shape[0]
     vals, flat = pre.relu().flatten().topk(k * n, sorted=False)
     f = torch.zeros(n * sae.d_sae, dtype=pre.dtype, device=pre.device).scatter(0, flat, vals).view(n, sae.d_sae)
@@ -278,7 +253,7 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
     """Loss and metrics for one batch. TopK/BatchTopK: the centring is folded into the encoder bias
     (``(x - b_dec) W + b = x W + (b - b_dec W)``), so b_dec's gradient through the encoder costs a vector-matrix
     product, not a third [tokens, d_sae] x [d_sae, d_in] one; AuxK's pre-activations are computed for the dead
-    latents only. A sparse encoder backward (sparsify's) measured slower on CPU than these dense products."""
+    latents only. On a CPU the TopK encoder's backward reaches only the k selected latents (``_EncodeTopK``)."""
     arch = cfg.architecture
     aux = torch.zeros((), device=x.device)
     if arch in SPARSE_ARCHS:
@@ -308,7 +283,7 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
             k_aux = min(cfg.aux_k or max(1, x.shape[-1] // 2), n_dead)
             ids = dead.nonzero().squeeze(1)  # only the dead latents' pre-activations are needed
             a_vals, pos = torch.addmm(b_eff[ids], x, sae.W_enc[:, ids]).topk(k_aux, dim=-1, sorted=False)
-            e_hat = _decode_k(sae, ids[pos], a_vals.relu(), bias=False)
+            e_hat = sae.decode_sparse(ids[pos], a_vals.relu(), bias=False)
             target = err.detach()
             aux = (e_hat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp(min=1e-8)
             loss = loss + cfg.aux_coeff * aux
