@@ -7,7 +7,8 @@ normalised). SAELens: `TopKTrainingSAE.training_forward_pass` with its defaults 
 decoder-norm rescaling), Adam with the same schedule, the same dead-latent rule. sparsify: `SparseCoder` driven
 as its `Trainer.fit` drives it (b_dec = first batch mean, decoder renormalised and its radial gradient removed
 each step, FVU loss) with its default optimiser (signum, schedule-free, lr 5e-3 / sqrt(latents / 2^14) times the
-factor swept; weights averaged for evaluation as it does before saving). Each library is taken at its best lr
+factor swept; weights averaged for evaluation as it does before saving; no AuxK: its default auxk_alpha is 0, and a
+latent counts as dead only after 10M tokens). Each library is taken at its best lr
 of those swept, at every k: the MSE-vs-L0 frontier. Reported: training tokens per second and held-out
 normalised MSE (squared error / total variance) at L0.
 
