@@ -169,7 +169,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="Adam learning rates tried for featalign and SAELens")
     ap.add_argument("--sparsify-lrs", default="0.5,1,2", help="factors on sparsify's own default learning rate")
-    ap.add_argument("--dead-tokens", type=int, default=20_000)
+    ap.add_argument("--dead-tokens", type=int, default=10_000_000, help="AuxK's dead window, for featalign and SAELens (featalign's default)")
     ap.add_argument("--libs", default="featalign,saelens,sparsify")
     ap.add_argument("--options", default="{}", help="featalign SAETrainConfig overrides (JSON), for trying variants")
     ap.add_argument("--name", default="sae_train")

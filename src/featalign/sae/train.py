@@ -43,7 +43,7 @@ class SAETrainConfig:
     jumprelu_init_threshold: float = field(default=0.001, metadata={"help": "JumpReLU: initial threshold"})
     aux_k: int | None = field(default=None, metadata={"help": "TopK: dead latents used by the AuxK loss (default: d_in / 2)"})
     aux_coeff: float = field(default=1 / 32, metadata={"help": "TopK: AuxK loss coefficient"})
-    dead_tokens: int = field(default=20_000, metadata={"help": "a latent unused for this many tokens counts as dead (AuxK revives it)"})
+    dead_tokens: int = field(default=10_000_000, metadata={"help": "a latent unused for this many tokens counts as dead and AuxK trains it on the residual (OpenAI's and sparsify's 10M; at 20k, AuxK doubled a CPU step and left more latents dead)"})
     tokens: int = field(default=600_000, metadata={"help": "training tokens"})
     batch_tokens: int = field(default=1024, metadata={"help": "tokens per optimiser step"})
     lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (constant, linear decay over the last 20%)"})
