@@ -185,14 +185,14 @@ def _init_encoder_scale(sae: SAE, first: torch.Tensor, cfg: SAETrainConfig) -> f
     selected latents add up to far more than the input (about 2x its norm at k = d_in / 2), an overshoot the first
     steps spend undoing, worst at large k. Scaling the encoder changes no latent's selection (TopK and BatchTopK
     are invariant to a positive scale), only the values, so the scale is read off one forward pass."""
-    c = first - sae.b_dec
+    c = first.to(sae.W_enc.device, sae.W_enc.dtype) - sae.b_dec  # the SAE is built on the CPU, the batch may be on a GPU
     pre = c @ sae.W_enc
     if cfg.architecture == "topk":
         vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
         f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
     else:
         vals, flat = pre.relu().flatten().topk(cfg.k * len(pre), sorted=False)
-        f = torch.zeros(pre.numel(), dtype=pre.dtype).scatter(0, flat, vals).view_as(pre)
+        f = torch.zeros(pre.numel(), dtype=pre.dtype, device=pre.device).scatter(0, flat, vals).view_as(pre)
     r = f @ sae.W_dec
     return float(((c * r).sum() / r.pow(2).sum().clamp(min=1e-12)).clamp(min=1e-3, max=1.0))
 
@@ -258,7 +258,7 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
     aux = torch.zeros((), device=x.device)
     if arch in SPARSE_ARCHS:
         b_eff = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
-        pre = (x, sae.W_enc, b_eff) if arch == "topk" and not x.is_cuda else torch.addmm(b_eff, x, sae.W_enc)
+        pre = (x, sae.W_enc, b_eff) if arch == "topk" and x.device.type == "cpu" else torch.addmm(b_eff, x, sae.W_enc)
         x_hat, fired_idx, l0, low = _sparse_codes(sae, pre, arch, cfg.k)
         fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, fired_idx, True)
     else:
