@@ -5,7 +5,7 @@ import torch
 
 from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig, load_sae
-from featalign.sae.train import SAETrainConfig, fit, init_sae, input_scale, sae_loss
+from featalign.sae.train import SAETrainConfig, _init_encoder_scale, fit, init_sae, input_scale, sae_loss
 
 from conftest import SEED, margin
 
@@ -64,6 +64,56 @@ def test_normalised_training_is_scale_invariant():
     held = synthetic(300, seed=1)  # other features: the two SAEs must agree off their training data too
     assert torch.allclose(b.forward(1000 * held), 1000 * a.forward(held), rtol=1e-3, atol=1e-2)
     assert torch.allclose(b.W_dec, a.W_dec, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_init_encoder_scale_is_least_squares(arch):
+    """The init scales the encoder (the decoder's transpose) so the first batch's reconstruction has its least-squares
+    scale: the same latents are selected as with the plain transpose, and the first batch's error is no larger
+    (least squares over the scale, with 1 among the candidates: a closed-form guarantee, not a trained result)."""
+    x = synthetic(512, seed=SEED)
+    cfg = SAETrainConfig(architecture=arch, d_sae=96, k=12)
+    sae = init_sae(cfg, 24, x, 0, "synthetic")
+    plain = init_sae(cfg, 24, x, 0, "synthetic")
+    with torch.no_grad():
+        plain.W_enc.copy_(plain.W_dec.T)
+        assert _init_encoder_scale(sae, x, cfg) == pytest.approx(1.0, rel=1e-4)
+        c = x - sae.b_dec
+        pa, pb = c @ sae.W_enc, c @ plain.W_enc
+        assert torch.equal(pa.topk(12, -1).indices.sort(-1).values, pb.topk(12, -1).indices.sort(-1).values)
+        err = {}
+        for name, m in (("scaled", pa), ("plain", pb)):
+            vals, idx = m.topk(12, -1)
+            err[name] = float((c - torch.zeros_like(m).scatter(-1, idx, vals.relu()) @ sae.W_dec).pow(2).sum())
+    margin(f"{arch} first-batch error, plain transpose / scaled", err["plain"] / err["scaled"], 1.0)
+
+
+def test_sparse_topk_step_equals_dense_autograd():
+    """The CPU TopK step's own backward (sparse encoder and decoder gradients, AuxK on dead latents) against plain
+    autograd through the dense codes: the same loss and gradients up to float32 summation order."""
+    x = synthetic(300, seed=SEED)
+    cfg = SAETrainConfig(d_sae=96, k=6, aux_k=8)
+    sae = init_sae(cfg, 24, x, 0, "synthetic")
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    loss, _ = sae_loss(sae, x, cfg, dead)
+    mine = torch.autograd.grad(loss, list(sae.parameters()))
+
+    def dense(w_enc, b_enc, w_dec, b_dec):
+        pre = (x - b_dec) @ w_enc + b_enc
+        vals, idx = pre.topk(6, dim=-1)
+        err = x - torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ w_dec - b_dec
+        dpre = pre[:, dead].topk(8, dim=-1)
+        e_hat = torch.zeros_like(pre[:, dead]).scatter(-1, dpre.indices, dpre.values.relu()) @ w_dec[dead]
+        aux = (e_hat - err.detach()).pow(2).sum(-1).mean() / err.detach().pow(2).sum(-1).mean()
+        return err.pow(2).sum(-1).mean() + cfg.aux_coeff * aux
+
+    ref = torch.autograd.grad(dense(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec])
+    assert float(loss.detach()) == pytest.approx(float(dense(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec).detach()), rel=1e-5)
+    for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], mine, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), name
 
 
 def test_batchtopk_keeps_k_per_token_on_average():

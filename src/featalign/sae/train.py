@@ -23,7 +23,7 @@ from .model import SAE, SAEConfig
 
 # bumped when training changes in a way the settings do not show (init, update rule), so cached SAEs
 # keyed on the settings (the comparison's) are retrained
-SAE_TRAIN_VERSION = 3
+SAE_TRAIN_VERSION = 4
 
 
 @dataclass
@@ -43,7 +43,7 @@ class SAETrainConfig:
     jumprelu_init_threshold: float = field(default=0.001, metadata={"help": "JumpReLU: initial threshold"})
     aux_k: int | None = field(default=None, metadata={"help": "TopK: dead latents used by the AuxK loss (default: d_in / 2)"})
     aux_coeff: float = field(default=1 / 32, metadata={"help": "TopK: AuxK loss coefficient"})
-    dead_tokens: int = field(default=20_000, metadata={"help": "a latent unused for this many tokens counts as dead (AuxK revives it)"})
+    dead_tokens: int = field(default=10_000_000, metadata={"help": "a latent unused for this many tokens counts as dead and AuxK trains it on the residual (OpenAI's and sparsify's 10M; at 20k, AuxK doubled a CPU step and left more latents dead)"})
     tokens: int = field(default=600_000, metadata={"help": "training tokens"})
     batch_tokens: int = field(default=1024, metadata={"help": "tokens per optimiser step"})
     lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (constant, linear decay over the last 20%)"})
@@ -169,6 +169,8 @@ def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, mo
         sae.W_dec.copy_(w)
         sae.W_enc.copy_(w.T)
         sae.b_dec.copy_(first.mean(0))
+        if cfg.architecture in SPARSE_ARCHS:
+            sae.W_enc.mul_(_init_encoder_scale(sae, first, cfg))
         if cfg.architecture == "jumprelu":
             sae.threshold.fill_(cfg.jumprelu_init_threshold)
         if cfg.architecture == "batchtopk":
@@ -178,28 +180,67 @@ def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, mo
     return sae
 
 
+def _init_encoder_scale(sae: SAE, first: torch.Tensor, cfg: SAETrainConfig) -> float:
+    """The least-squares scale of the first batch's reconstruction: with the encoder the decoder's transpose the k
+    selected latents add up to far more than the input (about 2x its norm at k = d_in / 2), an overshoot the first
+    steps spend undoing, worst at large k. Scaling the encoder changes no latent's selection (TopK and BatchTopK
+    are invariant to a positive scale), only the values, so the scale is read off one forward pass."""
+    c = first.to(sae.W_enc.device, sae.W_enc.dtype) - sae.b_dec  # the SAE is built on the CPU, the batch may be on a GPU
+    pre = c @ sae.W_enc
+    if cfg.architecture == "topk":
+        vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+        f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    else:
+        vals, flat = pre.relu().flatten().topk(cfg.k * len(pre), sorted=False)
+        f = torch.zeros(pre.numel(), dtype=pre.dtype, device=pre.device).scatter(0, flat, vals).view_as(pre)
+    r = f @ sae.W_dec
+    return float(((c * r).sum() / r.pow(2).sum().clamp(min=1e-12)).clamp(min=1e-3, max=1.0))
+
+
 def input_scale(x: torch.Tensor) -> float:
     """The factor that brings activations to mean norm sqrt(d_in) (SAELens' and dictionary_learning's
     normalisation): learning rates and loss coefficients then mean the same at every layer and model."""
     return float(x.shape[-1] ** 0.5 / x.norm(dim=-1).mean().clamp(min=1e-8))
 
 
-def _decode_k(sae: SAE, idx: torch.Tensor, vals: torch.Tensor, bias: bool = True) -> torch.Tensor:
-    """Decode k (index, value) pairs per token: ``embedding_bag`` on a GPU; on a CPU its backward is slower than the
-    dense product of the scattered codes (a TopK step took 1.9x as long with it, bench notes in the README)."""
-    if vals.is_cuda:
-        return sae.decode_sparse(idx, vals, bias)
-    f = torch.zeros(len(vals), sae.d_sae, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
-    return torch.addmm(sae.b_dec, f, sae.W_dec) if bias else f @ sae.W_dec
+def _rows_times(idx: torch.Tensor, vals: torch.Tensor, y: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``F^T @ y`` for the k-sparse codes F [tokens, n_rows] given as (idx, vals) [tokens, k]: a sparse-dense
+    product, about 2.5x faster on a CPU than the dense one at 1024 latents and k <= 64, and than ``index_add`` of
+    the [tokens * k, d] outer products (sparsify's)."""
+    n, k = idx.shape
+    tok = torch.arange(n, device=idx.device).repeat_interleave(k)
+    f_t = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), tok]), vals.reshape(-1), (n_rows, n), check_invariants=False)
+    return torch.sparse.mm(f_t, y)
+
+
+class _EncodeTopK(torch.autograd.Function):
+    """The k largest of ``x @ W_enc + b`` per token (values, ids). Backward only reaches the k selected latents per
+    token, so the encoder's gradient is a sparse product instead of a dense [d_in, tokens] x [tokens, d_sae] one."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, b, k):
+        vals, idx = torch.addmm(b, x, w_enc).topk(k, dim=-1, sorted=False)
+        ctx.save_for_backward(x, w_enc, idx)
+        ctx.d_sae = w_enc.shape[1]
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx, g, _):
+        x, w_enc, idx = ctx.saved_tensors
+        g_x = torch.nn.functional.embedding_bag(idx, w_enc.T, per_sample_weights=g, mode="sum") if ctx.needs_input_grad[0] else None
+        g_w = _rows_times(idx, g, x, ctx.d_sae).T if ctx.needs_input_grad[1] else None
+        g_b = torch.zeros(ctx.d_sae, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return g_x, g_w, g_b, None
 
 
 def _sparse_codes(sae: SAE, pre: torch.Tensor, arch: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_hat, active latent ids, L0, smallest value kept). TopK keeps the k largest per token; BatchTopK keeps
     the k * tokens largest of the whole batch (so a token gets more or fewer)."""
     if arch == "topk":
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        vals, idx = pre.topk(k, dim=-1, sorted=False) if torch.is_tensor(pre) else _EncodeTopK.apply(*pre, k)
         vals = vals.relu()
-        return _decode_k(sae, idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
+        return sae.decode_sparse(idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
     n = pre.shape[0]
     vals, flat = pre.relu().flatten().topk(k * n, sorted=False)
     f = torch.zeros(n * sae.d_sae, dtype=pre.dtype, device=pre.device).scatter(0, flat, vals).view(n, sae.d_sae)
@@ -212,12 +253,13 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
     """Loss and metrics for one batch. TopK/BatchTopK: the centring is folded into the encoder bias
     (``(x - b_dec) W + b = x W + (b - b_dec W)``), so b_dec's gradient through the encoder costs a vector-matrix
     product, not a third [tokens, d_sae] x [d_sae, d_in] one; AuxK's pre-activations are computed for the dead
-    latents only. A sparse encoder backward (sparsify's) measured slower on CPU than these dense products."""
+    latents only. On a CPU the TopK encoder's backward reaches only the k selected latents (``_EncodeTopK``)."""
     arch = cfg.architecture
     aux = torch.zeros((), device=x.device)
     if arch in SPARSE_ARCHS:
         b_eff = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
-        x_hat, fired_idx, l0, low = _sparse_codes(sae, torch.addmm(b_eff, x, sae.W_enc), arch, cfg.k)
+        pre = (x, sae.W_enc, b_eff) if arch == "topk" and x.device.type == "cpu" else torch.addmm(b_eff, x, sae.W_enc)
+        x_hat, fired_idx, l0, low = _sparse_codes(sae, pre, arch, cfg.k)
         fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, fired_idx, True)
     else:
         pre = sae.encode_pre(x)
@@ -241,7 +283,7 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
             k_aux = min(cfg.aux_k or max(1, x.shape[-1] // 2), n_dead)
             ids = dead.nonzero().squeeze(1)  # only the dead latents' pre-activations are needed
             a_vals, pos = torch.addmm(b_eff[ids], x, sae.W_enc[:, ids]).topk(k_aux, dim=-1, sorted=False)
-            e_hat = _decode_k(sae, ids[pos], a_vals.relu(), bias=False)
+            e_hat = sae.decode_sparse(ids[pos], a_vals.relu(), bias=False)
             target = err.detach()
             aux = (e_hat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp(min=1e-8)
             loss = loss + cfg.aux_coeff * aux
