@@ -30,7 +30,7 @@ class ExplainConfig(D.DataOptions):
 
     policy: str = field(default="", metadata={"help": "trained policy (HF folder, hub id or .gguf)"})
     reference: str = field(default="", metadata={"help": "reference it started from (usually the SFT model)"})
-    sae: str = field(default="", metadata={"help": "SAE at the layer to inspect (SAELens folder or Gemma Scope params.npz)"})
+    sae: str = field(default="", metadata={"help": "SAE at the layer to inspect (SAELens or sparsify folder, or Gemma Scope params.npz)"})
     layer: int | None = field(default=None, metadata={"help": "decoder layer the SAE reads (default: the layer the SAE records)"})
     out: str = field(default="runs/explain", metadata={"help": "output folder (explain.json, explain.md, explain.png)"})
     limit: int | None = field(default=1000, metadata={"help": "use only the first N clean pairs"})

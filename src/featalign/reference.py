@@ -84,7 +84,7 @@ class CacheConfig(DataOptions):
 
     model: str = field(default="", metadata={"help": "reference model: HF folder, hub id, or .gguf file (or a folder holding one)"})
     out: str = field(default="", metadata={"help": "cache folder to write (a finished build is reused, an unfinished one resumed)"})
-    sae: str | None = field(default=None, metadata={"help": "SAE (SAELens folder or Gemma Scope params.npz) whose top-k pooled activations FPO needs"})
+    sae: str | None = field(default=None, metadata={"help": "SAE (SAELens or sparsify folder, or Gemma Scope params.npz) whose top-k pooled activations FPO needs"})
     layer: int | None = field(default=None, metadata={"help": "decoder layer the SAE reads (default: the layer the SAE records)"})
     k: int = field(default=50, metadata={"help": "top-k pooled SAE activations stored per response (FPO's k)"})
     batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})

@@ -49,7 +49,7 @@ class TrainConfig(D.DataOptions):
     model: str = _f("", "policy to train, and the reference unless --ref-model: HF folder, hub id, or .gguf file")
     out: str = _f("runs/train", "run folder: checkpoint/, final/ (a save_pretrained model), metrics.jsonl, summary.json")
     ref_model: str | None = _f(None, "reference model (default: --model, the usual SFT starting point)")
-    sae: str | None = _f(None, "SAE for FPO's feature constraint (SAELens folder or Gemma Scope params.npz)")
+    sae: str | None = _f(None, "SAE for FPO's feature constraint (SAELens or sparsify folder, or Gemma Scope params.npz)")
     layer: int | None = _f(None, "decoder layer the SAE reads (default: the layer the SAE records)")
     cache: str | None = _f(None, "offline reference cache from `featalign cache` (default: built into <out>/ref_cache)")
     beta: float | None = _f(None, "KL strength beta (default: 0.1; SimPO 2.0)")
