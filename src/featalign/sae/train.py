@@ -186,14 +186,7 @@ def _init_encoder_scale(sae: SAE, first: torch.Tensor, cfg: SAETrainConfig) -> f
     steps spend undoing, worst at large k. Scaling the encoder changes no latent's selection (TopK and BatchTopK
     are invariant to a positive scale), only the values, so the scale is read off one forward pass."""
     c = first.to(sae.W_enc.device, sae.W_enc.dtype) - sae.b_dec  # the SAE is built on the CPU, the batch may be on a GPU
-    pre = c @ sae.W_enc
-    if cfg.architecture == "topk":
-        vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
-        f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-    else:
-        vals, flat = pre.relu().flatten().topk(cfg.k * len(pre), sorted=False)
-        f = torch.zeros(pre.numel(), dtype=pre.dtype, device=pre.device).scatter(0, flat, vals).view_as(pre)
-    r = f @ sae.W_dec
+    r = _sparse_codes(sae, c @ sae.W_enc, cfg.architecture, cfg.k)[0] - sae.b_dec
     return float(((c * r).sum() / r.pow(2).sum().clamp(min=1e-12)).clamp(min=1e-3, max=1.0))
 
 
