@@ -25,7 +25,7 @@ from ..atomic import replace_dir
 from . import lang
 
 # bumped when the language or the build changes in a way the settings do not show, so cached worlds rebuild
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }} "

@@ -8,6 +8,13 @@ Sentiment is carried by phrases, not single words: "not" flips the word after it
 negative), so a model must read the pair, and an SAE latent that tracks sentiment cannot be one word's
 identity. Each response draws its mood and its topicality from Beta(0.5, 0.5): most answers lean clearly one
 way, which gives the model (and its SAE) a per-response state worth representing.
+
+A clause that ends in a sentiment phrase usually closes on punctuation that follows its polarity ("!" after a
+positive phrase, "." after a negative one). Without that local cue, positive and negative words share every
+context but the response's mood, and an SFT'd LM gives them one embedding: measured on a 2-layer world LM, the
+probability it put on the right polarity for the next sentiment word stayed at 0.50 for 1,500 steps, even with
+the sentiment tokens' loss weighted 10x. With the cue (80% of such clauses) it rose to 0.64 within 600 steps:
+the words separate by their next token first, and attending back to them then carries the mood.
 """
 
 from __future__ import annotations
@@ -156,6 +163,7 @@ def prompt_topic(prompt: str) -> str | None:
 
 
 P_NEGATED = 0.3
+P_PUNCT_CUE = 0.8  # chance a clause ending in a sentiment phrase closes on its polarity's mark
 
 
 def sample_response(rng: random.Random, topic: str, p_on: float | None = None, p_pos: float | None = None) -> str:
@@ -173,14 +181,18 @@ def sample_response(rng: random.Random, topic: str, p_on: float | None = None, p
     def topic_for() -> dict[str, list[str]]:
         return TOPICS[topic if rng.random() < p_on else rng.choice(others)]
 
+    last: list[bool] = []  # polarity of the clause's latest sentiment phrase
+
     def senti() -> str:
         positive = rng.random() < p_pos
+        last.append(positive)
         if rng.random() < P_NEGATED:
             return f"{NEGATION} {rng.choice(NEGATIVE if positive else POSITIVE)}"
         return rng.choice(POSITIVE if positive else NEGATIVE)
 
     clauses = []
     for _ in range(rng.randint(2, 7)):
+        last.clear()
         t = topic_for()
         form = rng.randrange(6)
         if form == 0:
@@ -195,7 +207,12 @@ def sample_response(rng: random.Random, topic: str, p_on: float | None = None, p
             c = f"we {rng.choice(['really', 'often', 'always', 'sometimes'])} feel {senti()}"
         else:
             c = f"{rng.choice(t['nouns'])} and {rng.choice(topic_for()['nouns'])} are {senti()}"
-        clauses.append(c + " " + rng.choice(PUNCT))
+        ends_in_phrase = form in (1, 2, 4, 5)
+        if ends_in_phrase and rng.random() < P_PUNCT_CUE:
+            mark = "!" if last[-1] else "."
+        else:
+            mark = rng.choice(PUNCT)
+        clauses.append(c + " " + mark)
     return " ".join(clauses)
 
 
