@@ -100,6 +100,27 @@ def test_world_build(world):
     assert model.config.num_hidden_layers == WorldConfig.quick().num_layers
 
 
+def test_mood_oracle_is_the_generators_posterior():
+    from featalign.world.probe import mood_oracle
+
+    # one earlier positive phrase: the next phrase is positive with (1 + 0.5) / (1 + 1) = 0.75
+    assert mood_oracle([{"prompt": "", "response": "i think it is lovely . it is lovely"}]) == pytest.approx(0.75)
+    assert mood_oracle([{"prompt": "", "response": "it is not awful . it is awful"}]) == pytest.approx(0.25)
+    assert 0.6 < mood_oracle([{"prompt": "", "response": lang.sample_response(random.Random(i), "food")} for i in range(300)]) < 0.7
+
+
+def test_world_model_tracks_mood(world):
+    """The SFT model puts more of its sentiment-word probability on the answer's polarity than a mood-blind
+    model (0.5). The v2 world's model scored 0.500 (words of both polarities shared one embedding)."""
+    from featalign.models import load_model, load_tokenizer
+    from featalign.world.probe import mood_oracle, mood_probe, probe_examples
+
+    ex = probe_examples()
+    score = mood_probe(load_model(world["sft"]), load_tokenizer(world["sft"]), ex)
+    print(f"mood oracle {mood_oracle(ex):.3f}")
+    margin("mood probe of the quick world's SFT model", score, 0.56)
+
+
 def test_world_is_cached_and_deterministic(world, tmp_path):
     from conftest import SEED
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .. import data as D
 from ..atomic import replace_dir
 from . import lang
+from .probe import mood_oracle, mood_probe, probe_examples
 
 # bumped when the language or the build changes in a way the settings do not show, so cached worlds rebuild
 WORLD_VERSION = 3
@@ -213,6 +214,8 @@ def build_world(out: str = "data/world", cfg: WorldConfig | None = None, progres
     steps.update()
     steps.set_postfix_str("evaluate")
     sft_nll = response_nll(model, tokenizer, enc_eval)
+    probe_set = probe_examples()
+    mood = {"mood_probe": round(mood_probe(model, tokenizer, probe_set), 4), "mood_oracle": round(mood_oracle(probe_set), 4)}
     uni_nll = unigram_nll(enc_train, enc_eval, len(tokenizer))
     model.save_pretrained(tpaths["sft"])
     tokenizer.save_pretrained(tpaths["sft"])
@@ -229,6 +232,7 @@ def build_world(out: str = "data/world", cfg: WorldConfig | None = None, progres
         "sft_final_loss": losses[-1],
         "sft_ppl": math.exp(sft_nll),
         "unigram_ppl": math.exp(uni_nll),
+        **mood,  # share of sentiment-word probability on the answer's polarity: 0.5 = blind to mood
         "build_seconds": round(time.time() - t0, 1),
         "paths": {k: os.path.relpath(v, out) for k, v in paths.items() if k != "root"},
     }
