@@ -34,7 +34,7 @@ from common import make_model, make_sae, median, peak_mb, quick_world, run_worke
 
 CONFIGS = {
     "featalign dpo (cache)": ("featalign", "dpo"),
-    "featalign dpo (cache, no length grouping)": ("featalign", "dpo+nogroup"),
+    "featalign dpo ungrouped (cache)": ("featalign", "dpo+nogroup"),
     "featalign dpo_ln (cache)": ("featalign", "dpo_ln"),
     "featalign simpo": ("featalign", "simpo"),
     "featalign tdpo2": ("featalign", "tdpo2"),
@@ -228,7 +228,7 @@ def main():
     base = ["--model", model_dir, "--data", data, "--cache", cache_dir, "--sae", sae_dir, "--layer", str(layer),
             "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", str(a.warmup),
             "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length), "--gc", a.gc]
-    names = [n for n in CONFIGS if (not a.only or n in a.only.split(",")) and (a.smollm2 or "no length grouping" not in n)]
+    names = [n for n in CONFIGS if (not a.only or n in a.only.split(",")) and (a.smollm2 or "ungrouped" not in n)]
     runs = {}
     for rnd in range(a.rounds):  # whole rounds, so that a slow spell of the machine hits every configuration
         for name in names:
@@ -262,7 +262,7 @@ def main():
         summary["padded_share_featalign_grouped"] = padded_share(model_dir, data, a.batch_size, a.warmup + a.steps, a.max_length, a.max_prompt_length, True)
         summary["padded_share_random_order"] = padded_share(model_dir, data, a.batch_size, a.warmup + a.steps, a.max_length, a.max_prompt_length, False)
         summary["featalign_dpo_peak_memory_vs_trl_dpo_precompute"] = ratio("featalign dpo (cache)", "trl dpo sigmoid (precompute)", "peak_mb")
-        summary["featalign_dpo_grouped_speed_vs_ungrouped"] = ratio("featalign dpo (cache)", "featalign dpo (cache, no length grouping)", "tokens_per_s")
+        summary["featalign_dpo_grouped_speed_vs_ungrouped"] = ratio("featalign dpo (cache)", "featalign dpo ungrouped (cache)", "tokens_per_s")
     write_result(a.tag, {"model": "SmolLM2-135M-Instruct" if a.smollm2 else "random Llama", "gradient_checkpointing": a.gc, "rounds": a.rounds, "model_params": n_params, "hidden": a.hidden, "layers": a.layers, "batch_size": a.batch_size,
                          "steps_timed": a.steps, "warmup": a.warmup, "max_length": a.max_length, "tokens_per_pair": tpp,
                          "cache_build_s": cache_s, "runs": runs, "summary": summary})
