@@ -143,16 +143,65 @@ def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_pa
                                 batch_size=4, max_steps=1, limit=8, max_length=96, max_prompt_length=24, progress=False,
                                 tensorboard=False, **extra))
         idx = list(range(4))
-        results = []
-        for split in (True, False):
-            monkeypatch.setattr(L, "_chunked_ok", (lambda m: True) if split else (lambda m: False))
+        results = {}
+        for path in ("fused", "chunked", "full"):  # the trainer's default, the recomputing head, full logits
+            monkeypatch.setattr(L, "_chunked_ok", (lambda m: True) if path != "full" else (lambda m: False))
+            t.cfg.fused_head = path == "fused"
             b = t._device_batch(idx)
             b.pop("n_tokens"), b.pop("n_positions")
             t.model.zero_grad()
-            loss, _ = t.loss(t.model, b)
+            if path == "fused":
+                assert t.batch_forward(t.model, b)[0].can_fuse()
+            loss, metrics = t.loss(t.model, b)
             loss.backward()
-            results.append((loss.detach(), {k: p.grad.clone() for k, p in t.model.named_parameters() if p.grad is not None}))
-        (l1, g1), (l2, g2) = results
-        assert abs(l1 - l2) < 1e-5, (method, l1, l2)
-        for k in g2:
-            assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-3), (method, k)
+            results[path] = (loss.detach(), metrics, {k: p.grad.clone() for k, p in t.model.named_parameters() if p.grad is not None})
+        l_full, m_full, g_full = results["full"]
+        for path in ("fused", "chunked"):
+            l1, m1, g1 = results[path]
+            assert abs(l1 - l_full) < 1e-5, (method, path, l1, l_full)
+            assert g1.keys() == g_full.keys(), (method, path)
+            for k in g_full:
+                assert torch.allclose(g1[k], g_full[k], atol=1e-6, rtol=1e-3), (method, path, k)
+            for k in set(m_full) - {"rewards/accuracies"}:  # at the reference every reward is ~0: its sign is rounding
+                assert torch.allclose(m1[k], m_full[k], atol=1e-5, rtol=1e-5), (method, path, k)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_fused_pair_loss_equals_the_plain_path(kind, chunk):
+    """``Forward.fused_loss`` (head gradients computed in forward, pair by pair) against autograd through the
+    chunked terms: loss, row terms, and the gradients of the weights and of an extra per-pair input."""
+    model = tiny(kind)
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids, att, resp = batch()  # 3 pairs: rows 0-2 chosen, 3-5 rejected, of unequal lengths
+    w = torch.tensor([0.3, -1.2, 2.0], requires_grad=True)
+
+    def pair_loss(r, ex):  # nonlinear in every row term and in the extra, like the preference losses
+        u = 0.1 * (r["logps"][0] - r["logps"][1]) - (r["kl"][1] - r["kl"][0]) * ex["w"] + 0.01 * r["ref_logps"].sum()
+        return -torch.nn.functional.logsigmoid(u).sum() + (ex["w"] ** 2).sum()
+
+    def grads():
+        g = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        g["w"] = w.grad.clone()
+        model.zero_grad(), w.grad.zero_()
+        return g
+
+    fw = L.forward(model, ids, att, resp, ref=ref, kl=True, chunk=chunk)
+    plain = fw.terms()
+    want = sum(pair_loss({k: v[[i, 3 + i]] for k, v in plain.items()}, {"w": w[i:i + 1]}) for i in range(3)) / 3
+    (2.5 * want).backward()  # a scaled loss, as gradient accumulation gives: the fused backward must scale too
+    g_want = grads()
+    fw = L.forward(model, ids, att, resp, ref=ref, kl=True, chunk=chunk)
+    assert fw.can_fuse() and not fw.can_fuse(budget=10)  # a budget below one pair's logits: the plain path
+    got, rows = fw.fused_loss(pair_loss, {"w": w})
+    (2.5 * got).backward()
+    g_got = grads()
+    assert abs(got.item() - want.item()) < 1e-5
+    for k in ("logps", "ref_logps", "kl", "length"):
+        assert torch.allclose(rows[k], plain[k].detach(), atol=1e-5), k
+    assert g_got.keys() == g_want.keys()
+    for k in g_want:
+        assert torch.allclose(g_got[k], g_want[k], atol=1e-6, rtol=1e-4), (k, (g_got[k] - g_want[k]).abs().max())

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 2**25  # logits per chunk: 128 MiB of float32, 131 positions of a 256k vocabulary
+FUSED_ELEMENTS = 2**28  # the most logits of one pair that `Forward.fused_loss` holds at once (1 GiB of float32)
 
 
 # ---------------------------------------------------------------------------------------------- plain path
@@ -204,10 +205,7 @@ class _ChunkedHead(torch.autograd.Function):
         h, targets, lse, ref_h, ref_lse = ctx.saved_tensors
         head, ref_head, chunk = ctx.head, ctx.ref_head, ctx.chunk
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        w = head.cast_weight()
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(head.weight.shape, dtype=torch.float32, device=h.device) if want_w else None
-        grad_b = torch.zeros(head.weight.shape[0], dtype=torch.float32, device=h.device) if want_b else None
+        grads = _Grads(h, head, want_h, want_w, want_b)
         use_kl = ref_h is not None and g_kl is not None
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float()
         with torch.autocast(h.device.type, enabled=False):
@@ -215,33 +213,60 @@ class _ChunkedHead(torch.autograd.Function):
                 e = min(h.shape[0], s + chunk)
                 z = head.logits(h[s:e])
                 dcap = 1 - (z / head.softcap) ** 2 if head.softcap else None
-                # d lp / d z = onehot(target) - p;  d KL / d z = p - p_ref
                 p = z.sub_(lse[s:e, None]).exp_()
-                coef = -g_lp[s:e]
-                if use_kl:
-                    coef = coef + g_kl[s:e].float()
-                gz = p.mul_(coef[:, None])
-                gz.scatter_add_(1, targets[s:e, None], g_lp[s:e, None])
-                if use_kl:
-                    pr = ref_head.logits(ref_h[s:e]).sub_(ref_lse[s:e, None]).exp_()
-                    gz.sub_(pr.mul_(g_kl[s:e, None].float()))
-                    del pr
-                if dcap is not None:
-                    gz.mul_(dcap)
-                if head.scale != 1.0:
-                    gz.mul_(head.scale)
-                gzc = gz.to(head.dtype)
-                if want_h:
-                    grad_h[s:e] = gzc @ w
-                if want_w:
-                    if head.dtype == torch.float32:
-                        grad_w.addmm_(gzc.t(), h[s:e].float())
-                    else:
-                        grad_w.add_(gzc.t() @ h[s:e].to(head.dtype))
-                if want_b:
-                    grad_b.add_(gz.sum(0))
-        return (grad_h, grad_w.to(head.weight.dtype) if want_w else None,
-                grad_b.to(head.bias.dtype) if want_b else None, None, None, None, None, None)
+                pr = ref_head.logits(ref_h[s:e]).sub_(ref_lse[s:e, None]).exp_() if use_kl else None
+                gz = _logit_grad(p, targets[s:e], g_lp[s:e], g_kl[s:e].float() if use_kl else None, pr, dcap, head)
+                grads.add(slice(s, e), gz)
+        return (*grads.result(), None, None, None, None, None)
+
+
+def _spans(n: int, chunk: int):
+    return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+
+
+def _logit_grad(p, targets, g_lp, g_kl, pr, dcap, head: Head):
+    """d(sum g_lp * lp + sum g_kl * KL)/d(pre-cap logits), in place of ``p`` (the policy's probabilities).
+
+    d lp / d z = onehot(target) - p;  d KL(ref || p) / d z = p - p_ref."""
+    coef = -g_lp if g_kl is None else g_kl - g_lp
+    gz = p.mul_(coef[:, None])
+    gz.scatter_add_(1, targets[:, None], g_lp[:, None])
+    if g_kl is not None:
+        gz.sub_(pr.mul_(g_kl[:, None]))
+    if dcap is not None:
+        gz.mul_(dcap)
+    if head.scale != 1.0:
+        gz.mul_(head.scale)
+    return gz
+
+
+class _Grads:
+    """Gradients of the head's input rows, weight and bias, accumulated a chunk of logit gradients at a time."""
+
+    def __init__(self, h, head: Head, want_h, want_w, want_b):
+        self.h, self.head, self.w = h, head, head.cast_weight()
+        self.h_ = torch.zeros_like(h) if want_h else None
+        self.w_ = torch.zeros(head.weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        self.b_ = torch.zeros(head.weight.shape[0], dtype=torch.float32, device=h.device) if want_b else None
+
+    def add(self, idx, gz):
+        head = self.head
+        gzc = gz.to(head.dtype)
+        if self.h_ is not None:
+            self.h_[idx] = gzc @ self.w
+        if self.w_ is not None:
+            hs = self.h[idx]
+            if head.dtype == torch.float32:
+                self.w_.addmm_(gzc.t(), hs.float())
+            else:
+                self.w_.add_(gzc.t() @ hs.to(head.dtype))
+        if self.b_ is not None:
+            self.b_.add_(gz.sum(0))
+
+    def result(self):
+        head = self.head
+        return (self.h_, None if self.w_ is None else self.w_.to(head.weight.dtype),
+                None if self.b_ is None else self.b_.to(head.bias.dtype))
 
 
 def chunked_token_terms(h: torch.Tensor, head: Head, targets: torch.Tensor, ref_h: torch.Tensor | None = None,
@@ -275,17 +300,74 @@ def _gather(h, rows, cols):
     return h[rows.to(h.device), cols.to(h.device)]
 
 
-def response_terms(model, input_ids, attention_mask, response_mask, positions=None, ref=None, kl: bool = False,
-                   chunk: int = 0, ref_adapter_off: bool = False) -> dict[str, torch.Tensor]:
-    """Per-row summed response log-prob ``logps`` and ``length``; with a reference (a model, or ``model`` itself
-    with its PEFT adapter disabled when ``ref_adapter_off``) also ``ref_logps`` and, when ``kl``, TDPO's
-    summed per-position ``kl``. Gradients flow into ``model`` only. ``positions``: ``response_positions`` of
-    the mask, precomputed on the CPU (else computed here, a device sync on a GPU)."""
+class Forward:
+    """One forward pass of the policy (and of a live reference) over a batch, before anything touches the LM head.
+
+    ``terms()`` gives per-row sums (the plain autograd path, any loss); ``fused_loss()`` gives a preference loss
+    whose head gradients are computed during the forward (no recomputed head matmul). Made by ``forward``."""
+
+    def __init__(self, n, length, h=None, head=None, targets=None, rows=None, row_counts=None, ref_h=None,
+                 ref_head=None, with_ref=False, kl=False, chunk=0, terms=None):
+        self.n, self.length, self.h, self.head, self.targets, self.rows = n, length, h, head, targets, rows
+        self.row_counts, self.ref_h, self.ref_head, self.with_ref, self.kl, self.chunk = row_counts, ref_h, ref_head, with_ref, kl, chunk
+        self._terms = terms  # set when the model could not be split: computed from full logits already
+
+    def terms(self) -> dict[str, torch.Tensor]:
+        if self._terms is not None:
+            return self._terms
+        out, n, rows = {"length": self.length}, self.n, self.rows
+        if self.with_ref and self.kl:
+            lp, tok_kl, ref_lp = chunked_token_terms(self.h, self.head, self.targets, self.ref_h, self.ref_head, self.chunk)
+            out["kl"] = _row_sum(tok_kl, rows, n)
+        else:
+            lp, _, _ = chunked_token_terms(self.h, self.head, self.targets, chunk=self.chunk)
+            if self.with_ref:  # reference log-probs alone need no graph
+                with torch.no_grad():
+                    ref_lp, _, _ = chunked_token_terms(self.ref_h, self.ref_head, self.targets, chunk=self.chunk)
+        out["logps"] = _row_sum(lp, rows, n)
+        if self.with_ref:
+            out["ref_logps"] = _row_sum(ref_lp.detach(), rows, n)
+        return out
+
+    def can_fuse(self, budget: int | None = None) -> bool:
+        """Whether ``fused_loss`` applies: a split model, a graph to build, pairs (rows i and n/2 + i) whose
+        logits fit ``budget`` elements (``FUSED_ELEMENTS``; doubled need with a live reference)."""
+        if self._terms is not None or self.n % 2 or not torch.is_grad_enabled():
+            return False
+        if not (self.h.requires_grad or self.head.weight.requires_grad):
+            return False
+        half = self.n // 2
+        largest = int((self.row_counts[:half] + self.row_counts[half:]).max()) if half else 0
+        return largest * self.head.weight.shape[0] * (2 if self.with_ref else 1) <= (budget or FUSED_ELEMENTS)
+
+    def fused_loss(self, pair_loss, extras: dict[str, torch.Tensor]):
+        """``mean_i pair_loss(rows_i, extras_i)`` over the batch's pairs, and the per-row terms (detached).
+
+        ``pair_loss(rows, extras)`` gets ``rows`` = {"logps", "length", and with a reference "ref_logps" (and
+        "kl")} of the pair's two rows (chosen, rejected; shape [2]) and each ``extras`` tensor [P] cut to the
+        pair ([1]); it returns the pair's loss. Every method of ``losses`` is such a mean over pairs. Each
+        pair's logits are computed once: the pair's loss is differentiated with respect to its row sums right
+        away, so the head's gradients are known before the logits are dropped (what the plain path gets by
+        recomputing every chunk's logits in backward: one vocabulary-sized matmul per token fewer)."""
+        keys = [k for k, v in extras.items() if torch.is_tensor(v)]
+        out = _FusedPairLoss.apply(self.h, self.head.weight, self.head.bias, self, pair_loss, keys, *[extras[k] for k in keys])
+        loss, rows = out[0], out[1:]
+        names = ["logps"] + (["ref_logps"] if self.with_ref else []) + (["kl"] if self.with_ref and self.kl else [])
+        return loss, {"length": self.length, **dict(zip(names, rows))}
+
+
+def forward(model, input_ids, attention_mask, response_mask, positions=None, ref=None, kl: bool = False,
+            chunk: int = 0, ref_adapter_off: bool = False) -> Forward:
+    """Run the policy (and a live reference: a model, or ``model`` itself with its PEFT adapter disabled when
+    ``ref_adapter_off``) and keep the last hidden states of the positions that predict a response token.
+    ``positions``: ``response_positions`` of the mask, precomputed on the CPU (else computed here, a device
+    sync on a GPU). A model that cannot be split into decoder + head gets its terms from full logits here."""
     if positions is None:
         positions = response_positions(response_mask.cpu())
+    rows_cpu = positions[0].cpu()
     rows, cols = (x.to(input_ids.device, non_blocking=True) for x in positions)
     n = input_ids.shape[0]
-    out = {"length": response_mask[:, 1:].to(torch.float32).sum(-1)}
+    length = response_mask[:, 1:].to(torch.float32).sum(-1)
     with_ref = ref is not None or ref_adapter_off
     pol = hidden_states(model, input_ids, attention_mask)
     ref_split = None
@@ -293,6 +375,7 @@ def response_terms(model, input_ids, attention_mask, response_mask, positions=No
         with torch.no_grad(), _reference(model, ref, ref_adapter_off) as rm:
             ref_split = hidden_states(rm, input_ids, attention_mask)
     if pol is None or (with_ref and ref_split is None):  # a model this module cannot split: full logits
+        out = {"length": length}
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         out["logps"], _ = response_logps(logits, input_ids, response_mask)
         if with_ref:
@@ -301,22 +384,108 @@ def response_terms(model, input_ids, attention_mask, response_mask, positions=No
             out["ref_logps"], _ = response_logps(ref_logits, input_ids, response_mask)
             if kl:
                 out["kl"] = sequential_kl(logits, ref_logits, response_mask)
-        return out
+        return Forward(n, length, terms=out)
     h, head = pol
-    targets = input_ids[:, 1:][rows, cols]
-    h = _gather(h, rows, cols)
-    if with_ref and kl:
-        lp, tok_kl, ref_lp = chunked_token_terms(h, head, targets, _gather(ref_split[0], rows, cols), ref_split[1], chunk)
-        out["kl"] = _row_sum(tok_kl, rows, n)
-    else:
-        lp, _, _ = chunked_token_terms(h, head, targets, chunk=chunk)
-        if with_ref:  # reference log-probs alone need no graph
-            with torch.no_grad():
-                ref_lp, _, _ = chunked_token_terms(_gather(ref_split[0], rows, cols), ref_split[1], targets, chunk=chunk)
-    out["logps"] = _row_sum(lp, rows, n)
-    if with_ref:
-        out["ref_logps"] = _row_sum(ref_lp.detach(), rows, n)
-    return out
+    return Forward(n, length, _gather(h, rows, cols), head, input_ids[:, 1:][rows, cols], rows,
+                   torch.bincount(rows_cpu, minlength=n), None if ref_split is None else _gather(ref_split[0], rows, cols),
+                   None if ref_split is None else ref_split[1], with_ref, kl, chunk)
+
+
+def response_terms(model, input_ids, attention_mask, response_mask, positions=None, ref=None, kl: bool = False,
+                   chunk: int = 0, ref_adapter_off: bool = False) -> dict[str, torch.Tensor]:
+    """Per-row summed response log-prob ``logps`` and ``length``; with a reference also ``ref_logps`` and, when
+    ``kl``, TDPO's summed per-position ``kl``. Gradients flow into ``model`` only (arguments: ``forward``)."""
+    return forward(model, input_ids, attention_mask, response_mask, positions, ref, kl, chunk, ref_adapter_off).terms()
+
+
+class _FusedPairLoss(torch.autograd.Function):
+    """A mean-over-pairs loss through the LM head, one pair's logits at a time, with the head's gradients
+    computed in forward (scaled by the incoming gradient in backward)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, fw: Forward, pair_loss, keys, *extras):
+        head, n, half = fw.head, fw.n, fw.n // 2
+        ref = fw.ref_h is not None
+        use_kl = ref and fw.kl
+        ref_head = fw.ref_head
+        if ref:
+            ref_head = Head(ref_head.weight.detach(), None if ref_head.bias is None else ref_head.bias.detach(),
+                            ref_head.scale, ref_head.softcap, ref_head.dtype)
+        grads = _Grads(h.detach(), head, *ctx.needs_input_grad[:3])
+        chunk = fw.chunk or chunk_size(head.weight.shape[0])
+        offsets = [0, *torch.cumsum(fw.row_counts, 0).tolist()]
+        row_lp = torch.zeros(n, dtype=torch.float32, device=h.device)
+        row_ref, row_kl = torch.zeros_like(row_lp), torch.zeros_like(row_lp)
+        extra_grads = [torch.zeros_like(e, dtype=torch.float32) if e.requires_grad else None for e in extras]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(half):
+                (a, b), (c, d) = (offsets[i], offsets[i + 1]), (offsets[half + i], offsets[half + i + 1])
+                idx = torch.cat([torch.arange(a, b), torch.arange(c, d)]).to(h.device)
+                m_c = b - a
+                tg = fw.targets[idx]
+                z = head.logits(h[idx].detach())
+                lse = z.logsumexp(-1)
+                lp = z.gather(1, tg[:, None]).squeeze(1) - lse
+                z.sub_(lse[:, None])  # log p, kept until the pair's gradient is known
+                rows = {"logps": torch.stack([lp[:m_c].sum(), lp[m_c:].sum()]), "length": fw.length[[i, half + i]]}
+                lr = None
+                if ref:
+                    lr = ref_head.logits(fw.ref_h[idx])
+                    lr.sub_(lr.logsumexp(-1, keepdim=True))  # log p_ref
+                    ref_lp = lr.gather(1, tg[:, None]).squeeze(1)
+                    rows["ref_logps"] = torch.stack([ref_lp[:m_c].sum(), ref_lp[m_c:].sum()])
+                    if use_kl:  # KL(ref || p) = sum p_ref (log p_ref - log p), a chunk at a time
+                        tok_kl = torch.cat([(lr[s:e].exp() * (lr[s:e] - z[s:e])).sum(-1) for s, e in _spans(len(tg), chunk)])
+                        rows["kl"] = torch.stack([tok_kl[:m_c].sum(), tok_kl[m_c:].sum()])
+                    else:
+                        lr = None
+                row_lp[[i, half + i]] = rows["logps"]
+                if ref:
+                    row_ref[[i, half + i]] = rows["ref_logps"]
+                if use_kl:
+                    row_kl[[i, half + i]] = rows["kl"]
+                # the pair's loss and its gradient with respect to the pair's row sums (and extras)
+                leaves = {"logps": rows["logps"].clone().requires_grad_()}
+                if use_kl:
+                    leaves["kl"] = rows["kl"].clone().requires_grad_()
+                ex = {k: e[i:i + 1].detach().clone().requires_grad_(e.requires_grad) for k, e in zip(keys, extras)}
+                with torch.enable_grad():
+                    loss = pair_loss({**rows, **leaves}, ex)
+                    wrt = [*leaves.values(), *[v for v in ex.values() if v.requires_grad]]
+                    got = torch.autograd.grad(loss, wrt, allow_unused=True)
+                total += loss.detach().float()
+                got = [torch.zeros_like(w) if g is None else g for g, w in zip(got, wrt)]
+                g_rows = got[0].float()
+                g_lp = torch.cat([g_rows[0].expand(m_c), g_rows[1].expand(len(tg) - m_c)])
+                g_kl = None
+                if use_kl:
+                    g_k = got[1].float()
+                    g_kl = torch.cat([g_k[0].expand(m_c), g_k[1].expand(len(tg) - m_c)])
+                j = len(leaves)
+                for eg in extra_grads:
+                    if eg is not None:
+                        eg[i] = got[j].reshape(())
+                        j += 1
+                for s, e in _spans(len(tg), chunk):  # temporaries of one chunk, not of the pair
+                    zs = z[s:e]
+                    dcap = 1 - ((zs + lse[s:e, None]) / head.softcap) ** 2 if head.softcap else None
+                    pr = lr[s:e].exp() if use_kl else None
+                    gz = _logit_grad(zs.exp_(), tg[s:e], g_lp[s:e], None if g_kl is None else g_kl[s:e], pr, dcap, head)
+                    grads.add(idx[s:e], gz)
+                del z, lr
+        head._cast = None
+        ctx.grads, ctx.half = (*grads.result(), *extra_grads), max(half, 1)
+        outs = [row_lp] + ([row_ref] if ref else []) + ([row_kl] if use_kl else [])
+        ctx.mark_non_differentiable(*outs)
+        return (total / max(half, 1), *outs)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        grads, ctx.grads = ctx.grads, None
+        g = g_loss / ctx.half  # the loss is the mean of the pairs' losses
+        scaled = [None if x is None else x * g.to(x.dtype) for x in grads]
+        return (*scaled[:3], None, None, None, *scaled[3:])
 
 
 def _row_sum(x, rows, n):

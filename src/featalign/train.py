@@ -33,7 +33,8 @@ from .atomic import atomic_dir
 from .data.batching import group_by_length, pair_length
 from .errors import ConfigError, TrainingDivergedError
 from .losses import METHODS, compute_loss, feature_mse
-from .logprobs import response_positions, response_terms
+from . import logprobs as L
+from .logprobs import response_positions
 from .models import capture_layer, load_model, load_tokenizer
 
 
@@ -72,6 +73,8 @@ class TrainConfig(D.DataOptions):
     group_by_length: bool = _f(True, "batch pairs of similar length together (a seeded order, so less padding and exact resume)")
     bf16: bool = _f(True, "bf16 autocast on GPUs that support it (CPU runs stay float32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    fused_head: bool = _f(True, "compute each pair's logits once, with the LM head's gradients (no recomputation in "
+                          "backward); off: the chunked head recomputes each chunk's logits in backward")
     lora_r: int = _f(0, "LoRA rank (0: train all weights); the saved model has the adapter merged")
     lora_alpha: int = _f(16, "LoRA alpha")
     log_every: int = _f(10, "log metrics every N steps")
@@ -133,6 +136,18 @@ def _lr_lambda(total: int, warmup: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return f
+
+
+def pair_terms(r: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-row terms (chosen rows first, then rejected) as the losses' per-pair arguments."""
+    n = r["logps"].shape[0] // 2
+    t = {"policy_chosen_logps": r["logps"][:n], "policy_rejected_logps": r["logps"][n:],
+         "chosen_len": r["length"][:n], "rejected_len": r["length"][n:]}
+    if "ref_logps" in r:
+        t.update(ref_chosen_logps=r["ref_logps"][:n], ref_rejected_logps=r["ref_logps"][n:])
+    if "kl" in r:
+        t.update(kl_chosen=r["kl"][:n], kl_rejected=r["kl"][n:])
+    return t
 
 
 class Trainer:
@@ -258,38 +273,46 @@ class Trainer:
                 p.mul_(1 - a).add_(pol[name].to(p.dtype), alpha=a)
 
     # ------------------------------------------------------------------ one batch
-    def batch_terms(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-pair tensors the losses need, from one forward pass of the policy (and of a live reference)."""
+    def batch_forward(self, model, batch: dict[str, torch.Tensor]) -> tuple[L.Forward, dict[str, torch.Tensor]]:
+        """One forward pass of the policy (and of a live reference), and the per-pair terms that do not come
+        from the LM head: cached reference log-probs, FPO's feature discrepancies."""
         cfg = self.cfg
         ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         n = ids.shape[0] // 2
-        live = self.ref_model is not None or self.ref_adapter_off
         positions = (batch["response_rows"], batch["response_cols"]) if "response_rows" in batch else None
         with capture_layer(model, cfg.layer, first=True) if self.sae is not None else contextlib.nullcontext() as box:
-            r = response_terms(model, ids, att, resp, positions, ref=self.ref_model, kl=cfg.method.startswith("tdpo"),
-                               ref_adapter_off=self.ref_adapter_off)
-        lp, length = r["logps"], r["length"]
-        t = {"policy_chosen_logps": lp[:n], "policy_rejected_logps": lp[n:], "chosen_len": length[:n], "rejected_len": length[n:]}
-        if live:
-            t.update(ref_chosen_logps=r["ref_logps"][:n], ref_rejected_logps=r["ref_logps"][n:])
-            if "kl" in r:
-                t.update(kl_chosen=r["kl"][:n], kl_rejected=r["kl"][n:])
-        elif self.cache is not None:
+            fw = L.forward(model, ids, att, resp, positions, ref=self.ref_model, kl=cfg.method.startswith("tdpo"),
+                           ref_adapter_off=self.ref_adapter_off)
+        other: dict[str, torch.Tensor] = {}
+        if self.ref_model is None and not self.ref_adapter_off and self.cache is not None:
             c = self.cache.batch(batch["index"], self.device)
-            t.update(ref_chosen_logps=c["chosen_logps"], ref_rejected_logps=c["rejected_logps"],
-                     ref_chosen_avg_logps=c["chosen_logps"] / c["chosen_len"].clamp(min=1),
-                     ref_rejected_avg_logps=c["rejected_logps"] / c["rejected_len"].clamp(min=1))
+            other.update(ref_chosen_logps=c["chosen_logps"], ref_rejected_logps=c["rejected_logps"],
+                         ref_chosen_avg_logps=c["chosen_logps"] / c["chosen_len"].clamp(min=1),
+                         ref_rejected_avg_logps=c["rejected_logps"] / c["rejected_len"].clamp(min=1))
             if self.sae is not None:
                 pooled = self.sae.encode_pooled(box["h"], resp)
                 d_c = feature_mse(pooled[:n], c["chosen_feat_idx"], c["chosen_feat_val"], cfg.k, cfg.topk_from)
                 d_r = feature_mse(pooled[n:], c["rejected_feat_idx"], c["rejected_feat_val"], cfg.k, cfg.topk_from)
-                t.update(feat_mse_chosen=d_c, feat_mse_rejected=d_r)
-        return t
+                other.update(feat_mse_chosen=d_c, feat_mse_rejected=d_r)
+        return fw, other
+
+    def batch_terms(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-pair tensors the losses need (the plain autograd path)."""
+        fw, other = self.batch_forward(model, batch)
+        return {**pair_terms(fw.terms()), **other}
 
     def loss(self, model, batch):
-        terms = self.batch_terms(model, batch)
+        """The method's loss and metrics. When training, each pair's logits are computed once and the head's
+        gradients with them (``Forward.fused_loss``); the same loss as ``compute_loss`` on ``batch_terms``."""
         c = self.cfg
-        return compute_loss(c.method, terms, beta=c.beta, alpha=c.alpha, gamma=c.gamma)
+        hp = dict(beta=c.beta, alpha=c.alpha, gamma=c.gamma)
+        fw, other = self.batch_forward(model, batch)
+        if not (c.fused_head and fw.can_fuse()):
+            return compute_loss(c.method, {**pair_terms(fw.terms()), **other}, **hp)
+        loss, rows = fw.fused_loss(lambda r, ex: compute_loss(c.method, {**pair_terms(r), **ex}, **hp)[0], other)
+        with torch.no_grad():
+            _, metrics = compute_loss(c.method, {**pair_terms(rows), **{k: v.detach() for k, v in other.items()}}, **hp)
+        return loss, metrics
 
     def _device_batch(self, idx: list[int]) -> dict:
         """Collate on the CPU (response positions and token count included, so no step reads the device back)
