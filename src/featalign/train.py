@@ -35,6 +35,7 @@ from .errors import ConfigError, TrainingDivergedError
 from .losses import METHODS, compute_loss, feature_mse
 from . import logprobs as L
 from .logprobs import response_positions
+from .mlp import lean_mlp
 from .models import capture_layer, load_model, load_tokenizer
 
 
@@ -75,6 +76,8 @@ class TrainConfig(D.DataOptions):
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     fused_head: bool = _f(True, "compute each pair's logits once, with the LM head's gradients (no recomputation in "
                           "backward); off: the chunked head recomputes each chunk's logits in backward")
+    lean_mlp: bool = _f(True, "gated MLPs keep 2 of their 4 intermediate activations for backward and recompute the "
+                        "rest (elementwise only; same results)")
     lora_r: int = _f(0, "LoRA rank (0: train all weights); the saved model has the adapter merged")
     lora_alpha: int = _f(16, "LoRA alpha")
     log_every: int = _f(10, "log metrics every N steps")
@@ -201,6 +204,8 @@ class Trainer:
             self.cache = self._offline_reference()
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if cfg.lean_mlp:
+            lean_mlp(self.model)
         if cfg.lora_r:
             from peft import LoraConfig, get_peft_model
 
