@@ -144,19 +144,21 @@ def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_pa
                                 tensorboard=False, **extra))
         idx = list(range(4))
         results = {}
-        for path in ("fused", "chunked", "full"):  # the trainer's default, the recomputing head, full logits
+        for path in ("fused", "packed", "chunked", "full"):  # the default, one padding-free row, recompute, full logits
             monkeypatch.setattr(L, "_chunked_ok", (lambda m: True) if path != "full" else (lambda m: False))
-            t.cfg.fused_head = path == "fused"
+            t.cfg.fused_head = path in ("fused", "packed")
+            t.cfg.pack = path == "packed"
             b = t._device_batch(idx)
             b.pop("n_tokens"), b.pop("n_positions")
             t.model.zero_grad()
-            if path == "fused":
-                assert t.batch_forward(t.model, b)[0].can_fuse()
+            if path in ("fused", "packed"):
+                fw = t.batch_forward(t.model, b)[0]
+                assert fw.can_fuse() and (fw.packing is not None) == (path == "packed")
             loss, metrics = t.loss(t.model, b)
             loss.backward()
             results[path] = (loss.detach(), metrics, {k: p.grad.clone() for k, p in t.model.named_parameters() if p.grad is not None})
         l_full, m_full, g_full = results["full"]
-        for path in ("fused", "chunked"):
+        for path in ("fused", "packed", "chunked"):
             l1, m1, g1 = results[path]
             assert abs(l1 - l_full) < 1e-5, (method, path, l1, l_full)
             assert g1.keys() == g_full.keys(), (method, path)
@@ -205,3 +207,42 @@ def test_fused_pair_loss_equals_the_plain_path(kind, chunk):
     assert g_got.keys() == g_want.keys()
     for k in g_want:
         assert torch.allclose(g_got[k], g_want[k], atol=1e-6, rtol=1e-4), (k, (g_got[k] - g_want[k]).abs().max())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_packed_row_equals_the_padded_batch(kind):
+    """``pack=True`` runs the batch as one row without padding: same terms and gradients as the padded batch."""
+    model = tiny(kind)
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids, att, resp = batch()
+    assert L.packing_ok(model) and L.packing_ok(ref)
+    fw = L.forward(model, ids, att, resp, ref=ref, kl=True, pack=True)
+    assert fw.packing is not None and fw.packing.input_ids.shape == (1, int(att.sum()))
+    got = fw.terms()
+    want = L.forward(model, ids, att, resp, ref=ref, kl=True).terms()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-5), (k, (got[k] - want[k]).abs().max())
+    g_got, g_want = grads_of(model, got), grads_of(model, want)
+    for k in g_want:
+        assert torch.allclose(g_got[k], g_want[k], atol=1e-6, rtol=1e-4), k
+    h = torch.randn(1, int(att.sum()), 3)
+    assert torch.equal(fw.packing.unpack(h)[att.bool()], h[0]) and (fw.packing.unpack(h)[~att.bool()] == 0).all()
+
+
+def test_a_model_that_cannot_pack_keeps_the_padded_batch(caplog):
+    model = tiny("llama")
+    real = model.forward
+
+    def ignores_position_ids(*a, position_ids=None, logits_to_keep=0, **kw):  # a model whose attention does not read them
+        return real(*a, logits_to_keep=logits_to_keep, **kw)
+
+    model.forward = ignores_position_ids
+    ids, att, resp = batch()
+    with caplog.at_level(logging.WARNING, logger="featalign.logprobs"):
+        fw = L.forward(model, ids, att, resp, pack=True)
+    assert fw.packing is None and "batches stay padded" in caplog.text
+    want = L.forward(model, ids, att, resp).terms()
+    assert torch.allclose(fw.terms()["logps"], want["logps"], atol=1e-6)

@@ -128,16 +128,21 @@ def _chunked_ok(model) -> bool:
     return ok
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Head] | None:
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  packed: Packing | None = None) -> tuple[torch.Tensor, Head] | None:
     """(last hidden state [N, T, H], head) from one forward pass that projects only the last position;
-    None for a model this module cannot split into decoder + head (the caller then uses full logits)."""
+    None for a model this module cannot split into decoder + head (the caller then uses full logits).
+    With ``packed``, the batch runs as one row without padding and the hidden state is [1, M, H]."""
     if not _chunked_ok(model):
         return None
     lm = unwrap(model)
     box = {}
     handle = lm.get_decoder().register_forward_hook(lambda _m, _i, out: box.__setitem__("h", out[0]))
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        if packed is not None:
+            out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False, logits_to_keep=1)
+        else:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
     h = box["h"]
@@ -152,6 +157,62 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             log.warning("%s: the LM head does not reproduce the model's logits; using full logits", type(lm).__name__)
             return None
     return h, head
+
+
+# ---------------------------------------------------------------------------------------------- packing
+@dataclass
+class Packing:
+    """A right-padded batch as one row without padding: sequences side by side, position ids restarting at 0
+    at each, which transformers turns into a block-diagonal causal mask (``find_packed_sequence_indices``)."""
+
+    input_ids: torch.Tensor  # [1, M]
+    position_ids: torch.Tensor  # [1, M]
+    keep: torch.Tensor  # [N, T] bool: the real tokens of the padded batch
+    flat: torch.Tensor  # [N * T]: a padded position's index in the packed row (where kept)
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> "Packing":
+        keep = attention_mask.bool()
+        n, t = input_ids.shape
+        pos = torch.arange(t, device=input_ids.device).expand(n, t)
+        flat = keep.reshape(-1).long().cumsum(0) - 1
+        return cls(input_ids[keep][None], pos[keep][None], keep, flat)
+
+    def index(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return self.flat[rows * self.keep.shape[1] + cols]
+
+    def unpack(self, h: torch.Tensor) -> torch.Tensor:
+        """[1, M, H] -> [N, T, H], zeros at padding (the layout the SAE's pooling reads)."""
+        out = h.new_zeros(*self.keep.shape, h.shape[-1])
+        return out.index_put((self.keep,), h[0])
+
+
+def packing_ok(model) -> bool:
+    """Whether ``model`` gives a packed row the hidden states it gives the padded batch: checked once per model
+    on two short sequences (right-padded vs packed), since it depends on the model's attention code."""
+    lm = unwrap(model)
+    ok = getattr(lm, "_featalign_pack_ok", None)
+    if ok is not None:
+        return ok
+    p = next(lm.parameters())
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0)).to(p.device)
+    att = torch.ones_like(ids)
+    att[1, 7:] = 0
+    pk = Packing.of(ids, att)
+    try:
+        with torch.no_grad():
+            a = lm(input_ids=ids, attention_mask=att, use_cache=False).logits[att.bool()].float()
+            b = lm(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False).logits[0].float()
+        tol = 1e-4 if p.dtype == torch.float32 else 5e-2
+        ok = bool(torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, a.abs().max().item())))
+    except Exception as e:  # noqa: BLE001  (a model that refuses position ids is a model that cannot pack)
+        log.info("%s: packing check failed: %s", type(lm).__name__, e)
+        ok = False
+    if not ok:
+        log.warning("%s: a packed row does not give the padded batch's outputs; batches stay padded", type(lm).__name__)
+    lm._featalign_pack_ok = ok
+    return ok
 
 
 # ---------------------------------------------------------------------------------------------- chunked core
@@ -311,6 +372,7 @@ class Forward:
         self.n, self.length, self.h, self.head, self.targets, self.rows = n, length, h, head, targets, rows
         self.row_counts, self.ref_h, self.ref_head, self.with_ref, self.kl, self.chunk = row_counts, ref_h, ref_head, with_ref, kl, chunk
         self._terms = terms  # set when the model could not be split: computed from full logits already
+        self.packing: Packing | None = None  # set by ``forward`` when the batch ran as one packed row
 
     def terms(self) -> dict[str, torch.Tensor]:
         if self._terms is not None:
@@ -357,11 +419,13 @@ class Forward:
 
 
 def forward(model, input_ids, attention_mask, response_mask, positions=None, ref=None, kl: bool = False,
-            chunk: int = 0, ref_adapter_off: bool = False) -> Forward:
+            chunk: int = 0, ref_adapter_off: bool = False, pack: bool = False) -> Forward:
     """Run the policy (and a live reference: a model, or ``model`` itself with its PEFT adapter disabled when
     ``ref_adapter_off``) and keep the last hidden states of the positions that predict a response token.
     ``positions``: ``response_positions`` of the mask, precomputed on the CPU (else computed here, a device
-    sync on a GPU). A model that cannot be split into decoder + head gets its terms from full logits here."""
+    sync on a GPU). A model that cannot be split into decoder + head gets its terms from full logits here.
+    ``pack``: run the batch as one row without padding (``Packing``) where the model allows it; then
+    ``Forward.packing`` is set, and hidden states captured by hooks are packed ([1, M, H])."""
     if positions is None:
         positions = response_positions(response_mask.cpu())
     rows_cpu = positions[0].cpu()
@@ -369,11 +433,14 @@ def forward(model, input_ids, attention_mask, response_mask, positions=None, ref
     n = input_ids.shape[0]
     length = response_mask[:, 1:].to(torch.float32).sum(-1)
     with_ref = ref is not None or ref_adapter_off
-    pol = hidden_states(model, input_ids, attention_mask)
+    packing = None
+    if pack and all(_chunked_ok(m) and packing_ok(m) for m in ([model] if ref is None else [model, ref])):
+        packing = Packing.of(input_ids, attention_mask)
+    pol = hidden_states(model, input_ids, attention_mask, packing)
     ref_split = None
     if with_ref and pol is not None:
         with torch.no_grad(), _reference(model, ref, ref_adapter_off) as rm:
-            ref_split = hidden_states(rm, input_ids, attention_mask)
+            ref_split = hidden_states(rm, input_ids, attention_mask, packing)
     if pol is None or (with_ref and ref_split is None):  # a model this module cannot split: full logits
         out = {"length": length}
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -384,11 +451,19 @@ def forward(model, input_ids, attention_mask, response_mask, positions=None, ref
             out["ref_logps"], _ = response_logps(ref_logits, input_ids, response_mask)
             if kl:
                 out["kl"] = sequential_kl(logits, ref_logits, response_mask)
-        return Forward(n, length, terms=out)
+        fw = Forward(n, length, terms=out)
+        fw.packing = packing  # a hook may have captured the packed pass before the head check failed
+        return fw
     h, head = pol
-    return Forward(n, length, _gather(h, rows, cols), head, input_ids[:, 1:][rows, cols], rows,
-                   torch.bincount(rows_cpu, minlength=n), None if ref_split is None else _gather(ref_split[0], rows, cols),
-                   None if ref_split is None else ref_split[1], with_ref, kl, chunk)
+    if packing is not None:  # the packed row: position (row, col) of the padded batch is packed index flat[...]
+        at = packing.index(rows, cols)
+        sel, ref_sel = h[0, at], None if ref_split is None else ref_split[0][0, at]
+    else:
+        sel, ref_sel = _gather(h, rows, cols), None if ref_split is None else _gather(ref_split[0], rows, cols)
+    fw = Forward(n, length, sel, head, input_ids[:, 1:][rows, cols], rows, torch.bincount(rows_cpu, minlength=n), ref_sel,
+                 None if ref_split is None else ref_split[1], with_ref, kl, chunk)
+    fw.packing = packing
+    return fw
 
 
 def response_terms(model, input_ids, attention_mask, response_mask, positions=None, ref=None, kl: bool = False,
@@ -484,8 +559,10 @@ class _FusedPairLoss(torch.autograd.Function):
     def backward(ctx, g_loss, *_):
         grads, ctx.grads = ctx.grads, None
         g = g_loss / ctx.half  # the loss is the mean of the pairs' losses
-        scaled = [None if x is None else x * g.to(x.dtype) for x in grads]
-        return (*scaled[:3], None, None, None, *scaled[3:])
+        for x in grads:  # in place: a second [vocabulary x hidden] buffer would double the head's gradient memory
+            if x is not None:
+                x.mul_(g.to(x.dtype))
+        return (*grads[:3], None, None, None, *grads[3:])
 
 
 def _row_sum(x, rows, n):

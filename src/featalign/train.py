@@ -74,6 +74,9 @@ class TrainConfig(D.DataOptions):
     group_by_length: bool = _f(True, "batch pairs of similar length together (a seeded order, so less padding and exact resume)")
     bf16: bool = _f(True, "bf16 autocast on GPUs that support it (CPU runs stay float32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    pack: bool = _f(False, "padding-free batches: each micro-batch runs as one row, its sequences side by side with "
+                    "position ids restarting at 0 (where the model gives the padded batch's outputs that way; checked "
+                    "once). Off by default: on CPU the packed row's attention costs more than the padding saves")
     fused_head: bool = _f(True, "compute each pair's logits once, with the LM head's gradients (no recomputation in "
                           "backward); off: the chunked head recomputes each chunk's logits in backward")
     lean_mlp: bool = _f(True, "gated MLPs keep 2 of their 4 intermediate activations for backward and recompute the "
@@ -210,6 +213,9 @@ class Trainer:
             from peft import LoraConfig, get_peft_model
 
             self.model = get_peft_model(self.model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear"))
+        # padding-free rows where asked and where the model gives the padded batch's outputs that way
+        self.packed = bool(cfg.pack and L._chunked_ok(self.model) and L.packing_ok(self.model)
+                           and (self.ref_model is None or L.packing_ok(self.ref_model)))
         per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         self.steps_per_epoch = max(1, len(self.pairs) // per_step)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * self.steps_per_epoch))
@@ -285,9 +291,11 @@ class Trainer:
         ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         n = ids.shape[0] // 2
         positions = (batch["response_rows"], batch["response_cols"]) if "response_rows" in batch else None
+        if cfg.pack:
+            L.packing_ok(model)  # its one-off check runs a forward pass: not inside the capture below
         with capture_layer(model, cfg.layer, first=True) if self.sae is not None else contextlib.nullcontext() as box:
             fw = L.forward(model, ids, att, resp, positions, ref=self.ref_model, kl=cfg.method.startswith("tdpo"),
-                           ref_adapter_off=self.ref_adapter_off)
+                           ref_adapter_off=self.ref_adapter_off, pack=cfg.pack)
         other: dict[str, torch.Tensor] = {}
         if self.ref_model is None and not self.ref_adapter_off and self.cache is not None:
             c = self.cache.batch(batch["index"], self.device)
@@ -295,7 +303,8 @@ class Trainer:
                          ref_chosen_avg_logps=c["chosen_logps"] / c["chosen_len"].clamp(min=1),
                          ref_rejected_avg_logps=c["rejected_logps"] / c["rejected_len"].clamp(min=1))
             if self.sae is not None:
-                pooled = self.sae.encode_pooled(box["h"], resp)
+                h = box["h"] if fw.packing is None else fw.packing.unpack(box["h"])
+                pooled = self.sae.encode_pooled(h, resp)
                 d_c = feature_mse(pooled[:n], c["chosen_feat_idx"], c["chosen_feat_val"], cfg.k, cfg.topk_from)
                 d_r = feature_mse(pooled[n:], c["rejected_feat_idx"], c["rejected_feat_val"], cfg.k, cfg.topk_from)
                 other.update(feat_mse_chosen=d_c, feat_mse_rejected=d_r)
@@ -324,7 +333,8 @@ class Trainer:
         and copy to the device asynchronously from pinned memory. ``index`` stays on the CPU for the cache."""
         batch = D.collate_pairs([self.pairs[i] for i in idx], self.tokenizer.pad_token_id)
         batch["response_rows"], batch["response_cols"] = response_positions(batch["response_mask"])
-        out = {"n_tokens": int(batch["attention_mask"].sum()), "n_positions": batch["attention_mask"].numel(), "index": batch.pop("index")}
+        n_tokens = int(batch["attention_mask"].sum())
+        out = {"n_tokens": n_tokens, "n_positions": n_tokens if self.packed else batch["attention_mask"].numel(), "index": batch.pop("index")}
         gpu = self.device.type == "cuda"
         out.update({k: (v.pin_memory() if gpu else v).to(self.device, non_blocking=gpu) for k, v in batch.items()})
         return out
@@ -497,7 +507,7 @@ class Trainer:
             "method": cfg.method, "steps": self.step, "wall_seconds": round(wall, 2),
             "tokens_per_second": round(tokens * self.acc.num_processes / max(wall, 1e-9), 1),
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
-            "padded_share": round(1 - tokens / max(positions, 1), 4),
+            "padded_share": round(1 - tokens / max(positions, 1), 4), "packed": self.packed,
             "reference_model_loaded": self.ref_model is not None,
             "distributed": {"type": self.acc.distributed_type.value, "processes": self.acc.num_processes,
                             "fsdp_version": self.acc.state.fsdp_plugin.fsdp_version if self.fsdp else None},
