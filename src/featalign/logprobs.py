@@ -285,6 +285,10 @@ def _spans(n: int, chunk: int):
     return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
 
+def _chunked_lse(z, spans):
+    return torch.cat([z[s:e].logsumexp(-1) for s, e in spans]) if spans else z.new_zeros(0)
+
+
 def _logit_grad(p, targets, g_lp, g_kl, pr, dcap, head: Head):
     """d(sum g_lp * lp + sum g_kl * KL)/d(pre-cap logits), in place of ``p`` (the policy's probabilities).
 
@@ -500,18 +504,19 @@ class _FusedPairLoss(torch.autograd.Function):
                 m_c = b - a
                 tg = fw.targets[idx]
                 z = head.logits(h[idx].detach())
-                lse = z.logsumexp(-1)
+                spans = _spans(len(tg), chunk)
+                lse = _chunked_lse(z, spans)  # logsumexp of the whole pair would allocate a second pair-sized tensor
                 lp = z.gather(1, tg[:, None]).squeeze(1) - lse
                 z.sub_(lse[:, None])  # log p, kept until the pair's gradient is known
                 rows = {"logps": torch.stack([lp[:m_c].sum(), lp[m_c:].sum()]), "length": fw.length[[i, half + i]]}
                 lr = None
                 if ref:
                     lr = ref_head.logits(fw.ref_h[idx])
-                    lr.sub_(lr.logsumexp(-1, keepdim=True))  # log p_ref
+                    lr.sub_(_chunked_lse(lr, spans)[:, None])  # log p_ref
                     ref_lp = lr.gather(1, tg[:, None]).squeeze(1)
                     rows["ref_logps"] = torch.stack([ref_lp[:m_c].sum(), ref_lp[m_c:].sum()])
                     if use_kl:  # KL(ref || p) = sum p_ref (log p_ref - log p), a chunk at a time
-                        tok_kl = torch.cat([(lr[s:e].exp() * (lr[s:e] - z[s:e])).sum(-1) for s, e in _spans(len(tg), chunk)])
+                        tok_kl = torch.cat([(lr[s:e].exp() * (lr[s:e] - z[s:e])).sum(-1) for s, e in spans])
                         rows["kl"] = torch.stack([tok_kl[:m_c].sum(), tok_kl[m_c:].sum()])
                     else:
                         lr = None
@@ -542,7 +547,7 @@ class _FusedPairLoss(torch.autograd.Function):
                     if eg is not None:
                         eg[i] = got[j].reshape(())
                         j += 1
-                for s, e in _spans(len(tg), chunk):  # temporaries of one chunk, not of the pair
+                for s, e in spans:  # temporaries of one chunk, not of the pair
                     zs = z[s:e]
                     dcap = 1 - ((zs + lse[s:e, None]) / head.softcap) ** 2 if head.softcap else None
                     pr = lr[s:e].exp() if use_kl else None
