@@ -33,10 +33,28 @@ def sync() -> None:
 
 
 def peak_mb() -> float:
-    """Peak GPU memory allocated by torch on a GPU, else the process's peak resident set size."""
+    """Peak GPU memory allocated by torch on a GPU, else the process's peak resident set size (since the last
+    ``reset_peak``)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> bool:
+    """Start ``peak_mb`` afresh (so building a model does not count as a step's peak); False where it cannot."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak resident set size
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def quick_world() -> dict:

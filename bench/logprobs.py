@@ -1,17 +1,25 @@
-"""Chunked log-probs vs full-vocabulary logits at a large-vocabulary shape: one DPO forward + backward.
+"""Log-probs through the LM head at a large-vocabulary shape: one DPO forward + backward, three ways.
 
 The model is Gemma-2-2B's shape cut to ``--layers`` decoder layers (random init, float32): vocabulary 256,000,
 hidden 2304, tied embeddings, final logit soft-capping. The loss is DPO against fixed reference log-probs
-(what an offline cache gives), so the only difference between the two sides is how the response log-probs
-are computed: ``chunked`` (featalign.logprobs: only response positions projected, a chunk at a time,
-recomputed in backward) or ``full`` (the model's logits for the whole batch, then log_softmax, the previous
-path and TRL's). The optimiser step is left out: it is the same on both sides.
+(what an offline cache gives), so the only difference between the sides is how the response log-probs and
+their gradients go through the head:
+
+- ``full``: the model's logits for the whole batch, then log_softmax (the earlier path, and TRL's);
+- ``chunked``: ``featalign.logprobs`` terms, only response positions projected, a chunk at a time, each
+  chunk's logits recomputed in backward (any loss; eval and the cache use this path without a graph);
+- ``fused``: ``Forward.fused_loss``, the trainer's default: each pair's logits computed once, the pair's loss
+  differentiated at once, the head's gradients accumulated before the logits are dropped (no recompute).
 
 Each side runs in its own process, so each peak is its own, alternating over ``--rounds`` (each keeps its
-fastest). Measured: median forward+backward seconds over ``--repeats`` after one warm-up step; peak memory (GPU: max allocated; CPU: peak RSS) and the memory held
-before a step (weights and gradients), whose difference is what the step itself needs.
+fastest). Gradients are set to None before every step, as the trainer's optimiser step leaves them. The peak
+is reset after the model is built (CPU: ``/proc/self/clear_refs``), so it is the steps' own.
+Measured: median forward+backward seconds over ``--repeats`` after one warm-up step; peak memory (GPU: max
+allocated; CPU: peak RSS) and the memory held before a step (the weights), whose difference is what the
+step itself needs. ``--mem-limit-gb`` caps each worker's address space, so a side that does not fit fails
+with an out-of-memory error instead of taking the machine down.
 
-Usage: python bench/logprobs.py [--seq 128 --prompt 32 --pairs 4]  -> bench/results/logprobs-<cpu|gpu>.json
+Usage: python bench/logprobs.py [--seq 512 --prompt 32 --pairs 4]  -> bench/results/logprobs-<cpu|gpu>.json
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import median, peak_mb, run_worker, sync, write_result  # noqa: E402
+from common import median, peak_mb, reset_peak, run_worker, sync, write_result  # noqa: E402
 
 
 def current_mb() -> float:
@@ -50,6 +58,11 @@ def worker(a) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = gemma2_shaped(a.vocab, a.hidden, a.layers).to(device)
+    if a.mem_limit_gb:
+        import resource
+
+        lim = int(a.mem_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     if a.mode == "full":
         L._chunked_ok = lambda m: False
     g = torch.Generator().manual_seed(0)
@@ -62,32 +75,48 @@ def worker(a) -> dict:
     ref = torch.randn(n, generator=g).to(device) - 2.0 * (a.seq - a.prompt)
     amp = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
 
+    def pair_dpo(r, ex):
+        return dpo_loss(r["logps"][:1], r["logps"][1:], ex["ref_c"], ex["ref_r"])[0]
+
     def step():
+        model.zero_grad(set_to_none=True)  # as the trainer's optimiser step leaves them
         with amp:
-            t = L.response_terms(model, ids, att, resp, positions)
-            loss, _ = dpo_loss(t["logps"][: a.pairs], t["logps"][a.pairs :], ref[: a.pairs], ref[a.pairs :])
+            fw = L.forward(model, ids, att, resp, positions)
+            if a.mode == "fused":
+                assert fw.can_fuse()
+                loss, _ = fw.fused_loss(pair_dpo, {"ref_c": ref[: a.pairs], "ref_r": ref[a.pairs :]})
+            else:
+                t = fw.terms()
+                loss, _ = dpo_loss(t["logps"][: a.pairs], t["logps"][a.pairs :], ref[: a.pairs], ref[a.pairs :])
         loss.backward()
         return loss.detach()
 
+    init_peak = peak_mb()
+    peak_reset = reset_peak()  # the step's peak, not that of building the random model
     losses = [step()]
     sync()
-    held = current_mb()  # weights + gradients, what every step starts from
+    grad_norm = float(model.get_output_embeddings().weight.grad.norm())
+    model.zero_grad(set_to_none=True)
+    held = current_mb()  # the weights, what every step starts from
     times = []
     for _ in range(a.repeats):
         t0 = time.perf_counter()
         losses.append(step())
         sync()
         times.append(time.perf_counter() - t0)
-    return {"step_s": median(times), "step_s_all": times, "peak_mb": peak_mb(), "held_before_step_mb": held,
+    return {"step_s": median(times), "step_s_all": times, "peak_mb": peak_mb(), "peak_reset_after_init": peak_reset,
+            "init_peak_mb": init_peak, "held_before_step_mb": held,
             "step_peak_above_held_mb": peak_mb() - held, "loss": float(losses[0]),
-            "grad_norm_head": float(model.get_output_embeddings().weight.grad.norm()),
+            "grad_norm_head": grad_norm,
             "params": sum(p.numel() for p in model.parameters())}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true")
-    ap.add_argument("--mode", choices=["chunked", "full"])
+    ap.add_argument("--mode", choices=["chunked", "full", "fused"])
+    ap.add_argument("--modes", default="full,chunked,fused", help="the sides to run, in this order each round")
+    ap.add_argument("--mem-limit-gb", type=float, default=0, help="address-space cap per worker (0: none)")
     ap.add_argument("--vocab", type=int, default=256_000)
     ap.add_argument("--hidden", type=int, default=2304)
     ap.add_argument("--layers", type=int, default=2)
@@ -102,24 +131,26 @@ def main():
         print(json.dumps(worker(a)))
         return
     args = ["--worker", "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--layers", str(a.layers), "--pairs", str(a.pairs),
-            "--seq", str(a.seq), "--prompt", str(a.prompt), "--repeats", str(a.repeats)]
+            "--seq", str(a.seq), "--prompt", str(a.prompt), "--repeats", str(a.repeats), "--mem-limit-gb", str(a.mem_limit_gb)]
     runs = {}
     for rnd in range(a.rounds):  # alternating whole rounds, so a slow spell of the shared machine hits both sides
-        for mode in ("full", "chunked"):
+        for mode in a.modes.split(","):
             r = run_worker(__file__, [*args, "--mode", mode], timeout=3600)
             print(rnd, mode, json.dumps(r), flush=True)
             if mode not in runs or ("step_s" in r and r["step_s"] < runs[mode].get("step_s", float("inf"))):
                 runs[mode] = {**r, "step_s_rounds": runs.get(mode, {}).get("step_s_rounds", []) + [r.get("step_s")]}
             else:
                 runs[mode]["step_s_rounds"].append(r.get("step_s"))
-    f, c = runs["full"], runs["chunked"]
     summary = {}
-    if "error" not in f and "error" not in c:
-        summary = {"peak_memory_chunked_vs_full": c["peak_mb"] / f["peak_mb"],
-                   "step_memory_above_held_chunked_vs_full": c["step_peak_above_held_mb"] / f["step_peak_above_held_mb"],
-                   "step_time_chunked_vs_full": c["step_s"] / f["step_s"],
-                   "same_loss": abs(c["loss"] - f["loss"]) < 1e-4,
-                   "head_grad_norm_rel_diff": abs(c["grad_norm_head"] - f["grad_norm_head"]) / f["grad_norm_head"]}
+    f = runs.get("full", {})
+    for mode in ("chunked", "fused"):
+        c = runs.get(mode, {})
+        if "step_s" in f and "step_s" in c:
+            summary[mode] = {"peak_memory_vs_full": c["peak_mb"] / f["peak_mb"],
+                             "step_memory_above_held_vs_full": c["step_peak_above_held_mb"] / f["step_peak_above_held_mb"],
+                             "step_time_vs_full": c["step_s"] / f["step_s"],
+                             "same_loss": abs(c["loss"] - f["loss"]) < 1e-4,
+                             "head_grad_norm_rel_diff": abs(c["grad_norm_head"] - f["grad_norm_head"]) / f["grad_norm_head"]}
     write_result(a.tag, {"shape": {"vocab": a.vocab, "hidden": a.hidden, "layers": a.layers, "pairs": a.pairs, "seq": a.seq,
                                    "prompt": a.prompt, "model": "Gemma-2-shaped (tied embeddings, soft-capping), random init"},
                          "repeats": a.repeats, "rounds": a.rounds, "runs": runs, "summary": summary})
