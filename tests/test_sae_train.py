@@ -5,7 +5,7 @@ import torch
 
 from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig, load_sae
-from featalign.sae.train import SAETrainConfig, _init_encoder_scale, fit, init_sae, input_scale, sae_loss
+from featalign.sae.train import SAETrainConfig, _init_encoder_scale, _sparse_codes, fit, init_sae, input_scale, sae_loss
 
 from conftest import SEED, margin
 
@@ -195,3 +195,42 @@ def test_layers_from_one_forward_pass(world, tmp_path):
         margin(f"layer {layer} activations: error of the layer-{other} SAE / of its own", cross / own, 1.0)
     with pytest.raises(ConfigError, match="layers='1,x': expected comma-separated layer indices"):
         train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layers="1,x", out=out), model=model, tokenizer=tok)
+
+
+def test_resampling_reinitialises_only_the_silent_latents():
+    """``resample`` gives each latent silent for ``resample_every`` tokens a unit decoder row along a badly
+    reconstructed input's residual, its encoder column that direction, bias 0 and fresh Adam moments; the others
+    are untouched."""
+    from featalign.sae.train import _Fit
+
+    x = synthetic(8 * 256)
+    cfg = SAETrainConfig(architecture="topk", d_sae=96, k=4, tokens=len(x), batch_tokens=256, resample_every=512)
+    sae = init_sae(cfg, 24, x[:256], 0, "synthetic")
+    f = _Fit(sae, x[:256], cfg)
+    for i in range(4):
+        f.step(x[i * 256 : (i + 1) * 256])
+    before = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    silent = torch.tensor([3, 17, 50])
+    f.since_fired.zero_()
+    f.since_fired[silent] = 10_000
+    batch = x[1024:1280] * f.scale
+    with torch.no_grad():
+        b_eff = sae.b_enc - sae.b_dec @ sae.W_enc
+        err = batch - _sparse_codes(sae, torch.addmm(b_eff, batch, sae.W_enc), "topk", 4)[0]
+    assert f.resample(batch) == 3
+    others = torch.ones(96, dtype=torch.bool)
+    others[silent] = False
+    assert torch.equal(sae.W_dec[others], before["W_dec"][others]) and torch.equal(sae.W_enc[:, others], before["W_enc"][:, others])
+    rows = sae.W_dec[silent]
+    assert torch.allclose(rows.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert (rows - before["W_dec"][silent]).norm(dim=-1).min() > 0.1
+    cos = torch.nn.functional.cosine_similarity(sae.W_enc[:, silent].T, rows, dim=-1)
+    assert torch.allclose(cos, torch.ones(3), atol=1e-5) and (sae.b_enc[silent] == 0).all()
+    assert (f.since_fired[silent] == 0).all()
+    for p in (sae.W_dec, sae.b_enc):
+        st = f.opt.state[p]
+        assert (st["exp_avg"][silent] == 0).all() and (st["exp_avg_sq"][silent] == 0).all()
+        assert st["exp_avg_sq"][others].abs().sum() > 0
+    # each new direction is the residual of one of the batch's inputs
+    best = torch.nn.functional.normalize(err, dim=-1) @ rows.T
+    assert torch.allclose(best.max(0).values, torch.ones(3), atol=1e-5)

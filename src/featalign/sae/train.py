@@ -44,6 +44,8 @@ class SAETrainConfig:
     aux_k: int | None = field(default=None, metadata={"help": "TopK: dead latents used by the AuxK loss (default: d_in / 2)"})
     aux_coeff: float = field(default=1 / 32, metadata={"help": "TopK: AuxK loss coefficient"})
     dead_tokens: int = field(default=10_000_000, metadata={"help": "a latent unused for this many tokens counts as dead and AuxK trains it on the residual (OpenAI's and sparsify's 10M; at 20k, AuxK doubled a CPU step and left more latents dead)"})
+    resample_every: int = field(default=0, metadata={"help": "TopK/BatchTopK: every this many tokens, re-initialise latents that have not fired for as many tokens towards inputs the SAE reconstructs worst (Anthropic's resampling; 0: off)"})
+    resample_until: float = field(default=0.5, metadata={"help": "share of the training tokens after which no latent is resampled (the rest lets the last ones settle)"})
     tokens: int = field(default=600_000, metadata={"help": "training tokens"})
     batch_tokens: int = field(default=1024, metadata={"help": "tokens per optimiser step"})
     lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (constant, linear decay over the last 20%)"})
@@ -331,7 +333,38 @@ class _Fit:
         self.since_fired += len(x)
         self.since_fired[m["fired"]] = 0
         self.n += 1
+        every = cfg.resample_every
+        seen = self.n * cfg.batch_tokens
+        if every and self.sparse and seen % every < cfg.batch_tokens and seen <= cfg.resample_until * cfg.tokens:
+            m["resampled"] = self.resample(x * self.scale)
         return m
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor) -> int:
+        """Re-initialise the latents silent for ``resample_every`` tokens: each gets the direction of the residual
+        of an input drawn with probability proportional to its squared reconstruction error (decoder row, and
+        encoder column at the live latents' mean norm, bias 0), and fresh Adam moments. Returns how many."""
+        sae, cfg = self.sae, self.cfg
+        dead = (self.since_fired >= cfg.resample_every).nonzero().squeeze(1)
+        if not len(dead):
+            return 0
+        b_eff = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
+        err = x - _sparse_codes(sae, torch.addmm(b_eff, x, sae.W_enc), cfg.architecture, cfg.k)[0]
+        w = err.pow(2).sum(-1)
+        g = torch.Generator(device=x.device).manual_seed(cfg.seed * 7919 + self.n)
+        pick = torch.multinomial(w / w.sum(), len(dead), replacement=len(dead) > len(x), generator=g)
+        d = err[pick] / err[pick].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        alive = torch.ones_like(self.since_fired, dtype=torch.bool).index_fill_(0, dead, False)
+        scale = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else sae.W_enc.norm(dim=0).mean()
+        sae.W_dec[dead] = d.to(sae.W_dec.dtype)
+        sae.W_enc[:, dead] = (d.T * scale).to(sae.W_enc.dtype)
+        sae.b_enc[dead] = 0
+        for p, where in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+            for v in self.opt.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    v[where] = 0
+        self.since_fired[dead] = 0
+        return len(dead)
 
     def finish(self) -> torch.Tensor:
         self.sae.rescale_inputs(1 / self.scale)
