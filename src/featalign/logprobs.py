@@ -200,7 +200,9 @@ def packing_ok(model) -> bool:
     att = torch.ones_like(ids)
     att[1, 7:] = 0
     pk = Packing.of(ids, att)
+    training = lm.training
     try:
+        lm.eval()  # no dropout: the two passes must be comparable
         with torch.no_grad():
             a = lm(input_ids=ids, attention_mask=att, use_cache=False).logits[att.bool()].float()
             b = lm(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False).logits[0].float()
@@ -209,6 +211,8 @@ def packing_ok(model) -> bool:
     except Exception as e:  # noqa: BLE001  (a model that refuses position ids is a model that cannot pack)
         log.info("%s: packing check failed: %s", type(lm).__name__, e)
         ok = False
+    finally:
+        lm.train(training)
     if not ok:
         log.warning("%s: a packed row does not give the padded batch's outputs; batches stay padded", type(lm).__name__)
     lm._featalign_pack_ok = ok

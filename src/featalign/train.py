@@ -74,9 +74,9 @@ class TrainConfig(D.DataOptions):
     group_by_length: bool = _f(True, "batch pairs of similar length together (a seeded order, so less padding and exact resume)")
     bf16: bool = _f(True, "bf16 autocast on GPUs that support it (CPU runs stay float32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
-    pack: bool = _f(False, "padding-free batches: each micro-batch runs as one row, its sequences side by side with "
-                    "position ids restarting at 0 (where the model gives the padded batch's outputs that way; checked "
-                    "once). Off by default: on CPU the packed row's attention costs more than the padding saves")
+    pack: bool = _f(True, "padding-free batches: each micro-batch runs as one row, its sequences side by side with "
+                    "position ids restarting at 0 (only where the model gives the padded batch's outputs that way: "
+                    "checked once, else padded)")
     fused_head: bool = _f(True, "compute each pair's logits once, with the LM head's gradients (no recomputation in "
                           "backward); off: the chunked head recomputes each chunk's logits in backward")
     lean_mlp: bool = _f(True, "gated MLPs keep 2 of their 4 intermediate activations for backward and recompute the "
