@@ -46,7 +46,7 @@ def main():
             run([sys.executable, "-m", "featalign", "train", "--method", "dpo", "--model", wp["sft"], "--data", wp["train"],
                  "--cache", cache, "--out", out, "--max-steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr", "1e-5",
                  "--no-progress", "--no-tensorboard", "--no-resume", "--log-every", str(a.steps),
-                 "--group-by-length" if grouped else "--no-group-by-length", "--pack" if name == "packed" else "--no-pack",
+                 "--group-by-length" if grouped else "--no-group-by-length", "--pack", "on" if name == "packed" else "off",
                  *common])
             s = json.load(open(os.path.join(out, "summary.json")))
             r = {k: s[k] for k in ("padded_share", "tokens_per_second", "wall_seconds", "peak_memory_mb")}

@@ -35,9 +35,9 @@ from common import make_model, make_sae, median, peak_mb, quick_world, run_worke
 
 CONFIGS = {
     "featalign dpo (cache)": ("featalign", "dpo"),
-    "featalign dpo padded (cache)": ("featalign", "dpo+nopack"),
-    "featalign dpo ungrouped (cache)": ("featalign", "dpo+nogroup+nopack"),
-    "featalign dpo plain mlp + recomputing head (cache)": ("featalign", "dpo+nolean+nofused+nopack"),
+    "featalign dpo ungrouped (cache)": ("featalign", "dpo+nogroup"),
+    "featalign dpo packed (cache)": ("featalign", "dpo+pack"),
+    "featalign dpo plain mlp + recomputing head (cache)": ("featalign", "dpo+nolean+nofused"),
     "featalign dpo_ln (cache)": ("featalign", "dpo_ln"),
     "featalign simpo": ("featalign", "simpo"),
     "featalign tdpo2": ("featalign", "tdpo2"),
@@ -80,7 +80,7 @@ def featalign_worker(a) -> dict:
     from featalign.train import TrainConfig, Trainer
 
     method, *flags = a.method.split("+")
-    kw = dict(method=method, group_by_length="nogroup" not in flags, pack="nopack" not in flags, lean_mlp="nolean" not in flags,
+    kw = dict(method=method, group_by_length="nogroup" not in flags, pack="on" if "pack" in flags else "auto", lean_mlp="nolean" not in flags,
               fused_head="nofused" not in flags, model=a.model, data=a.data, out=tempfile.mkdtemp(prefix="fa-bench-"), batch_size=a.batch_size,
               max_steps=a.warmup + a.steps, max_length=a.max_length, max_prompt_length=a.max_prompt_length, lr=1e-6,
               progress=False, tensorboard=False, resume=False, log_every=10**9, warmup_ratio=0.0,
@@ -215,7 +215,7 @@ def main():
             "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", str(a.warmup),
             "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length), "--gc", a.gc]
     names = [n for n in CONFIGS if (not a.only or n in a.only.split(",")) and (a.smollm2 or not any(
-        w in n for w in ("ungrouped", "padded", "plain mlp")))]
+        w in n for w in ("ungrouped", "packed", "plain mlp")))]
     runs = {}
     for rnd in range(a.rounds):  # whole rounds, so that a slow spell of the machine hits every configuration
         for name in names:
@@ -246,16 +246,17 @@ def main():
         "fpo_peak_memory_vs_trl_dpo": ratio("featalign fpo (cache)", "trl dpo sigmoid", "peak_mb"),
     }
     if a.smollm2:
-        summary["padded_share_featalign_grouped"] = runs.get("featalign dpo padded (cache)", {}).get("padded_share")
+        summary["padded_share_featalign_grouped"] = runs.get("featalign dpo (cache)", {}).get("padded_share")
         summary["padded_share_random_order"] = runs.get("featalign dpo ungrouped (cache)", {}).get("padded_share")
-        summary["padded_share_featalign_packed"] = runs.get("featalign dpo (cache)", {}).get("padded_share")
+        summary["padded_share_featalign_packed"] = runs.get("featalign dpo packed (cache)", {}).get("padded_share")
         summary["featalign_dpo_peak_memory_vs_trl_dpo_precompute"] = ratio("featalign dpo (cache)", "trl dpo sigmoid (precompute)", "peak_mb")
-        summary["featalign_dpo_grouped_speed_vs_ungrouped"] = ratio("featalign dpo padded (cache)", "featalign dpo ungrouped (cache)", "tokens_per_s")
-        summary["featalign_dpo_packed_speed_vs_padded"] = ratio("featalign dpo (cache)", "featalign dpo padded (cache)", "tokens_per_s")
-        summary["featalign_dpo_packed_peak_memory_vs_padded"] = ratio("featalign dpo (cache)", "featalign dpo padded (cache)", "peak_mb")
-        # both padded: what the lean MLP and the fused head give on their own
-        summary["featalign_dpo_lean_fused_speed_vs_plain_recompute"] = ratio("featalign dpo padded (cache)", "featalign dpo plain mlp + recomputing head (cache)", "tokens_per_s")
-        summary["featalign_dpo_lean_fused_peak_memory_vs_plain_recompute"] = ratio("featalign dpo padded (cache)", "featalign dpo plain mlp + recomputing head (cache)", "peak_mb")
+        summary["featalign_dpo_packed_speed_vs_trl_dpo_precompute"] = ratio("featalign dpo packed (cache)", "trl dpo sigmoid (precompute)", "tokens_per_s")
+        summary["featalign_dpo_packed_peak_memory_vs_trl_dpo_precompute"] = ratio("featalign dpo packed (cache)", "trl dpo sigmoid (precompute)", "peak_mb")
+        summary["featalign_dpo_grouped_speed_vs_ungrouped"] = ratio("featalign dpo (cache)", "featalign dpo ungrouped (cache)", "tokens_per_s")
+        summary["featalign_dpo_packed_speed_vs_padded"] = ratio("featalign dpo packed (cache)", "featalign dpo (cache)", "tokens_per_s")
+        summary["featalign_dpo_packed_peak_memory_vs_padded"] = ratio("featalign dpo packed (cache)", "featalign dpo (cache)", "peak_mb")
+        summary["featalign_dpo_lean_fused_speed_vs_plain_recompute"] = ratio("featalign dpo (cache)", "featalign dpo plain mlp + recomputing head (cache)", "tokens_per_s")
+        summary["featalign_dpo_lean_fused_peak_memory_vs_plain_recompute"] = ratio("featalign dpo (cache)", "featalign dpo plain mlp + recomputing head (cache)", "peak_mb")
     write_result(a.tag, {"model": "SmolLM2-135M-Instruct" if a.smollm2 else "random Llama", "gradient_checkpointing": a.gc, "rounds": a.rounds, "model_params": n_params, "hidden": a.hidden, "layers": a.layers, "batch_size": a.batch_size,
                          "steps_timed": a.steps, "warmup": a.warmup, "max_length": a.max_length, "tokens_per_pair": tpp,
                          "cache_build_s": cache_s, "runs": runs, "summary": summary})

@@ -142,12 +142,13 @@ def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_pa
         t = Trainer(TrainConfig(method=method, model=world["sft"], data=world["train"], out=str(tmp_path / method),
                                 batch_size=4, max_steps=1, limit=8, max_length=96, max_prompt_length=24, progress=False,
                                 tensorboard=False, **extra))
+        assert t.packed is False  # --pack auto on a CPU model without flash attention: padded
         idx = list(range(4))
         results = {}
         for path in ("fused", "packed", "chunked", "full"):  # the default, one padding-free row, recompute, full logits
             monkeypatch.setattr(L, "_chunked_ok", (lambda m: True) if path != "full" else (lambda m: False))
             t.cfg.fused_head = path in ("fused", "packed")
-            t.cfg.pack = path == "packed"
+            t.packed = path == "packed"  # what --pack on gives a model that passes the packing check
             b = t._device_batch(idx)
             b.pop("n_tokens"), b.pop("n_positions")
             t.model.zero_grad()

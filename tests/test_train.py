@@ -304,3 +304,15 @@ def test_trdpo_lora_update_mixes_the_base_and_keeps_the_policy(world, tmp_path):
         after = peft_model(input_ids=ids).logits
     assert torch.allclose(layer.get_base_layer().weight, w0 + 0.25 * delta, atol=1e-6)  # reference = 0.25 policy + 0.75 old
     assert torch.allclose(before, after, atol=1e-5)  # the policy itself did not move
+
+
+def test_pack_setting_is_checked_and_yaml_booleans_map_to_on_off():
+    from featalign.errors import ConfigError
+    from featalign.train import TrainConfig
+
+    for given, want in ((True, "on"), (False, "off"), ("auto", "auto")):
+        cfg = TrainConfig(method="dpo", model="m", data="d", pack=given)
+        cfg.validate()
+        assert cfg.pack == want
+    with pytest.raises(ConfigError, match="pack must be"):
+        TrainConfig(method="dpo", model="m", data="d", pack="yes").validate()
