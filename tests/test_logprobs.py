@@ -21,6 +21,16 @@ def tiny(kind: str, vocab: int = 300, **kw):
     return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
 
 
+def tiny_and_ref(kind: str):
+    """A tiny model and a frozen reference a little away from it (so KL and log-ratios are not trivially 0)."""
+    model = tiny(kind)
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, ref
+
+
 def batch(vocab: int = 300, n: int = 6, t: int = 20):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (n, t), generator=g)
@@ -53,11 +63,7 @@ def grads_of(model, terms):
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 @pytest.mark.parametrize("chunk", [0, 7])
 def test_chunked_equals_full_logits_with_gradients(kind, chunk):
-    model = tiny(kind)
-    ref = copy.deepcopy(model).requires_grad_(False)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, ref = tiny_and_ref(kind)
     ids, att, resp = batch()
     got = response_terms(model, ids, att, resp, ref=ref, kl=True, chunk=chunk)
     want = plain_terms(model, ref, ids, att, resp)
@@ -148,7 +154,7 @@ def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_pa
         for path in ("fused", "packed", "chunked", "full"):  # the default, one padding-free row, recompute, full logits
             monkeypatch.setattr(L, "_chunked_ok", (lambda m: True) if path != "full" else (lambda m: False))
             t.cfg.fused_head = path in ("fused", "packed")
-            t.packed = path == "packed"  # what --pack on gives a model that passes the packing check
+            t.packed = path == "packed" and L.packing_ok(t.model)  # what --pack on gives (the check runs in __init__)
             b = t._device_batch(idx)
             b.pop("n_tokens"), b.pop("n_positions")
             t.model.zero_grad()
@@ -174,11 +180,7 @@ def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_pa
 def test_fused_pair_loss_equals_the_plain_path(kind, chunk):
     """``Forward.fused_loss`` (head gradients computed in forward, pair by pair) against autograd through the
     chunked terms: loss, row terms, and the gradients of the weights and of an extra per-pair input."""
-    model = tiny(kind)
-    ref = copy.deepcopy(model).requires_grad_(False)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, ref = tiny_and_ref(kind)
     ids, att, resp = batch()  # 3 pairs: rows 0-2 chosen, 3-5 rejected, of unequal lengths
     w = torch.tensor([0.3, -1.2, 2.0], requires_grad=True)
 
@@ -213,11 +215,7 @@ def test_fused_pair_loss_equals_the_plain_path(kind, chunk):
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 def test_packed_row_equals_the_padded_batch(kind):
     """``pack=True`` runs the batch as one row without padding: same terms and gradients as the padded batch."""
-    model = tiny(kind)
-    ref = copy.deepcopy(model).requires_grad_(False)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, ref = tiny_and_ref(kind)
     ids, att, resp = batch()
     assert L.packing_ok(model) and L.packing_ok(ref)
     fw = L.forward(model, ids, att, resp, ref=ref, kl=True, pack=True)

@@ -65,6 +65,11 @@ class Head:
     softcap: float | None = None
     dtype: torch.dtype = torch.float32  # the matmul's dtype (the autocast dtype under mixed precision)
 
+    def detached(self) -> "Head":
+        """The same head outside autograd (a reference's head: no gradient reaches it)."""
+        return Head(self.weight.detach(), None if self.bias is None else self.bias.detach(), self.scale, self.softcap,
+                    self.dtype)
+
     def cast_weight(self) -> torch.Tensor:
         """The weight in the matmul dtype, cast once per head (not once per chunk)."""
         if getattr(self, "_cast", None) is None:
@@ -345,9 +350,7 @@ def chunked_token_terms(h: torch.Tensor, head: Head, targets: torch.Tensor, ref_
     ``h``/``ref_h`` [M, H] are the hidden states of the positions, ``targets`` [M] the tokens they predict.
     The reference enters without gradient."""
     if ref_h is not None:
-        ref_h = ref_h.detach()
-        ref_head = Head(ref_head.weight.detach(), None if ref_head.bias is None else ref_head.bias.detach(),
-                        ref_head.scale, ref_head.softcap, ref_head.dtype)
+        ref_h, ref_head = ref_h.detach(), ref_head.detached()
     if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
         lp, kl, ref_lp = _ChunkedHead.apply(h, head.weight, head.bias, targets, ref_h, head, ref_head, chunk)
         return lp, (kl if ref_h is not None else None), (ref_lp if ref_h is not None else None)
@@ -421,9 +424,11 @@ class Forward:
         recomputing every chunk's logits in backward: one vocabulary-sized matmul per token fewer)."""
         keys = [k for k, v in extras.items() if torch.is_tensor(v)]
         out = _FusedPairLoss.apply(self.h, self.head.weight, self.head.bias, self, pair_loss, keys, *[extras[k] for k in keys])
-        loss, rows = out[0], out[1:]
-        names = ["logps"] + (["ref_logps"] if self.with_ref else []) + (["kl"] if self.with_ref and self.kl else [])
-        return loss, {"length": self.length, **dict(zip(names, rows))}
+        return out[0], {"length": self.length, **dict(zip(self.row_names(), out[1:]))}
+
+    def row_names(self) -> list[str]:
+        """The per-row terms besides ``length``: log-probs, and with a reference its log-probs (and the KL)."""
+        return ["logps"] + (["ref_logps"] if self.with_ref else []) + (["kl"] if self.with_ref and self.kl else [])
 
 
 def forward(model, input_ids, attention_mask, response_mask, positions=None, ref=None, kl: bool = False,
@@ -490,15 +495,11 @@ class _FusedPairLoss(torch.autograd.Function):
         head, n, half = fw.head, fw.n, fw.n // 2
         ref = fw.ref_h is not None
         use_kl = ref and fw.kl
-        ref_head = fw.ref_head
-        if ref:
-            ref_head = Head(ref_head.weight.detach(), None if ref_head.bias is None else ref_head.bias.detach(),
-                            ref_head.scale, ref_head.softcap, ref_head.dtype)
+        ref_head = fw.ref_head.detached() if ref else None
         grads = _Grads(h.detach(), head, *ctx.needs_input_grad[:3])
         chunk = fw.chunk or chunk_size(head.weight.shape[0])
         offsets = [0, *torch.cumsum(fw.row_counts, 0).tolist()]
-        row_lp = torch.zeros(n, dtype=torch.float32, device=h.device)
-        row_ref, row_kl = torch.zeros_like(row_lp), torch.zeros_like(row_lp)
+        outs = {k: torch.zeros(n, dtype=torch.float32, device=h.device) for k in fw.row_names()}
         extra_grads = [torch.zeros_like(e, dtype=torch.float32) if e.requires_grad else None for e in extras]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
@@ -512,23 +513,20 @@ class _FusedPairLoss(torch.autograd.Function):
                 lse = _chunked_lse(z, spans)  # logsumexp of the whole pair would allocate a second pair-sized tensor
                 lp = z.gather(1, tg[:, None]).squeeze(1) - lse
                 z.sub_(lse[:, None])  # log p, kept until the pair's gradient is known
-                rows = {"logps": torch.stack([lp[:m_c].sum(), lp[m_c:].sum()]), "length": fw.length[[i, half + i]]}
+                rows = {"logps": _pair_sums(lp, m_c), "length": fw.length[[i, half + i]]}
                 lr = None
                 if ref:
                     lr = ref_head.logits(fw.ref_h[idx])
                     lr.sub_(_chunked_lse(lr, spans)[:, None])  # log p_ref
                     ref_lp = lr.gather(1, tg[:, None]).squeeze(1)
-                    rows["ref_logps"] = torch.stack([ref_lp[:m_c].sum(), ref_lp[m_c:].sum()])
+                    rows["ref_logps"] = _pair_sums(ref_lp, m_c)
                     if use_kl:  # KL(ref || p) = sum p_ref (log p_ref - log p), a chunk at a time
                         tok_kl = torch.cat([(lr[s:e].exp() * (lr[s:e] - z[s:e])).sum(-1) for s, e in spans])
-                        rows["kl"] = torch.stack([tok_kl[:m_c].sum(), tok_kl[m_c:].sum()])
+                        rows["kl"] = _pair_sums(tok_kl, m_c)
                     else:
                         lr = None
-                row_lp[[i, half + i]] = rows["logps"]
-                if ref:
-                    row_ref[[i, half + i]] = rows["ref_logps"]
-                if use_kl:
-                    row_kl[[i, half + i]] = rows["kl"]
+                for k, out in outs.items():
+                    out[[i, half + i]] = rows[k]
                 # the pair's loss and its gradient with respect to the pair's row sums (and extras)
                 leaves = {"logps": rows["logps"].clone().requires_grad_()}
                 if use_kl:
@@ -540,12 +538,8 @@ class _FusedPairLoss(torch.autograd.Function):
                     got = torch.autograd.grad(loss, wrt, allow_unused=True)
                 total += loss.detach().float()
                 got = [torch.zeros_like(w) if g is None else g for g, w in zip(got, wrt)]
-                g_rows = got[0].float()
-                g_lp = torch.cat([g_rows[0].expand(m_c), g_rows[1].expand(len(tg) - m_c)])
-                g_kl = None
-                if use_kl:
-                    g_k = got[1].float()
-                    g_kl = torch.cat([g_k[0].expand(m_c), g_k[1].expand(len(tg) - m_c)])
+                g_lp = _per_token(got[0], m_c, len(tg))
+                g_kl = _per_token(got[1], m_c, len(tg)) if use_kl else None
                 j = len(leaves)
                 for eg in extra_grads:
                     if eg is not None:
@@ -560,9 +554,8 @@ class _FusedPairLoss(torch.autograd.Function):
                 del z, lr
         head._cast = None
         ctx.grads, ctx.half = (*grads.result(), *extra_grads), max(half, 1)
-        outs = [row_lp] + ([row_ref] if ref else []) + ([row_kl] if use_kl else [])
-        ctx.mark_non_differentiable(*outs)
-        return (total / max(half, 1), *outs)
+        ctx.mark_non_differentiable(*outs.values())
+        return (total / max(half, 1), *outs.values())
 
     @staticmethod
     def backward(ctx, g_loss, *_):
@@ -572,6 +565,17 @@ class _FusedPairLoss(torch.autograd.Function):
             if x is not None:
                 x.mul_(g.to(x.dtype))
         return (*grads[:3], None, None, None, *grads[3:])
+
+
+def _pair_sums(x, m_c):
+    """A pair's per-token values [m] summed over its chosen (first ``m_c``) and its rejected tokens: [2]."""
+    return torch.stack([x[:m_c].sum(), x[m_c:].sum()])
+
+
+def _per_token(g, m_c, m):
+    """The pair's two row gradients [2] spread over its tokens [m] (chosen first)."""
+    g = g.float()
+    return torch.cat([g[0].expand(m_c), g[1].expand(m - m_c)])
 
 
 def _row_sum(x, rows, n):

@@ -27,7 +27,7 @@ class _GatedDown(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias, act):
         y = F.linear(act(gate) * up, weight, bias)
         ctx.save_for_backward(gate, up, weight)
-        ctx.act, ctx.has_bias = act, bias is not None
+        ctx.act = act
         return y
 
     @staticmethod

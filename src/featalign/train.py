@@ -219,10 +219,11 @@ class Trainer:
             from peft import LoraConfig, get_peft_model
 
             self.model = get_peft_model(self.model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear"))
-        # padding-free rows where asked and where the model gives the padded batch's outputs that way
+        # padding-free rows where asked and where the model gives the padded batch's outputs that way (checked here,
+        # once: the check's own forward pass must not run inside a layer capture); FSDP runs take full logits, unpacked
         attn = str(getattr(self.model.config, "_attn_implementation", "") or "")
         want = cfg.pack == "on" or (cfg.pack == "auto" and attn.startswith("flash_attention"))
-        self.packed = bool(want and L._chunked_ok(self.model) and L.packing_ok(self.model)
+        self.packed = bool(want and not self.fsdp and L._chunked_ok(self.model) and L.packing_ok(self.model)
                            and (self.ref_model is None or L.packing_ok(self.ref_model)))
         per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         self.steps_per_epoch = max(1, len(self.pairs) // per_step)
@@ -299,8 +300,6 @@ class Trainer:
         ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         n = ids.shape[0] // 2
         positions = (batch["response_rows"], batch["response_cols"]) if "response_rows" in batch else None
-        if self.packed:
-            L.packing_ok(model)  # its one-off check runs a forward pass: not inside the capture below
         with capture_layer(model, cfg.layer, first=True) if self.sae is not None else contextlib.nullcontext() as box:
             fw = L.forward(model, ids, att, resp, positions, ref=self.ref_model, kl=cfg.method.startswith("tdpo"),
                            ref_adapter_off=self.ref_adapter_off, pack=self.packed)
