@@ -13,7 +13,7 @@ def test_vocabulary_and_lengths():
     assert len(lang.vocabulary()) >= 500
     rng = random.Random(0)
     lengths = [len(lang.sample_response(rng, "food").split()) for _ in range(2000)]
-    assert min(lengths) >= 8 and sorted(lengths)[int(0.98 * len(lengths))] <= 48
+    assert min(lengths) >= 8 and sorted(lengths)[int(0.98 * len(lengths))] <= 56
     templates = {lang.sample_prompt(rng).prompt.split()[0] for _ in range(500)}
     assert len(templates) >= 6
 
@@ -56,6 +56,39 @@ def test_generator_mood_is_what_the_reward_reads():
         assert parts["topic"] == (1.0 if has_topical else 0.0) and parts["sentiment"] == pytest.approx(n / (n + 1))
         negated += " not " in f" {text} "
     assert 50 < negated < 300  # negation is common (30% of phrases), not universal
+
+
+def test_topic_cue_says_whether_the_noun_is_on_the_prompts_topic():
+    """The word after a clause's first noun is "indeed" when the noun is on the prompt's topic and "anyway" when not,
+    in about 80% of clauses with a noun; the reward ignores both."""
+    rng = random.Random(4)
+    cues = clauses = 0
+    for p_on in (0.0, 1.0):
+        for _ in range(300):
+            ex = lang.sample_prompt(rng)
+            words = lang.sample_response(rng, ex.topic, p_on=p_on).split()
+            for i, w in enumerate(words):
+                if w in (lang.ON_TOPIC_CUE, lang.OFF_TOPIC_CUE):
+                    assert lang.TOPIC_OF[words[i - 1]] in lang.TOPICS
+                    assert (lang.TOPIC_OF[words[i - 1]] == ex.topic) == (p_on == 1.0)
+                    assert w == (lang.ON_TOPIC_CUE if p_on == 1.0 else lang.OFF_TOPIC_CUE)
+                    cues += 1
+            clauses += sum(w in (".", ",", "!") for w in words) - " ".join(words).count("feel")
+    assert 0.7 < cues / clauses < 0.9
+    p = "tell me about the bread"
+    assert reward_parts(p, "the soup indeed tastes .") == reward_parts(p, "the soup tastes .") | {"length": 5 / 40}
+
+
+def test_topic_blind_is_the_generators_posterior():
+    from featalign.world.probe import topic_blind
+
+    # every cue is scored, the first at 0.5; after one on-topic cue the next clause is on topic with
+    # (1 + 0.5) / (1 + 1) = 0.75
+    assert topic_blind([{"prompt": "tell me about food", "response": "the soup indeed tastes . the cake indeed bakes"}]) == pytest.approx((0.5 + 0.75) / 2)
+    assert topic_blind([{"prompt": "tell me about food", "response": "the soup indeed tastes . the rain anyway falls"}]) == pytest.approx((0.5 + 0.25) / 2)
+    ex = [{"prompt": (e := lang.sample_prompt(random.Random(i))).prompt, "response": lang.sample_response(random.Random(i), e.topic)}
+          for i in range(300)]
+    assert 0.55 < topic_blind(ex) < 0.7
 
 
 def test_generation_is_deterministic():

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from .. import data as D
 from ..atomic import replace_dir
 from . import lang
-from .probe import mood_oracle, mood_probe, probe_examples
+from .probe import mood_oracle, mood_probe, probe_examples, topic_blind, topic_probe
 
 # bumped when the language or the build changes in a way the settings do not show, so cached worlds rebuild
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }} "
@@ -48,7 +48,9 @@ class WorldConfig:
     intermediate_size: int = 448
     num_layers: int = 4
     num_heads: int = 4
-    sft_steps: int = 1200
+    # at 1,200 steps the v4 model had not learnt to compare a noun's topic with the prompt's (topic probe 0.50,
+    # below the 0.62 of a predictor blind to it); at 3,000 it does (0.997), and the SAE then finds a topic latent
+    sft_steps: int = 3000
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
 
@@ -215,7 +217,8 @@ def build_world(out: str = "data/world", cfg: WorldConfig | None = None, progres
     steps.set_postfix_str("evaluate")
     sft_nll = response_nll(model, tokenizer, enc_eval)
     probe_set = probe_examples()
-    mood = {"mood_probe": round(mood_probe(model, tokenizer, probe_set), 4), "mood_oracle": round(mood_oracle(probe_set), 4)}
+    mood = {"mood_probe": round(mood_probe(model, tokenizer, probe_set), 4), "mood_oracle": round(mood_oracle(probe_set), 4),
+            "topic_probe": round(topic_probe(model, tokenizer, probe_set), 4), "topic_blind": round(topic_blind(probe_set), 4)}
     uni_nll = unigram_nll(enc_train, enc_eval, len(tokenizer))
     model.save_pretrained(tpaths["sft"])
     tokenizer.save_pretrained(tpaths["sft"])

@@ -132,7 +132,7 @@ def vocabulary() -> list[str]:
     for parts in TOPICS.values():
         for kind in ("nouns", "verbs", "adjs"):
             words += parts[kind]
-    words += list(TOPICS) + POSITIVE + NEGATIVE + [NEGATION] + FUNCTION + PUNCT + PROMPT_WORDS
+    words += list(TOPICS) + POSITIVE + NEGATIVE + [NEGATION] + FUNCTION + [ON_TOPIC_CUE, OFF_TOPIC_CUE] + PUNCT + PROMPT_WORDS
     seen: dict[str, None] = {}
     for w in words:
         seen.setdefault(w, None)
@@ -164,6 +164,8 @@ def prompt_topic(prompt: str) -> str | None:
 
 P_NEGATED = 0.3
 P_PUNCT_CUE = 0.8  # chance a clause ending in a sentiment phrase closes on its polarity's mark
+P_TOPIC_CUE = 0.8  # chance a topical clause ends on a word saying whether its topic is the prompt's
+ON_TOPIC_CUE, OFF_TOPIC_CUE = "indeed", "anyway"
 
 
 def sample_response(rng: random.Random, topic: str, p_on: float | None = None, p_pos: float | None = None) -> str:
@@ -194,19 +196,22 @@ def sample_response(rng: random.Random, topic: str, p_on: float | None = None, p
     for _ in range(rng.randint(2, 7)):
         last.clear()
         t = topic_for()
+        noun = rng.choice(t["nouns"])
+        if rng.random() < P_TOPIC_CUE:
+            noun += " " + (ON_TOPIC_CUE if t is TOPICS[topic] else OFF_TOPIC_CUE)
         form = rng.randrange(6)
         if form == 0:
-            c = f"the {rng.choice(t['adjs'])} {rng.choice(t['nouns'])} {rng.choice(t['verbs'])}"
+            c = f"the {rng.choice(t['adjs'])} {noun} {rng.choice(t['verbs'])}"
         elif form == 1:
-            c = f"i think the {rng.choice(t['nouns'])} is {senti()}"
+            c = f"i think the {noun} is {senti()}"
         elif form == 2:
-            c = f"the {rng.choice(t['nouns'])} {rng.choice(t['verbs'])} and it is {senti()}"
+            c = f"the {noun} {rng.choice(t['verbs'])} and it is {senti()}"
         elif form == 3:
-            c = f"it is a {senti()} {rng.choice(t['nouns'])}"
+            c = f"it is a {senti()} {noun}"
         elif form == 4:
             c = f"we {rng.choice(['really', 'often', 'always', 'sometimes'])} feel {senti()}"
         else:
-            c = f"{rng.choice(t['nouns'])} and {rng.choice(topic_for()['nouns'])} are {senti()}"
+            c = f"{noun} and {rng.choice(topic_for()['nouns'])} are {senti()}"
         ends_in_phrase = form in (1, 2, 4, 5)
         if ends_in_phrase and rng.random() < P_PUNCT_CUE:
             mark = "!" if last[-1] else "."

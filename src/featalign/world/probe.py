@@ -44,27 +44,66 @@ def mood_oracle(examples: list[dict]) -> float:
 
 
 @torch.no_grad()
-def mood_probe(model, tokenizer, examples: list[dict]) -> float:
-    """Mean share of the model's sentiment-word probability on the right polarity (0.5 = blind to mood)."""
+def _share_on_right(model, tokenizer, examples: list[dict], items, group_a: list[str], group_b: list[str]) -> float:
+    """Mean share, at each (response n, word i, side) item, of the model's probability for word i over the words of
+    ``group_a`` and ``group_b`` that falls on the right group (side > 0: ``group_a``)."""
     from .. import data as D
 
-    pos = torch.tensor(tokenizer.convert_tokens_to_ids(lang.POSITIVE))
-    neg = torch.tensor(tokenizer.convert_tokens_to_ids(lang.NEGATIVE))
+    a = torch.tensor(tokenizer.convert_tokens_to_ids(group_a))
+    b = torch.tensor(tokenizer.convert_tokens_to_ids(group_b))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     by_response: dict[int, list[tuple[int, int]]] = {}
-    for n, i, pol, _ in _positions([e["response"] for e in examples]):
-        by_response.setdefault(n, []).append((i, pol))
+    for n, i, side in items:
+        by_response.setdefault(n, []).append((i, side))
     scores = []
-    for n, items in by_response.items():
+    for n, its in by_response.items():
         prompt = D.encode_prompt(tokenizer, examples[n]["prompt"])
         # the world's tokenizer is word-level: word i of the response is response token i
         response = D.encode_response(tokenizer, examples[n]["response"])
         probs = model(torch.tensor([prompt + response], device=device)).logits[0].float().softmax(-1).cpu()
-        for i, pol in items:
+        for i, side in its:
             q = probs[len(prompt) + i - 1]
-            p_pos = q[pos].sum() / (q[pos].sum() + q[neg].sum())
-            scores.append(float(p_pos if pol > 0 else 1 - p_pos))
+            p_a = q[a].sum() / (q[a].sum() + q[b].sum())
+            scores.append(float(p_a if side > 0 else 1 - p_a))
     model.train(was_training)
     return sum(scores) / len(scores)
+
+
+def mood_probe(model, tokenizer, examples: list[dict]) -> float:
+    """Mean share of the model's sentiment-word probability on the right polarity (0.5 = blind to mood)."""
+    items = [(n, i, pol) for n, i, pol, _ in _positions([e["response"] for e in examples])]
+    return _share_on_right(model, tokenizer, examples, items, lang.POSITIVE, lang.NEGATIVE)
+
+
+def _cue_positions(examples: list[dict]):
+    """(response index, word index, +1 on-topic cue / -1 off-topic cue, the earlier cues' signs) per cue word."""
+    for n, e in enumerate(examples):
+        topic = lang.prompt_topic(e["prompt"])
+        words = e["response"].split()
+        seen: list[int] = []
+        for i, w in enumerate(words):
+            if i and w in (lang.ON_TOPIC_CUE, lang.OFF_TOPIC_CUE):
+                side = 1 if lang.TOPIC_OF.get(words[i - 1]) == topic else -1
+                yield n, i, side, list(seen)
+                seen.append(side)
+
+
+def topic_blind(examples: list[dict]) -> float:
+    """What a predictor blind to whether the noun matches the prompt scores: the generator's posterior
+    predictive of an on-topic clause given the earlier cues (Beta(0.5, 0.5) topicality)."""
+    scores = []
+    for _, _, side, prev in _cue_positions(examples):
+        p_on = (prev.count(1) + 0.5) / (len(prev) + 1)
+        scores.append(p_on if side > 0 else 1 - p_on)
+    return sum(scores) / len(scores)
+
+
+def topic_probe(model, tokenizer, examples: list[dict]) -> float:
+    """Mean share of the model's probability for the topic cue (the word after a clause's first noun: "indeed" when
+    the noun is on the prompt's topic, "anyway" when not) that falls on the right cue. The cue is fixed by the noun
+    and the prompt, so a model that compares the two scores near 1; one blind to the comparison can only guess from
+    how often the answer has been on topic so far (``topic_blind`` on the same positions)."""
+    items = [(n, i, side) for n, i, side, _ in _cue_positions(examples)]
+    return _share_on_right(model, tokenizer, examples, items, [lang.ON_TOPIC_CUE], [lang.OFF_TOPIC_CUE])
