@@ -39,7 +39,9 @@ GRID = {"dpo": [0.03, 0.1, 0.3, 1.0, 3.0], "ipo": [0.03, 0.1, 0.3, 1.0, 3.0], "s
 # the papers' own settings: a one-value sweep runs each method where it was published
 PUBLISHED = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "dpo_ln": 0.1, "tdpo1": 0.1, "trdpo": 0.1, "tdpo2": 0.5, "fpo": 0.5}
 # the default tier keeps the middle three values of each grid; quick keeps the two ends of those
-WORLD = dict(lr=1e-4, batch_size=16, sae_d=512, sae_lr=1e-2, max_length=128, max_prompt_length=32, max_new_tokens=48)
+# the world's SAE: of the widths and k tried on the v4 world (128-512 latents, k 4-8), 384 latents at k 6 with AuxK
+# after 100k silent tokens met every target of issue 20 but dead latents (README: the built-in world)
+WORLD = dict(lr=1e-4, batch_size=16, sae_d=384, sae_k=6, sae_lr=1e-2, sae_dead_tokens=100_000, max_length=128, max_prompt_length=32, max_new_tokens=48)
 TIERS = {
     "quick": dict(WORLD, methods="dpo,fpo", seeds=1, grid_values=2, steps=40, n_prompts=64, sae_tokens=150_000),
     "default": dict(WORLD, methods="dpo,fpo", seeds=2, grid_values=3, steps=200, n_prompts=200, sae_tokens=2_000_000),
@@ -49,7 +51,7 @@ TIERS = {
 # runs the sentiment preset's four methods on SmolLM2-135M on 2 CPU cores in about half an hour (one knob value each
 # by default, the published defaults; 12 steps at lr 1e-4 ran the whole preset in 21 minutes, where 24 steps at 5e-5 and
 # a 100k-token SAE took 80 on loaded cores; --full sweeps three per method with two seeds at the small lr)
-REAL = dict(lr=5e-5, batch_size=8, sae_d=None, sae_lr=3e-3, max_length=192, max_prompt_length=None, max_new_tokens=40)
+REAL = dict(lr=5e-5, batch_size=8, sae_d=None, sae_k=None, sae_lr=3e-3, sae_dead_tokens=10_000_000, max_length=192, max_prompt_length=None, max_new_tokens=40)
 REAL_TIERS = {
     "quick": dict(REAL, methods="dpo,fpo", seeds=1, grid_values=1, steps=4, n_prompts=16, sae_tokens=20_000),
     "default": dict(REAL, methods="dpo,simpo,tdpo2,fpo", seeds=1, grid_values=1, steps=12, n_prompts=64, sae_tokens=40_000, lr=1e-4),
@@ -87,8 +89,9 @@ class CompareConfig:
     trdpo_tau: int | None = field(default=None, metadata={"help": "TR-DPO reference update period (default: a quarter of the steps)"})
     trdpo_alpha: float = field(default=0.6, metadata={"help": "TR-DPO reference update weight"})
     k: int = field(default=50, metadata={"help": "FPO's k"})
-    sae_d: int | None = field(default=None, metadata={"help": "SAE latents (trained on the SFT model, cached by its settings; default: world 512, real model 8x its hidden size)"})
-    sae_k: int | None = field(default=None, metadata={"help": "SAE TopK k (default: 5% of the model's hidden size, as sparse as Gemma Scope's SAEs)"})
+    sae_d: int | None = field(default=None, metadata={"help": "SAE latents (trained on the SFT model, cached by its settings; default: world 384, real model 8x its hidden size)"})
+    sae_k: int | None = field(default=None, metadata={"help": "SAE TopK k (default: world 6, 3.75% of its hidden size; real model 5% of its hidden size, as sparse as Gemma Scope's SAEs)"})
+    sae_dead_tokens: int | None = field(default=None, metadata={"help": "SAE: a latent silent for this many tokens is trained by AuxK (default: world 100k, real model 10M)"})
     sae_tokens: int | None = field(default=None, metadata={"help": "SAE training tokens (default: world quick 150k, default 2M, full 4M; real model 20k, 40k, 400k)"})
     sae_lr: float | None = field(default=None, metadata={"help": "SAE learning rate (default: world 1e-2, real model 3e-3; at 3e-3 the small world's decoder rows stayed near their random init)"})
     n_prompts: int | None = field(default=None, metadata={"help": "held-out prompts sampled per evaluation (default: quick 64, default 200, full 300)"})
@@ -161,10 +164,10 @@ def _trained_sae(cfg: CompareConfig, b: dict, model_path: str, data: str, layer:
     from .sae.train import SAE_TRAIN_VERSION, SAETrainConfig, train_sae
 
     d = hidden_size(model)
-    sae_k = cfg.sae_k or max(1, d // 20)
+    sae_k = b["sae_k"] or max(1, d // 20)
     d_sae = b["sae_d"] or 8 * d
     sae_cfg = SAETrainConfig(model=model_path, data=data, layer=layer, out="", d_sae=d_sae, k=sae_k, tokens=b["sae_tokens"],
-                             lr=b["sae_lr"], seed=cfg.world_seed, progress=progress)
+                             lr=b["sae_lr"], dead_tokens=b["sae_dead_tokens"], seed=cfg.world_seed, progress=progress)
     key = _key([SAE_TRAIN_VERSION, {k: v for k, v in asdict(sae_cfg).items() if k not in ("out", "progress", "device")}])
     sae_cfg.out = os.path.join(root, f"sae-l{layer}-topk{sae_k}-{d_sae}-{key}")
     if not os.path.exists(os.path.join(sae_cfg.out, "eval.json")):
@@ -172,7 +175,7 @@ def _trained_sae(cfg: CompareConfig, b: dict, model_path: str, data: str, layer:
     with open(os.path.join(sae_cfg.out, "eval.json")) as f:
         sae_eval = json.load(f)
     sae_eval["decoder_cosine_to_init"] = decoder_cosine_to_init(load_sae(sae_cfg.out))
-    sae_eval["config"] = {"d_sae": d_sae, "k": sae_k, "tokens": b["sae_tokens"], "lr": b["sae_lr"]}
+    sae_eval["config"] = {"d_sae": d_sae, "k": sae_k, "tokens": b["sae_tokens"], "lr": b["sae_lr"], "dead_tokens": b["sae_dead_tokens"]}
     return sae_cfg.out, sae_eval
 
 
