@@ -10,7 +10,7 @@ import os
 import torch
 
 from ..errors import ConfigError
-from .metrics import evaluate_sae, format_table
+from .metrics import decoder_cosine_to_init, evaluate_sae, format_table
 from .model import SAE, load_sae, resolve_layer
 
 
@@ -66,6 +66,9 @@ def run_eval(ns) -> dict:
     layer = resolve_layer(sae, ns.layer, model, ns.sae)
     docs = read_texts(ns.data, tok)
     report = evaluate_sae(sae, model, tok, docs, layer, max_tokens=ns.max_tokens)
+    cos = decoder_cosine_to_init(sae)
+    if cos is not None:  # only an SAE that records its training seed
+        report["decoder_cosine_to_init"] = cos
     out = ns.out or os.path.join(ns.sae if os.path.isdir(ns.sae) else os.path.dirname(ns.sae), "eval")
     os.makedirs(out, exist_ok=True)
     result = {"sae": ns.sae, "layer": layer, **report}
