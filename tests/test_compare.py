@@ -41,6 +41,18 @@ def test_frontier_interpolates_at_matched_kl_and_names_the_best_only_outside_the
     assert d["diff"] == pytest.approx(0.5) and d["se"] == pytest.approx(math.sqrt(2 * 0.01**2 / 2)) and not d["within_noise"]
 
 
+def test_default_levels_lie_where_two_methods_can_be_compared():
+    from featalign.compare import default_levels
+
+    # A spans KL 0.5-5 (over its seeds), B 1-2: the levels fill 1-2, not 0.5-5 where B has one level at most
+    per = {"a": {0: [(0.5,), (2.5,)], 1: [(1.5,), (5.0,)]}, "b": {0: [(1.0,), (2.0,)]}}
+    assert default_levels(per, 4) == pytest.approx([1.125, 1.375, 1.625, 1.875], abs=0.01)  # 3 significant digits
+    # no overlap, or one method: the whole span
+    assert default_levels({"a": {0: [(0.5,), (1.0,)]}, "b": {0: [(2.0,), (3.0,)]}}, 5) == pytest.approx([0.75, 1.25, 1.75, 2.25, 2.75])
+    assert default_levels({"a": {0: [(1.0,), (3.0,)]}}, 2) == pytest.approx([1.5, 2.5])
+    assert default_levels({}, 3) == []
+
+
 def test_tiers_and_grid_override():
     from featalign.errors import ConfigError
 

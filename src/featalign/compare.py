@@ -82,7 +82,7 @@ class CompareConfig:
     seeds: int | None = field(default=None, metadata={"help": "training seeds per knob value (default: quick 1, default 2, full 3)"})
     methods: str | None = field(default=None, metadata={"help": f"comma-separated methods (default: quick and default dpo,fpo; full {ALL_METHODS})"})
     grid: str = field(default="", metadata={"help": "knob values per method, e.g. 'dpo=0.1,0.3;fpo=0.5,2' (default: the tier's slice of each method's grid)"})
-    kl_levels: str = field(default="", metadata={"help": "comma-separated KL levels (nats) to compare rewards at (default: 6 levels spaced over the KLs reached)"})
+    kl_levels: str = field(default="", metadata={"help": "comma-separated KL levels (nats) to compare rewards at (default: 6 levels spaced over the KLs that at least two methods reached)"})
     layer: int | None = field(default=None, metadata={"help": "decoder layer of the SAE and of FPO's constraint (default: 2 in the world, the middle layer of a real model)"})
     steps: int | None = field(default=None, metadata={"help": "training steps per run (default: world quick 40, default 200, full 300; real model 4, 12, 60)"})
     batch_size: int | None = field(default=None, metadata={"help": "pairs per step (default: world 16, real model 8)"})
@@ -435,6 +435,21 @@ def _interp(points: list[tuple[float, float, float]], x: float) -> tuple[float, 
     return None
 
 
+def default_levels(per: dict, n_levels: int = 6) -> list[float]:
+    """KL levels evenly over the span where at least two methods have a seed (the only KLs where methods can be
+    compared; a method alone elsewhere is still drawn in frontier.png); with one method, or no overlap, over the
+    span of every KL reached. ``per``: method -> seed -> [(kl, ...)]."""
+    spans = {m: (min(p[0] for pts in seeds.values() for p in pts), max(p[0] for pts in seeds.values() for p in pts))
+             for m, seeds in per.items() if seeds}
+    edges = sorted({x for span in spans.values() for x in span})
+    shared = [(a, b) for a, b in zip(edges, edges[1:]) if sum(lo <= a and b <= hi for lo, hi in spans.values()) >= 2]
+    if shared:
+        lo, hi = shared[0][0], shared[-1][1]
+    else:
+        lo, hi = (edges[0], edges[-1]) if edges else (0.0, 0.0)
+    return [float(f"{lo + (hi - lo) * (i + 0.5) / n_levels:.3g}") for i in range(n_levels)] if hi > lo else []
+
+
 def frontier(runs: list[dict], levels: list[float] | None = None, n_levels: int = 6) -> dict:
     """Ground-truth reward of each method at common KL levels, interpolated along each seed's own frontier
     (its knob values), then averaged over the seeds that reach the level. The noise of a method at a level is
@@ -446,10 +461,7 @@ def frontier(runs: list[dict], levels: list[float] | None = None, n_levels: int 
         if r["method"] != "sft" and r.get("kl_to_ref") is not None:
             per.setdefault(r["method"], {}).setdefault(r["seed"], []).append((r["kl_to_ref"], r["gt_reward"], _prompt_se(r["rewards_per_prompt"])))
     if levels is None:
-        # evenly over the span of KLs the runs reached
-        ranges = sorted((min(p[0] for p in pts), max(p[0] for p in pts)) for seeds in per.values() for pts in seeds.values())
-        lo, hi = (min(a for a, _ in ranges), max(b for _, b in ranges)) if ranges else (0.0, 0.0)
-        levels = [float(f"{lo + (hi - lo) * (i + 0.5) / n_levels:.3g}") for i in range(n_levels)] if hi > lo else []
+        levels = default_levels(per, n_levels)
     rows = []
     for x in levels:
         cells = {}
