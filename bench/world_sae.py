@@ -1,0 +1,94 @@
+"""The built-in world's SAE against issue 20's targets, over widths, k and AuxK windows.
+
+For each configuration: `featalign sae train` on the world's SFT model (layer 2, 2M tokens, lr 1e-2, held-out 40k
+tokens), then the best |r| of any latent with the topic and the sentiment part of the ground-truth reward, pooling
+each chosen and rejected test response as `featalign explain` does. Targets: L0/d_in <= 5%, explained variance
+>= 0.9, dead < 5%, dense (> 10% of tokens) < 5%, median decoder cosine to init < 0.5, |r| >= 0.5 for both parts.
+
+Usage: python bench/world_sae.py [--world data/world] [--configs 384:6:100000,512:8:10000000]
+    -> bench/results/world_sae-<cpu|gpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, write_result  # noqa: E402
+
+CONFIGS = "512:8:10000000,384:6:100000,320:6:100000,256:8:10000000,256:8:100000,256:4:100000,192:8:100000,192:4:100000,128:6:100000"
+
+
+def reward_correlations(world: str, sae_dir: str, n_pairs: int = 500) -> dict:
+    """Best |r| (and its latent) with each reward part over the test responses, pooled as explain pools them."""
+    import torch
+
+    from featalign import data as D
+    from featalign.explain import pooled_features, world_reward_relation
+    from featalign.models import load_model, load_tokenizer
+    from featalign.sae import load_sae
+
+    tok = load_tokenizer(os.path.join(world, "sft"))
+    model = load_model(os.path.join(world, "sft")).eval()
+    sae = load_sae(sae_dir)
+    with open(os.path.join(world, "prefs", "test.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:n_pairs]
+    texts, seqs = [], []
+    for r in rows:
+        p = D.encode_prompt(tok, r["prompt"])
+        for key in ("chosen", "rejected"):
+            resp = D.encode_response(tok, r[key])
+            seqs.append((p + resp, [0] * len(p) + [1] * len(resp)))
+            texts.append((r["prompt"], r[key]))
+    with torch.no_grad():
+        pooled = pooled_features(model, sae, sae.cfg.layer, seqs, tok.pad_token_id)
+    corr, info = world_reward_relation(texts, pooled, torch.zeros(pooled.shape[1]))
+    out = {}
+    for i, part in enumerate(info["parts"]):
+        c = corr[:, i].abs()
+        out[part] = {"r": round(float(c.max()), 3), "latent": int(c.argmax())}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", default=os.path.join(ROOT, "data", "world"))
+    ap.add_argument("--configs", default=CONFIGS, help="latents:k:AuxK window, comma-separated")
+    ap.add_argument("--tokens", type=int, default=2_000_000)
+    args = ap.parse_args()
+
+    from featalign.sae import load_sae
+    from featalign.sae.metrics import decoder_cosine_to_init
+    from featalign.sae.train import SAETrainConfig, train_sae
+    from featalign.world import build_world
+
+    manifest = build_world(args.world, progress=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.configs.split(","):
+            d_sae, k, window = (int(x) for x in spec.split(":"))
+            out = os.path.join(tmp, spec.replace(":", "-"))
+            cfg = SAETrainConfig(model=os.path.join(args.world, "sft"), data=os.path.join(args.world, "sft_text.jsonl"), layer=2,
+                                 out=out, d_sae=d_sae, k=k, dead_tokens=window, tokens=args.tokens, lr=1e-2, progress=False)
+            train_sae(cfg)
+            with open(os.path.join(out, "eval.json")) as f:
+                ev = json.load(f)
+            row = {"d_sae": d_sae, "k": k, "dead_tokens": window, "l0_over_d_in": ev["l0"] / 160,
+                   **{m: ev[m] for m in ("explained_variance", "l0", "dead_fraction", "dense_fraction", "ce_loss_recovered", "train_seconds")},
+                   "decoder_cosine_to_init": decoder_cosine_to_init(load_sae(out)), "best_abs_r": reward_correlations(args.world, out)}
+            row["targets_met"] = {
+                "l0": row["l0_over_d_in"] <= 0.05, "explained_variance": row["explained_variance"] >= 0.9,
+                "dead": row["dead_fraction"] < 0.05, "dense": row["dense_fraction"] < 0.05,
+                "decoder_cosine_to_init": row["decoder_cosine_to_init"] < 0.5,
+                "topic": row["best_abs_r"]["topic"]["r"] >= 0.5, "sentiment": row["best_abs_r"]["sentiment"]["r"] >= 0.5}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    write_result("world_sae", {"world_version": manifest["config"]["version"], "tokens": args.tokens, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
