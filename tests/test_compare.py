@@ -73,6 +73,9 @@ def test_tiers_and_grid_override():
     assert r["lr"] == 1e-4 and r["steps"] == 12 and r["batch_size"] == 8 and set(r["grid"]) == {"dpo", "simpo", "tdpo2", "fpo"}
     assert r["grid"]["dpo"] == [0.1] and r["grid"]["fpo"] == [0.5] and r["grid"]["simpo"] == [2.0]  # the published defaults
     assert CompareConfig(preset="sentiment", lr=1e-6).budget()["lr"] == 1e-6
+    # FPO's world grid sits below its real-model grid (the world SAE's feature term binds harder)
+    rf = CompareConfig(model="m.gguf", data="pairs.jsonl", full=True).budget()["grid"]["fpo"]
+    assert rf == [0.2, 0.5, 2.0] and d["grid"]["fpo"] == [0.01, 0.03, 0.1]
     with pytest.raises(ConfigError, match="preset"):
         CompareConfig(preset="vibes").budget()
 

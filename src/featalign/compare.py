@@ -30,14 +30,15 @@ ALL_METHODS = "dpo,ipo,simpo,dpo_ln,tdpo1,tdpo2,trdpo,fpo"
 # the knob that trades reward for closeness to the reference, and its grid (largest KL first). beta
 # scales the implicit reward (larger: stays closer); alpha weighs TDPO-2's token KL and FPO's feature
 # term (larger: stays closer). The grids span the published defaults (beta 0.1, SimPO 2, alpha 0.5)
-# by about 10x either way, where the world's KL moves from well under 1 nat to several. FPO's is the
-# exception: on the v4 world's SAE its feature term binds hard (alpha 0.2-2: KL 0.35-0.90, under DPO's
-# 0.7-3.9 at beta 1-0.1, so the frontiers met at one KL only); alpha 0.01-0.1 reached KL 1.0-2.4.
+# by about 10x either way, where the world's KL moves from well under 1 nat to several.
 KNOB = {"dpo": "beta", "ipo": "beta", "simpo": "beta", "dpo_ln": "beta", "tdpo1": "beta", "trdpo": "beta",
         "tdpo2": "alpha", "fpo": "alpha"}
 GRID = {"dpo": [0.03, 0.1, 0.3, 1.0, 3.0], "ipo": [0.03, 0.1, 0.3, 1.0, 3.0], "simpo": [0.5, 1.0, 2.0, 5.0, 10.0],
         "dpo_ln": [0.03, 0.1, 0.3, 1.0, 3.0], "tdpo1": [0.03, 0.1, 0.3, 1.0, 3.0], "trdpo": [0.03, 0.1, 0.3, 1.0, 3.0],
-        "tdpo2": [0.02, 0.05, 0.2, 0.5, 2.0], "fpo": [0.003, 0.01, 0.03, 0.1, 0.3]}
+        "tdpo2": [0.02, 0.05, 0.2, 0.5, 2.0], "fpo": [0.05, 0.2, 0.5, 2.0, 8.0]}
+# on the built-in world FPO's grid sits lower: the v4 world's SAE makes its feature term bind hard (alpha 0.2-2: KL
+# 0.35-0.90, under DPO's 0.7-3.9 at beta 1-0.1, so the frontiers met at one KL only); alpha 0.01-0.1 reached 1.0-2.4
+WORLD_GRID = {**GRID, "fpo": [0.003, 0.01, 0.03, 0.1, 0.3]}
 # the papers' own settings: a one-value sweep runs each method where it was published
 PUBLISHED = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "dpo_ln": 0.1, "tdpo1": 0.1, "trdpo": 0.1, "tdpo2": 0.5, "fpo": 0.5}
 # the default tier keeps the middle three values of each grid; quick keeps the two ends of those
@@ -118,7 +119,8 @@ class CompareConfig:
         for m in methods:
             if m not in KNOB:
                 raise ConfigError(f"methods: unknown method {m!r}; choose from {ALL_METHODS}")
-        grid = {m: [PUBLISHED[m]] if t["grid_values"] == 1 else _middle(GRID[m], t["grid_values"]) for m in methods}
+        grids = GRID if self.real else WORLD_GRID
+        grid = {m: [PUBLISHED[m]] if t["grid_values"] == 1 else _middle(grids[m], t["grid_values"]) for m in methods}
         for item in filter(None, (s.strip() for s in self.grid.split(";"))):
             m, _, vals = item.partition("=")
             if m.strip() not in grid or not vals:
