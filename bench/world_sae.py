@@ -23,29 +23,17 @@ from common import ROOT, write_result  # noqa: E402
 CONFIGS = "512:8:10000000,384:6:100000,320:6:100000,256:8:10000000,256:8:100000,256:4:100000,192:8:100000,192:4:100000,128:6:100000"
 
 
-def reward_correlations(world: str, sae_dir: str, n_pairs: int = 500) -> dict:
-    """Best |r| (and its latent) with each reward part over the test responses, pooled as explain pools them."""
+def reward_correlations(model, tok, test: str, sae, n_pairs: int = 500) -> dict:
+    """Best |r| (and its latent) with each reward part over the test responses, read and pooled as explain does."""
     import torch
 
     from featalign import data as D
     from featalign.explain import pooled_features, world_reward_relation
-    from featalign.models import load_model, load_tokenizer
-    from featalign.sae import load_sae
 
-    tok = load_tokenizer(os.path.join(world, "sft"))
-    model = load_model(os.path.join(world, "sft")).eval()
-    sae = load_sae(sae_dir)
-    with open(os.path.join(world, "prefs", "test.jsonl")) as f:
-        rows = [json.loads(line) for line in f][:n_pairs]
-    texts, seqs = [], []
-    for r in rows:
-        p = D.encode_prompt(tok, r["prompt"])
-        for key in ("chosen", "rejected"):
-            resp = D.encode_response(tok, r[key])
-            seqs.append((p + resp, [0] * len(p) + [1] * len(resp)))
-            texts.append((r["prompt"], r[key]))
+    raw, pairs, _ = D.prepare_pairs(D.DataOptions(data=test, limit=n_pairs), tok)
+    texts = [(p.prompt, p.chosen) for p in raw] + [(p.prompt, p.rejected) for p in raw]
     with torch.no_grad():
-        pooled = pooled_features(model, sae, sae.cfg.layer, seqs, tok.pad_token_id)
+        pooled = pooled_features(model, sae, sae.cfg.layer, D.pair_sequences(pairs), tok.pad_token_id)
     corr, info = world_reward_relation(texts, pooled, torch.zeros(pooled.shape[1]))
     out = {}
     for i, part in enumerate(info["parts"]):
@@ -61,25 +49,29 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2_000_000)
     args = ap.parse_args()
 
+    from featalign.models import load_model, load_tokenizer
     from featalign.sae import load_sae
     from featalign.sae.metrics import decoder_cosine_to_init
     from featalign.sae.train import SAETrainConfig, train_sae
-    from featalign.world import build_world
+    from featalign.world import build_world, world_paths
 
     manifest = build_world(args.world, progress=False)
+    paths = world_paths(args.world)
+    tok, model = load_tokenizer(paths["sft"]), load_model(paths["sft"]).eval()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.configs.split(","):
             d_sae, k, window = (int(x) for x in spec.split(":"))
             out = os.path.join(tmp, spec.replace(":", "-"))
-            cfg = SAETrainConfig(model=os.path.join(args.world, "sft"), data=os.path.join(args.world, "sft_text.jsonl"), layer=2,
-                                 out=out, d_sae=d_sae, k=k, dead_tokens=window, tokens=args.tokens, lr=1e-2, progress=False)
-            train_sae(cfg)
+            cfg = SAETrainConfig(model=paths["sft"], data=paths["sft_text"], layer=2, out=out, d_sae=d_sae, k=k, dead_tokens=window,
+                                 tokens=args.tokens, lr=1e-2, progress=False)
+            train_sae(cfg, model=model, tokenizer=tok)
             with open(os.path.join(out, "eval.json")) as f:
                 ev = json.load(f)
-            row = {"d_sae": d_sae, "k": k, "dead_tokens": window, "l0_over_d_in": ev["l0"] / 160,
+            sae = load_sae(out)
+            row = {"d_sae": d_sae, "k": k, "dead_tokens": window, "l0_over_d_in": ev["l0"] / sae.cfg.d_in,
                    **{m: ev[m] for m in ("explained_variance", "l0", "dead_fraction", "dense_fraction", "ce_loss_recovered", "train_seconds")},
-                   "decoder_cosine_to_init": decoder_cosine_to_init(load_sae(out)), "best_abs_r": reward_correlations(args.world, out)}
+                   "decoder_cosine_to_init": decoder_cosine_to_init(sae), "best_abs_r": reward_correlations(model, tok, paths["test"], sae)}
             row["targets_met"] = {
                 "l0": row["l0_over_d_in"] <= 0.05, "explained_variance": row["explained_variance"] >= 0.9,
                 "dead": row["dead_fraction"] < 0.05, "dense": row["dense_fraction"] < 0.05,

@@ -217,8 +217,8 @@ def build_world(out: str = "data/world", cfg: WorldConfig | None = None, progres
     steps.set_postfix_str("evaluate")
     sft_nll = response_nll(model, tokenizer, enc_eval)
     probe_set = probe_examples()
-    mood = {"mood_probe": round(mood_probe(model, tokenizer, probe_set), 4), "mood_oracle": round(mood_oracle(probe_set), 4),
-            "topic_probe": round(topic_probe(model, tokenizer, probe_set), 4), "topic_blind": round(topic_blind(probe_set), 4)}
+    probes = {"mood_probe": round(mood_probe(model, tokenizer, probe_set), 4), "mood_oracle": round(mood_oracle(probe_set), 4),
+              "topic_probe": round(topic_probe(model, tokenizer, probe_set), 4), "topic_blind": round(topic_blind(probe_set), 4)}
     uni_nll = unigram_nll(enc_train, enc_eval, len(tokenizer))
     model.save_pretrained(tpaths["sft"])
     tokenizer.save_pretrained(tpaths["sft"])
@@ -235,7 +235,7 @@ def build_world(out: str = "data/world", cfg: WorldConfig | None = None, progres
         "sft_final_loss": losses[-1],
         "sft_ppl": math.exp(sft_nll),
         "unigram_ppl": math.exp(uni_nll),
-        **mood,  # share of sentiment-word probability on the answer's polarity: 0.5 = blind to mood
+        **probes,  # share of probability on the right polarity (0.5 = blind to mood) and on the right topic cue
         "build_seconds": round(time.time() - t0, 1),
         "paths": {k: os.path.relpath(v, out) for k, v in paths.items() if k != "root"},
     }

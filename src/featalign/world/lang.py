@@ -15,6 +15,10 @@ context but the response's mood, and an SFT'd LM gives them one embedding: measu
 probability it put on the right polarity for the next sentiment word stayed at 0.50 for 1,500 steps, even with
 the sentiment tokens' loss weighted 10x. With the cue (80% of such clauses) it rose to 0.64 within 600 steps:
 the words separate by their next token first, and attending back to them then carries the mood.
+
+The same device makes topicality learnable: the word after a clause's first noun is "indeed" when the noun is on
+the prompt's topic and "anyway" when not (80% of clauses), so the model must compare the noun's topic with the
+prompt's, one comparison for every topic, instead of tracking ten topics separately.
 """
 
 from __future__ import annotations
@@ -164,12 +168,12 @@ def prompt_topic(prompt: str) -> str | None:
 
 P_NEGATED = 0.3
 P_PUNCT_CUE = 0.8  # chance a clause ending in a sentiment phrase closes on its polarity's mark
-P_TOPIC_CUE = 0.8  # chance a topical clause ends on a word saying whether its topic is the prompt's
+P_TOPIC_CUE = 0.8  # chance a clause's first noun is followed by a word saying whether it is on the prompt's topic
 ON_TOPIC_CUE, OFF_TOPIC_CUE = "indeed", "anyway"
 
 
 def sample_response(rng: random.Random, topic: str, p_on: float | None = None, p_pos: float | None = None) -> str:
-    """A response of 2-7 short clauses (about 8-48 tokens).
+    """A response of 2-7 short clauses (about 10-63 words).
 
     ``p_on`` is the chance each content word comes from the prompt's topic, ``p_pos`` the chance a
     sentiment phrase is positive (a positive phrase is a positive word or "not" + a negative one); both
