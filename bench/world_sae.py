@@ -1,11 +1,12 @@
-"""The built-in world's SAE against issue 20's targets, over widths, k and AuxK windows.
+"""The built-in world's SAE against issue 20's targets, over architectures, widths, k and AuxK windows.
 
 For each configuration: `featalign sae train` on the world's SFT model (layer 2, 2M tokens, lr 1e-2, held-out 40k
 tokens), then the best |r| of any latent with the topic and the sentiment part of the ground-truth reward, pooling
 each chosen and rejected test response as `featalign explain` does. Targets: L0/d_in <= 5%, explained variance
 >= 0.9, dead < 5%, dense (> 10% of tokens) < 5%, median decoder cosine to init < 0.5, |r| >= 0.5 for both parts.
 
-Usage: python bench/world_sae.py [--world data/world] [--configs 384:6:100000,512:8:10000000]
+Usage: python bench/world_sae.py [--world data/world] [--configs topk:384:6:100000,featurechoice:256:6:100000:1]
+    (architecture:latents:k:AuxK window[:Feature Choice zipf])
     -> bench/results/world_sae-<cpu|gpu>.json
 """
 
@@ -20,7 +21,9 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, write_result  # noqa: E402
 
-CONFIGS = "512:8:10000000,384:6:100000,320:6:100000,256:8:10000000,256:8:100000,256:4:100000,192:8:100000,192:4:100000,128:6:100000"
+CONFIGS = ",".join(["topk:512:8:10000000", "topk:384:6:100000", "topk:256:8:100000", "topk:192:8:100000", "topk:128:6:100000",
+                     "featurechoice:384:6:100000:0", "featurechoice:256:6:100000:0", "featurechoice:128:6:100000:0",
+                     "featurechoice:256:6:100000:0.5", "featurechoice:256:6:100000:1", "featurechoice:384:6:100000:1"])
 
 
 def reward_correlations(model, tok, test: str, sae, n_pairs: int = 500) -> dict:
@@ -45,7 +48,7 @@ def reward_correlations(model, tok, test: str, sae, n_pairs: int = 500) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default=os.path.join(ROOT, "data", "world"))
-    ap.add_argument("--configs", default=CONFIGS, help="latents:k:AuxK window, comma-separated")
+    ap.add_argument("--configs", default=CONFIGS, help="architecture:latents:k:AuxK window[:zipf], comma-separated")
     ap.add_argument("--tokens", type=int, default=2_000_000)
     args = ap.parse_args()
 
@@ -61,15 +64,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.configs.split(","):
-            d_sae, k, window = (int(x) for x in spec.split(":"))
+            arch, d_sae, k, window, *zipf = spec.split(":")
+            d_sae, k, window, zipf = int(d_sae), int(k), int(window), float(zipf[0]) if zipf else 0.0
             out = os.path.join(tmp, spec.replace(":", "-"))
-            cfg = SAETrainConfig(model=paths["sft"], data=paths["sft_text"], layer=2, out=out, d_sae=d_sae, k=k, dead_tokens=window,
-                                 tokens=args.tokens, lr=1e-2, progress=False)
+            cfg = SAETrainConfig(model=paths["sft"], data=paths["sft_text"], layer=2, out=out, architecture=arch, d_sae=d_sae, k=k,
+                                 dead_tokens=window, fc_zipf=zipf, tokens=args.tokens, lr=1e-2, progress=False)
             train_sae(cfg, model=model, tokenizer=tok)
             with open(os.path.join(out, "eval.json")) as f:
                 ev = json.load(f)
             sae = load_sae(out)
-            row = {"d_sae": d_sae, "k": k, "dead_tokens": window, "l0_over_d_in": ev["l0"] / sae.cfg.d_in,
+            row = {"architecture": arch, "d_sae": d_sae, "k": k, "dead_tokens": window, **({"fc_zipf": zipf} if arch == "featurechoice" else {}), "l0_over_d_in": ev["l0"] / sae.cfg.d_in,
                    **{m: ev[m] for m in ("explained_variance", "l0", "dead_fraction", "dense_fraction", "ce_loss_recovered", "train_seconds")},
                    "decoder_cosine_to_init": decoder_cosine_to_init(sae), "best_abs_r": reward_correlations(model, tok, paths["test"], sae)}
             row["targets_met"] = {

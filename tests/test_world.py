@@ -173,10 +173,12 @@ def test_world_is_cached_and_deterministic(world, tmp_path):
 
 
 def test_world_sae_is_sparse_and_trained(world, tmp_path):
-    """An SAE of Gemma Scope's sparsity (k = 5% of d_in) on the world model, trained the way compare trains it:
-    it reconstructs and moves away from its random init. How well latents track the reward parts over whole
-    responses (explain's measure) is printed, not asserted: the SFT model does not track an answer's mood
-    (README, "The built-in world"), and the quick world's topic figure sits too close to any useful bound."""
+    """The SAE compare trains on the world (Feature Choice with Zipf token shares, compare's width, k and learning
+    rate, fewer tokens) on the quick world's model: Gemma Scope's sparsity, it reconstructs, it moves away from its
+    random init, and no latent is dead or dense on held-out tokens (by construction every latent takes its share of
+    each training batch, none above 8%). How well latents track the reward parts over whole responses (explain's
+    measure) is printed, not asserted: the quick world's model has not learnt the topic comparison (README, "The
+    built-in world"), so its topic figure sits too close to any useful bound."""
     import torch
 
     from featalign import data as D
@@ -190,21 +192,23 @@ def test_world_sae_is_sparse_and_trained(world, tmp_path):
 
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
     d_in = model.config.hidden_size
-    sae, rep = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=str(tmp_path / "sae"), d_sae=256,
-                                        k=d_in // 20, tokens=300_000, lr=CompareConfig().budget()["sae_lr"], eval_tokens=20_000, seed=SEED,
+    b = CompareConfig().budget()
+    sae, rep = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=str(tmp_path / "sae"),
+                                        architecture=b["sae_arch"], d_sae=b["sae_d"], k=b["sae_k"], fc_zipf=b["sae_fc_zipf"],
+                                        dead_tokens=b["sae_dead_tokens"], tokens=300_000, lr=b["sae_lr"], eval_tokens=20_000, seed=SEED,
                                         progress=False), model=model, tokenizer=tok)
     raw = D.load_pairs(world["test"], limit=150)
     pooled = pooled_features(model, sae, 2, D.pair_sequences(D.tokenize_pairs(raw, tok)), tok.pad_token_id)
     texts = [(p.prompt, p.chosen) for p in raw] + [(p.prompt, p.rejected) for p in raw]
     corr, info = world_reward_relation(texts, pooled, torch.zeros(sae.d_sae))
     best = {n: float(corr[:, i].abs().max()) for i, n in enumerate(info["parts"])}
-    # printed, not asserted: on the quick world (150 test pairs) topic's best |r| measured 0.19 and dead 29%;
-    # the demo's SAE on the default world: topic 0.42, sentiment 0.06, length 0.85, dead 76% (README)
     print(f"dead {rep['dead_fraction']:.3f}, dense {rep['dense_fraction']:.3f}, best |r|: "
           + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))
-    assert rep["l0"] <= 0.05 * d_in + 1e-6
-    margin("explained variance", rep["explained_variance"], 0.9)  # measured 0.990
+    margin("L0 / d_in", rep["l0"] / d_in, 0.08, above=False)  # k = 6 of 128: 4.7% on average in training
+    margin("explained variance", rep["explained_variance"], 0.9)
+    margin("dead fraction", rep["dead_fraction"], 0.05, above=False)
+    margin("dense fraction", rep["dense_fraction"], 0.05, above=False)
     from featalign.sae import load_sae
 
-    # measured 0.69 at 300k tokens (0.48 for the demo's 2M); an SAE left near its init sits at 0.9+
-    margin("median decoder cosine to init", decoder_cosine_to_init(load_sae(str(tmp_path / "sae"))), 0.9, above=False)
+    # an SAE left near its init sits at 0.9+
+    margin("median decoder cosine to init", decoder_cosine_to_init(load_sae(str(tmp_path / "sae"))), 0.5, above=False)

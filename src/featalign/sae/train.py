@@ -1,10 +1,11 @@
-"""Train SAEs on a causal LM's residual stream: TopK + AuxK, BatchTopK + AuxK, JumpReLU (straight-through
-estimator), ReLU + decoder-norm-weighted L1. Activations are streamed through a shuffle buffer and scaled to mean
-norm sqrt(d_in) while training (the scale is folded back into the saved SAE)."""
+"""Train SAEs on a causal LM's residual stream: TopK + AuxK, BatchTopK + AuxK, Feature Choice, JumpReLU
+(straight-through estimator), ReLU + decoder-norm-weighted L1. Activations are streamed through a shuffle buffer and
+scaled to mean norm sqrt(d_in) while training (the scale is folded back into the saved SAE)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -33,10 +34,12 @@ class SAETrainConfig:
     layer: int = field(default=2, metadata={"help": "decoder layer whose output (residual stream) is encoded"})
     layers: str = field(default="", metadata={"help": "several layers, e.g. 4,8,12: one SAE per layer from a single forward pass, saved to OUT/layers.N (overrides --layer)"})
     out: str = field(default="runs/sae", metadata={"help": "SAE folder to write (SAELens layout, plus eval.json)"})
-    architecture: str = field(default="topk", metadata={"help": "activation: TopK (+AuxK), BatchTopK (k per token on average over a batch, +AuxK; saved as JumpReLU with the learnt threshold), JumpReLU (straight-through L0) or ReLU (+L1)", "choices": ["topk", "batchtopk", "jumprelu", "relu"]})
+    architecture: str = field(default="topk", metadata={"help": "activation: TopK (+AuxK), BatchTopK (k per token on average over a batch, +AuxK; saved as JumpReLU with the learnt threshold), Feature Choice (each latent takes its share of a batch's tokens, its strongest: k / d_sae each, or Zipf-shaped with --fc-zipf, so none dies or turns dense; saved as JumpReLU with a learnt threshold per latent), JumpReLU (straight-through L0) or ReLU (+L1)", "choices": ["topk", "batchtopk", "featurechoice", "jumprelu", "relu"]})
     d_sae: int = field(default=512, metadata={"help": "number of latents"})
-    k: int = field(default=32, metadata={"help": "TopK/BatchTopK: active latents per token (BatchTopK: on average)"})
+    k: int = field(default=32, metadata={"help": "TopK/BatchTopK/Feature Choice: active latents per token (BatchTopK, Feature Choice: on average)"})
     normalize: bool = field(default=True, metadata={"help": "train on activations scaled to mean norm sqrt(d_in); the scale is folded into the saved weights, which read raw activations"})
+    fc_zipf: float = field(default=0.0, metadata={"help": "Feature Choice: latent i takes a share of the tokens proportional to 1/(i+1)^fc_zipf (0: every latent k/d_sae), so a few latents can track frequent features and none dies"})
+    fc_max_share: float = field(default=0.08, metadata={"help": "Feature Choice: no latent takes more than this share of a batch's tokens (a dense latent fires on over 10%)"})
     l1_coeff: float = field(default=5.0, metadata={"help": "ReLU: L1 coefficient (decoder-norm weighted)"})
     l0_coeff: float = field(default=1e-3, metadata={"help": "JumpReLU: L0 coefficient"})
     jumprelu_bandwidth: float = field(default=0.001, metadata={"help": "JumpReLU: straight-through rectangle kernel width"})
@@ -150,17 +153,18 @@ class _Step(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- training
-SPARSE_ARCHS = ("topk", "batchtopk")  # k-sparse by construction: unit-norm decoder rows, AuxK revives dead latents
+SPARSE_ARCHS = ("topk", "batchtopk", "featurechoice")  # k-sparse by construction: unit-norm decoder rows, AuxK revives dead latents
+THRESHOLD_ARCHS = ("batchtopk", "featurechoice")  # trained by a selection rule, saved as JumpReLU with the threshold it implies
 
 
 def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, model_name: str) -> SAE:
     """Decoder rows random unit vectors (scaled by 0.1 for L1/L0-penalised SAEs), encoder their transpose, b_dec the
-    mean of the first batch. A BatchTopK SAE is a JumpReLU SAE whose threshold training estimates."""
+    mean of the first batch. BatchTopK and Feature Choice SAEs are JumpReLU SAEs whose threshold training estimates."""
     # the layer enters the seed: SAEs of two layers must not share a random init, or matching their
     # latents (SAE Match) would find the shared init rather than shared features
     g = torch.Generator().manual_seed(cfg.seed * 1009 + layer)
-    arch = "jumprelu" if cfg.architecture == "batchtopk" else cfg.architecture
-    extra = {"trained_as": "batchtopk", "k": cfg.k} if cfg.architecture == "batchtopk" else {}
+    arch = "jumprelu" if cfg.architecture in THRESHOLD_ARCHS else cfg.architecture
+    extra = {"trained_as": cfg.architecture, "k": cfg.k} if cfg.architecture in THRESHOLD_ARCHS else {}
     sae = SAE(SAEConfig(d_in, cfg.d_sae, arch, k=cfg.k if arch == "topk" else None, apply_b_dec_to_input=True, layer=layer,
                         model=model_name, extra=extra))
     with torch.no_grad():
@@ -175,9 +179,9 @@ def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, mo
             sae.W_enc.mul_(_init_encoder_scale(sae, first, cfg))
         if cfg.architecture == "jumprelu":
             sae.threshold.fill_(cfg.jumprelu_init_threshold)
-        if cfg.architecture == "batchtopk":
-            sae.threshold.fill_(-1.0)  # unset: the first batch sets it
-    if cfg.architecture == "batchtopk":
+        if cfg.architecture in THRESHOLD_ARCHS:
+            sae.threshold.fill_(-1.0)  # unset: the decay phase's batches set it
+    if cfg.architecture in THRESHOLD_ARCHS:
         sae.threshold.requires_grad_(False)
     return sae
 
@@ -188,7 +192,7 @@ def _init_encoder_scale(sae: SAE, first: torch.Tensor, cfg: SAETrainConfig) -> f
     steps spend undoing, worst at large k. Scaling the encoder changes no latent's selection (TopK and BatchTopK
     are invariant to a positive scale), only the values, so the scale is read off one forward pass."""
     c = first.to(sae.W_enc.device, sae.W_enc.dtype) - sae.b_dec  # the SAE is built on the CPU, the batch may be on a GPU
-    r = _sparse_codes(sae, c @ sae.W_enc, cfg.architecture, cfg.k)[0] - sae.b_dec
+    r = _sparse_codes(sae, c @ sae.W_enc, cfg.architecture, cfg.k, _shares(cfg))[0] - sae.b_dec
     return float(((c * r).sum() / r.pow(2).sum().clamp(min=1e-12)).clamp(min=1e-3, max=1.0))
 
 
@@ -229,14 +233,46 @@ class _EncodeTopK(torch.autograd.Function):
         return g_x, g_w, g_b, None
 
 
-def _sparse_codes(sae: SAE, pre: torch.Tensor, arch: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=8)
+def feature_choice_shares(d_sae: int, k: float, zipf: float = 0.0, max_share: float = 1.0) -> torch.Tensor:
+    """Share of a batch's tokens each Feature Choice latent takes: proportional to 1/(i+1)^zipf, none above
+    ``max_share``, summing to k (so the mean L0 is k). zipf 0 is the paper's equal share k / d_sae; above 0, the
+    first latents may track frequent features (a language model's feature frequencies fall off like a power law)
+    and the last ones rare ones, none of them dead or dense."""
+    if k / d_sae > max_share:
+        raise ConfigError(f"featurechoice: k={k} over d_sae={d_sae} latents needs a share of {k / d_sae:.3f} per latent, above fc_max_share={max_share}")
+    w = torch.arange(1, d_sae + 1, dtype=torch.float64) ** -zipf
+    lo, hi = 0.0, max_share / float(w[-1])  # at hi every latent sits at the cap, which sums to d_sae * max_share >= k
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float((mid * w).clamp(max=max_share).sum()) < k else (lo, mid)
+    return (hi * w).clamp(max=max_share).float()
+
+
+def _shares(cfg: "SAETrainConfig") -> torch.Tensor | None:
+    return feature_choice_shares(cfg.d_sae, cfg.k, cfg.fc_zipf, cfg.fc_max_share) if cfg.architecture == "featurechoice" else None
+
+
+def _sparse_codes(sae: SAE, pre: torch.Tensor, arch: str, k: int, shares: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_hat, active latent ids, L0, smallest value kept). TopK keeps the k largest per token; BatchTopK keeps
-    the k * tokens largest of the whole batch (so a token gets more or fewer)."""
+    the k * tokens largest of the whole batch (so a token gets more or fewer); Feature Choice (Ayonrinde 2024,
+    arXiv:2411.02124) keeps each latent's ``shares`` (default k / d_sae each) of the tokens, its largest, so every
+    latent fires as often as its share says in training and the smallest value kept is one per latent."""
     if arch == "topk":
         vals, idx = pre.topk(k, dim=-1, sorted=False) if torch.is_tensor(pre) else _EncodeTopK.apply(*pre, k)
         vals = vals.relu()
         return sae.decode_sparse(idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
     n = pre.shape[0]
+    if arch == "featurechoice":
+        share = shares if shares is not None else pre.new_full((sae.d_sae,), k / sae.d_sae)
+        m = (share.to(pre.device) * n).round().clamp(1, n).long()
+        low = pre.detach().topk(int(m.max()), dim=0, sorted=True).values.gather(0, (m - 1)[None]).squeeze(0)
+        chosen = pre.detach() >= low
+        # ReLU forward, identity backward: a latent whose chosen tokens have all turned negative would get no
+        # gradient and stay dead; this way the reconstruction error still pulls its encoder towards tokens it helps
+        f = (pre + (pre.relu() - pre).detach()) * chosen
+        live = chosen & (pre.detach() > 0)
+        return sae.decode(f), live.any(0).nonzero().squeeze(1), live.sum().float() / n, low.clamp(min=0)
     vals, flat = pre.relu().flatten().topk(k * n, sorted=False)
     f = torch.zeros(n * sae.d_sae, dtype=pre.dtype, device=pre.device).scatter(0, flat, vals).view(n, sae.d_sae)
     live = vals.detach() > 0
@@ -254,7 +290,7 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
     if arch in SPARSE_ARCHS:
         b_eff = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
         pre = (x, sae.W_enc, b_eff) if arch == "topk" and x.device.type == "cpu" else torch.addmm(b_eff, x, sae.W_enc)
-        x_hat, fired_idx, l0, low = _sparse_codes(sae, pre, arch, cfg.k)
+        x_hat, fired_idx, l0, low = _sparse_codes(sae, pre, arch, cfg.k, _shares(cfg))
         fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, fired_idx, True)
     else:
         pre = sae.encode_pre(x)
@@ -295,7 +331,7 @@ class _Fit:
     TopK/BatchTopK decoder rows kept unit-norm; a latent is dead once it has not fired for ``cfg.dead_tokens``
     tokens. With ``cfg.normalize`` every batch is scaled by ``input_scale(first)`` and the SAE is rescaled back at
     the end. BatchTopK's inference threshold is the mean over the decay phase (where the weights settle) of each
-    batch's smallest kept value: an estimate taken earlier lags the growing encoder."""
+    batch's smallest kept value (Feature Choice: each latent's): an estimate taken earlier lags the growing encoder."""
 
     def __init__(self, sae: SAE, first: torch.Tensor, cfg: SAETrainConfig):
         self.sae, self.cfg = sae, cfg
@@ -327,9 +363,9 @@ class _Fit:
                 sae.normalize_decoder()
             if cfg.architecture == "jumprelu":
                 sae.threshold.clamp_(min=1e-6)
-            if cfg.architecture == "batchtopk" and self.n >= self.decay_from:
+            if cfg.architecture in THRESHOLD_ARCHS and self.n >= self.decay_from:
                 i = self.n - self.decay_from
-                sae.threshold.fill_((float(sae.threshold[0]) * i + float(m["low"])) / (i + 1))
+                sae.threshold.copy_((sae.threshold * i + m["low"]) / (i + 1))
         self.since_fired += len(x)
         self.since_fired[m["fired"]] = 0
         self.n += 1
@@ -349,7 +385,7 @@ class _Fit:
         if not len(dead):
             return 0
         b_eff = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
-        err = x - _sparse_codes(sae, torch.addmm(b_eff, x, sae.W_enc), cfg.architecture, cfg.k)[0]
+        err = x - _sparse_codes(sae, torch.addmm(b_eff, x, sae.W_enc), cfg.architecture, cfg.k, _shares(cfg))[0]
         w = err.pow(2).sum(-1)
         g = torch.Generator(device=x.device).manual_seed(cfg.seed * 7919 + self.n)
         pick = torch.multinomial(w / w.sum(), len(dead), replacement=len(dead) > len(x), generator=g)
