@@ -234,6 +234,8 @@ def test_featurechoice_trains_without_dead_or_dense_latents(tmp_path):
     assert (sae.threshold > 0).all() and sae.threshold.std() > 0  # one threshold per latent
     path = sae.save(str(tmp_path / "fc"))
     assert torch.allclose(load_sae(path).encode(held), sae.encode(held), atol=1e-6)
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens (test extra) is not installed")
+    assert torch.allclose(sae_lens.SAE.load_from_disk(path, device="cpu").encode(held), sae.encode(held), atol=1e-5)
 
 
 def test_topk_training_on_synthetic_features():
