@@ -183,6 +183,8 @@ def test_featurechoice_gives_each_latent_its_share(zipf):
     assert sae.W_enc.grad.abs().sum() > 0 and sae.threshold.grad is None
     with pytest.raises(ConfigError, match="fc_max_share"):
         feature_choice_shares(64, 16, zipf, 0.2)
+    with pytest.raises(ConfigError, match="fc_zipf"):
+        feature_choice_shares(64, 4, -1.0, 0.2)
 
 
 def test_featurechoice_latent_with_negative_tokens_still_learns():

@@ -239,6 +239,8 @@ def feature_choice_shares(d_sae: int, k: float, zipf: float = 0.0, max_share: fl
     ``max_share``, summing to k (so the mean L0 is k). zipf 0 is the paper's equal share k / d_sae; above 0, the
     first latents may track frequent features (a language model's feature frequencies fall off like a power law)
     and the last ones rare ones, none of them dead or dense."""
+    if not 0 < max_share <= 1 or zipf < 0:
+        raise ConfigError(f"featurechoice: fc_max_share={max_share} must lie in (0, 1] and fc_zipf={zipf} must be >= 0")
     if k / d_sae > max_share:
         raise ConfigError(f"featurechoice: k={k} over d_sae={d_sae} latents needs a share of {k / d_sae:.3f} per latent, above fc_max_share={max_share}")
     w = torch.arange(1, d_sae + 1, dtype=torch.float64) ** -zipf
@@ -454,6 +456,7 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
 
     if cfg.format == "sparsify" and cfg.architecture != "topk":
         raise ConfigError(f"format=sparsify holds TopK SAEs only, not architecture={cfg.architecture}; use format=saelens")
+    _shares(cfg)  # a Feature Choice setting that cannot add up fails here, before the model is loaded
     torch.manual_seed(cfg.seed)
     model = model if model is not None else load_model(cfg.model, device=cfg.device or "auto")
     if cfg.device:
