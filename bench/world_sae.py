@@ -26,25 +26,6 @@ CONFIGS = ",".join(["topk:512:8:10000000", "topk:384:6:100000", "topk:256:8:1000
                      "featurechoice:256:6:100000:0.5", "featurechoice:256:6:100000:1", "featurechoice:384:6:100000:1"])
 
 
-def reward_correlations(model, tok, test: str, sae, n_pairs: int = 500) -> dict:
-    """Best |r| (and its latent) with each reward part over the test responses, read and pooled as explain does."""
-    import torch
-
-    from featalign import data as D
-    from featalign.explain import pooled_features, world_reward_relation
-
-    raw, pairs, _ = D.prepare_pairs(D.DataOptions(data=test, limit=n_pairs), tok)
-    texts = [(p.prompt, p.chosen) for p in raw] + [(p.prompt, p.rejected) for p in raw]
-    with torch.no_grad():
-        pooled = pooled_features(model, sae, sae.cfg.layer, D.pair_sequences(pairs), tok.pad_token_id)
-    corr, info = world_reward_relation(texts, pooled, torch.zeros(pooled.shape[1]))
-    out = {}
-    for i, part in enumerate(info["parts"]):
-        c = corr[:, i].abs()
-        out[part] = {"r": round(float(c.max()), 3), "latent": int(c.argmax())}
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default=os.path.join(ROOT, "data", "world"))
@@ -52,6 +33,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2_000_000)
     args = ap.parse_args()
 
+    from featalign.explain import best_reward_features
     from featalign.models import load_model, load_tokenizer
     from featalign.sae import load_sae
     from featalign.sae.metrics import decoder_cosine_to_init
@@ -73,9 +55,10 @@ def main() -> None:
             with open(os.path.join(out, "eval.json")) as f:
                 ev = json.load(f)
             sae = load_sae(out)
-            row = {"architecture": arch, "d_sae": d_sae, "k": k, "dead_tokens": window, **({"fc_zipf": zipf} if arch == "featurechoice" else {}), "l0_over_d_in": ev["l0"] / sae.cfg.d_in,
+            row = {"architecture": arch, "d_sae": d_sae, "k": k, "dead_tokens": window, **({"fc_zipf": zipf} if arch == "featurechoice" else {}),
+                   "l0_over_d_in": ev["l0"] / sae.cfg.d_in,
                    **{m: ev[m] for m in ("explained_variance", "l0", "dead_fraction", "dense_fraction", "ce_loss_recovered", "train_seconds")},
-                   "decoder_cosine_to_init": decoder_cosine_to_init(sae), "best_abs_r": reward_correlations(model, tok, paths["test"], sae)}
+                   "decoder_cosine_to_init": decoder_cosine_to_init(sae), "best_abs_r": best_reward_features(model, sae, tok, paths["test"], limit=500)}
             row["targets_met"] = {
                 "l0": row["l0_over_d_in"] <= 0.05, "explained_variance": row["explained_variance"] >= 0.9,
                 "dead": row["dead_fraction"] < 0.05, "dense": row["dense_fraction"] < 0.05,

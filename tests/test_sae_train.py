@@ -11,11 +11,16 @@ from featalign.sae.train import (SAETrainConfig, _init_encoder_scale, _sparse_co
 from conftest import SEED, margin
 
 
-def synthetic(n, d_in=24, n_feats=48, active=4, scale=1.0, seed=0):
-    """Sparse features: each token is `active` random unit directions with random positive weights, plus an offset."""
+def synthetic(n, d_in=24, n_feats=48, active=4, scale=1.0, seed=0, zipf=False):
+    """Sparse features: each token is `active` random unit directions with random positive weights, plus an offset.
+    Features are drawn equally often, or with ``zipf`` feature i with weight 1/(i+1): a few fire on a large share of
+    the tokens and most rarely, as in a language model's stream."""
     g = torch.Generator().manual_seed(seed)
     dirs = torch.nn.functional.normalize(torch.randn(n_feats, d_in, generator=g), dim=-1)
-    idx = torch.rand(n, n_feats, generator=g).topk(active, -1).indices
+    if zipf:
+        idx = torch.multinomial((1.0 / torch.arange(1, n_feats + 1)).expand(n, n_feats), active, generator=g)
+    else:
+        idx = torch.rand(n, n_feats, generator=g).topk(active, -1).indices
     w = torch.rand(n, active, generator=g) * 2 + 0.5
     x = torch.einsum("na,nad->nd", w, dirs[idx]) + torch.randn(d_in, generator=g)
     return x * scale
@@ -201,21 +206,11 @@ def test_featurechoice_latent_with_negative_tokens_still_learns():
     assert sae.W_enc.grad[:, 0].abs().sum() > 0 and sae.b_enc.grad[0] != 0
 
 
-def zipf_synthetic(n, d_in=24, n_feats=48, active=4, seed=0):
-    """Like ``synthetic`` but feature i is drawn with weight 1/(i+1): a few fire on a large share of the tokens and
-    most rarely, as in a language model's stream."""
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.nn.functional.normalize(torch.randn(n_feats, d_in, generator=g), dim=-1)
-    idx = torch.multinomial((1.0 / torch.arange(1, n_feats + 1)).expand(n, n_feats), active, generator=g)
-    w = torch.rand(n, active, generator=g) * 2 + 0.5
-    return torch.einsum("na,nad->nd", w, dirs[idx]) + torch.randn(d_in, generator=g)
-
-
 def test_featurechoice_trains_without_dead_or_dense_latents(tmp_path):
     """On features of Zipf frequencies, a Feature Choice SAE keeps every latent alive and none dense on held-out
     tokens, at L0 near k. A TopK SAE of the same width and k is trained beside it for the printout only: its dead and
     dense shares swing with the seed here (dead + dense 0.07-0.27 over seeds 0-2), too much for a bound."""
-    x = zipf_synthetic(120 * 256 + 4000, seed=SEED)
+    x = synthetic(120 * 256 + 4000, seed=SEED, zipf=True)
     x, held = x[:-4000], x[-4000:]
     stats, saes = {}, {}
     for arch in ("featurechoice", "topk"):

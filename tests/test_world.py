@@ -179,11 +179,8 @@ def test_world_sae_is_sparse_and_trained(world, tmp_path):
     each training batch, none above 8%). How well latents track the reward parts over whole responses (explain's
     measure) is printed, not asserted: the quick world's model has not learnt the topic comparison (README, "The
     built-in world"), so its topic figure sits too close to any useful bound."""
-    import torch
-
-    from featalign import data as D
     from featalign.compare import CompareConfig
-    from featalign.explain import pooled_features, world_reward_relation
+    from featalign.explain import best_reward_features
     from featalign.models import load_model, load_tokenizer
     from featalign.sae.metrics import decoder_cosine_to_init
     from featalign.sae.train import SAETrainConfig, train_sae
@@ -197,13 +194,11 @@ def test_world_sae_is_sparse_and_trained(world, tmp_path):
                                         architecture=b["sae_arch"], d_sae=b["sae_d"], k=b["sae_k"], fc_zipf=b["sae_fc_zipf"],
                                         dead_tokens=b["sae_dead_tokens"], tokens=300_000, lr=b["sae_lr"], eval_tokens=20_000, seed=SEED,
                                         progress=False), model=model, tokenizer=tok)
-    raw = D.load_pairs(world["test"], limit=150)
-    pooled = pooled_features(model, sae, 2, D.pair_sequences(D.tokenize_pairs(raw, tok)), tok.pad_token_id)
-    texts = [(p.prompt, p.chosen) for p in raw] + [(p.prompt, p.rejected) for p in raw]
-    corr, info = world_reward_relation(texts, pooled, torch.zeros(sae.d_sae))
-    best = {n: float(corr[:, i].abs().max()) for i, n in enumerate(info["parts"])}
+    best = best_reward_features(model, sae, tok, world["test"], limit=150)
     print(f"dead {rep['dead_fraction']:.3f}, dense {rep['dense_fraction']:.3f}, best |r|: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))
+          + ", ".join(f"{k} {v['r']:.3f}" for k, v in best.items()))
+    assert set(best) == {"topic", "sentiment", "length", "reward"}
+    assert all(0 <= v["r"] <= 1 and 0 <= v["latent"] < sae.d_sae for v in best.values())
     margin("L0 / d_in", rep["l0"] / d_in, 0.08, above=False)  # k = 6 of 128: 4.7% on average in training
     margin("explained variance", rep["explained_variance"], 0.9)
     margin("dead fraction", rep["dead_fraction"], 0.05, above=False)

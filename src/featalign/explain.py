@@ -156,6 +156,22 @@ def world_reward_relation(texts: list[tuple[str, str]], pooled: torch.Tensor, sh
 
 
 @torch.no_grad()
+def best_reward_features(model, sae, tokenizer, data: str, limit: int | None = None) -> dict[str, dict]:
+    """On built-in-world preference data: the latent with the largest |r| against each part of the ground-truth
+    reward, over every chosen and rejected response of ``data`` pooled as ``explain`` pools them (the measure of
+    issue 20's SAE targets). ``{part: {"r": |r|, "latent": id}}``."""
+    raw, pairs, _ = D.prepare_pairs(D.DataOptions(data=data, limit=limit), tokenizer)
+    texts = [(p.prompt, p.chosen) for p in raw] + [(p.prompt, p.rejected) for p in raw]
+    pooled = pooled_features(model, sae, sae.cfg.layer, D.pair_sequences(pairs), tokenizer.pad_token_id)
+    rel = world_reward_relation(texts, pooled, torch.zeros(pooled.shape[1]))
+    if rel is None:
+        raise ConfigError(f"{data}: not the built-in world's prompts, so there is no ground-truth reward to correlate with")
+    corr, info = rel
+    return {part: {"r": round(float(corr[:, i].abs().max()), 3), "latent": int(corr[:, i].abs().argmax())}
+            for i, part in enumerate(info["parts"])}
+
+
+@torch.no_grad()
 def describe_features(model, sae, layer: int, seqs, features: list[int], tokenizer, n_contexts: int = 3,
                       window: int = 6, n_tokens: int = 5, batch_size: int = 32) -> dict[int, dict]:
     """For each feature: the tokens carrying most of its activation mass, and its top-activating contexts."""

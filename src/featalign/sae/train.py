@@ -258,16 +258,16 @@ def _shares(cfg: "SAETrainConfig") -> torch.Tensor | None:
 def _sparse_codes(sae: SAE, pre: torch.Tensor, arch: str, k: int, shares: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_hat, active latent ids, L0, smallest value kept). TopK keeps the k largest per token; BatchTopK keeps
     the k * tokens largest of the whole batch (so a token gets more or fewer); Feature Choice (Ayonrinde 2024,
-    arXiv:2411.02124) keeps each latent's ``shares`` (default k / d_sae each) of the tokens, its largest, so every
-    latent fires as often as its share says in training and the smallest value kept is one per latent."""
+    arXiv:2411.02124) keeps each latent's share of the tokens (``shares``, from ``feature_choice_shares``), its
+    largest, so every latent fires as often as its share says in training and the smallest value kept is one per
+    latent."""
     if arch == "topk":
         vals, idx = pre.topk(k, dim=-1, sorted=False) if torch.is_tensor(pre) else _EncodeTopK.apply(*pre, k)
         vals = vals.relu()
         return sae.decode_sparse(idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
     n = pre.shape[0]
     if arch == "featurechoice":
-        share = shares if shares is not None else pre.new_full((sae.d_sae,), k / sae.d_sae)
-        m = (share.to(pre.device) * n).round().clamp(1, n).long()
+        m = (shares.to(pre.device) * n).round().clamp(1, n).long()
         low = pre.detach().topk(int(m.max()), dim=0, sorted=True).values.gather(0, (m - 1)[None]).squeeze(0)
         chosen = pre.detach() >= low
         # ReLU forward, identity backward: a latent whose chosen tokens have all turned negative would get no
