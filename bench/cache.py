@@ -16,11 +16,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import make_model, make_sae, quick_world, write_result  # noqa: E402
+from common import make_model, make_sae, quick_world, scratch, write_result  # noqa: E402
 
 
 def sizes(d_sae: int, d_in: int, k: int, tokens_per_response: float, value_bytes: int = 4) -> dict:
@@ -42,7 +41,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=96)
     a = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="featalign-cache-bench-")
+    tmp = scratch(prefix="featalign-cache-bench-")
     model_dir, sae_dir, cache_dir = (os.path.join(tmp, x) for x in ("model", "sae", "cache"))
     n_params = make_model(model_dir, a.hidden, a.layers)
     layer, d_sae = a.layers // 2, 8 * a.hidden

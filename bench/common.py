@@ -3,18 +3,29 @@ peak memory, result files. Each measured configuration runs in its own process s
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+def scratch(prefix: str) -> str:
+    """A temporary folder removed when the process exits: a benchmark's checkpoints and activations run to
+    hundreds of MB each, and left behind they fill the disk that the next clean clone's setup needs."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def device_label() -> str:

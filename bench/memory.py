@@ -20,11 +20,10 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import ROOT, make_model, make_sae  # noqa: E402
+from common import ROOT, make_model, make_sae, scratch  # noqa: E402
 
 
 def run(cmd):
@@ -84,7 +83,7 @@ def main():
 
     build_world(args.world, WorldConfig.quick())
     wp = world_paths(args.world)
-    tmp = tempfile.mkdtemp(prefix="featalign-mem-")
+    tmp = scratch(prefix="featalign-mem-")
     model_dir, sae_dir, cache_dir = (os.path.join(tmp, x) for x in ("model", "sae", "cache"))
     n_params = make_model(model_dir, args.hidden, args.layers, chat_template=True)
     make_sae(sae_dir, args.hidden, 8 * args.hidden, args.layers // 2)

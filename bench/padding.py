@@ -14,10 +14,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import quick_world, write_result  # noqa: E402
+from common import quick_world, scratch, write_result  # noqa: E402
 
 
 def run(cmd):
@@ -34,7 +33,7 @@ def main():
     ap.add_argument("--max-length", type=int, default=160)
     a = ap.parse_args()
     wp = quick_world()
-    tmp = tempfile.mkdtemp(prefix="featalign-pad-")
+    tmp = scratch(prefix="featalign-pad-")
     common = ["--max-length", str(a.max_length), "--max-prompt-length", "48"]
     cache = os.path.join(tmp, "cache")
     run([sys.executable, "-m", "featalign", "cache", "--model", wp["sft"], "--data", wp["train"], "--out", cache, *common])

@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import quick_world, write_result  # noqa: E402
+from common import quick_world, scratch, write_result  # noqa: E402
 
 
 def main():
@@ -33,7 +32,7 @@ def main():
     wp = quick_world()
     model, tok = load_model(wp["sft"]).eval(), load_tokenizer(wp["sft"])
     layers = [int(v) for v in a.layers.split(",")]
-    out = tempfile.mkdtemp(prefix="featalign-sae-layers-")
+    out = scratch(prefix="featalign-sae-layers-")
     base = dict(model=wp["sft"], data=wp["sft_text"], d_sae=a.d_sae, k=a.k, tokens=a.tokens, eval_tokens=5000, progress=False)
     runs = []
     for r in range(a.repeats):

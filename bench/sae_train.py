@@ -21,12 +21,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import ROOT, peak_mb, quick_world, run_worker, sync, write_result  # noqa: E402
+from common import ROOT, peak_mb, quick_world, run_worker, scratch, sync, write_result  # noqa: E402
 
 
 def collect(path: str, tokens: int, layer: int) -> dict:
@@ -177,7 +176,7 @@ def main():
     if a.worker:
         print(json.dumps(WORKERS[a.worker](a)))
         return
-    acts = os.path.join(tempfile.mkdtemp(prefix="featalign-sae-bench-"), "acts.pt")
+    acts = os.path.join(scratch(prefix="featalign-sae-bench-"), "acts.pt")
     src = collect(acts, a.tokens + a.eval_tokens, a.layer)
     libs = a.libs.split(",")
     runs: dict = {lib: {} for lib in libs}

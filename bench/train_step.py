@@ -26,12 +26,11 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import make_model, make_sae, median, peak_mb, quick_world, run_worker, sync, write_result  # noqa: E402
+from common import make_model, make_sae, median, peak_mb, quick_world, run_worker, scratch, sync, write_result  # noqa: E402
 
 CONFIGS = {
     "featalign dpo (cache)": ("featalign", "dpo"),
@@ -81,7 +80,7 @@ def featalign_worker(a) -> dict:
 
     method, *flags = a.method.split("+")
     kw = dict(method=method, group_by_length="nogroup" not in flags, pack="on" if "pack" in flags else "auto", lean_mlp="nolean" not in flags,
-              fused_head="nofused" not in flags, model=a.model, data=a.data, out=tempfile.mkdtemp(prefix="fa-bench-"), batch_size=a.batch_size,
+              fused_head="nofused" not in flags, model=a.model, data=a.data, out=scratch(prefix="fa-bench-"), batch_size=a.batch_size,
               max_steps=a.warmup + a.steps, max_length=a.max_length, max_prompt_length=a.max_prompt_length, lr=1e-6,
               progress=False, tensorboard=False, resume=False, log_every=10**9, warmup_ratio=0.0,
               gradient_checkpointing=a.gc == "on")
@@ -126,7 +125,7 @@ def trl_worker(a) -> dict:
             sync()
             stamps.append(time.perf_counter())
 
-    common = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=a.batch_size,
+    common = dict(output_dir=scratch(prefix="trl-bench-"), per_device_train_batch_size=a.batch_size,
                   max_steps=a.warmup + a.steps, learning_rate=1e-6, logging_steps=10**6, save_strategy="no", report_to=[],
                   bf16=gpu, use_cpu=not gpu, dataloader_num_workers=0, seed=0, max_length=a.max_length,
                   lr_scheduler_type="constant", disable_tqdm=True)
@@ -175,7 +174,7 @@ def main():
         res = featalign_worker(a) if a.worker == "featalign" else trl_worker(a)
         print(json.dumps(res))
         return
-    tmp = tempfile.mkdtemp(prefix="featalign-bench-")
+    tmp = scratch(prefix="featalign-bench-")
     model_dir, sae_dir, cache_dir = (os.path.join(tmp, x) for x in ("model", "sae", "cache"))
     n_pairs = (a.warmup + a.steps) * a.batch_size
     data = os.path.join(tmp, "pairs.jsonl")
