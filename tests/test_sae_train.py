@@ -130,7 +130,7 @@ def test_batchtopk_keeps_k_per_token_on_average():
     with torch.no_grad():  # a random encoder, so that most pre-activations are positive and the batch top-k decides
         sae.W_enc.normal_()
     loss, m = sae_loss(sae, x, cfg, None)
-    pre = sae.encode_pre(x).relu()
+    pre = sae.encode_pre(x).detach().relu()
     kept = pre.flatten().topk(4 * 256).values
     assert m["l0"] == pytest.approx(4.0)
     assert float(m["low"]) == pytest.approx(float(kept.min()))
