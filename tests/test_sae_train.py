@@ -270,7 +270,8 @@ def test_layers_from_one_forward_pass(world, tmp_path):
         margin(f"layer {layer} explained variance", reports[layer]["explained_variance"], 0.5)
         # each SAE was trained on its own layer: there it beats the other layer's SAE (see the printed ratio)
         x = acts[layer]
-        own, cross = (float((x - saes[lay].forward(x)).pow(2).sum()) for lay in (layer, other))
+        with torch.no_grad():
+            own, cross = (float((x - saes[lay].forward(x)).pow(2).sum()) for lay in (layer, other))
         margin(f"layer {layer} activations: error of the layer-{other} SAE / of its own", cross / own, 1.0)
     with pytest.raises(ConfigError, match="layers='1,x': expected comma-separated layer indices"):
         train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layers="1,x", out=out), model=model, tokenizer=tok)
