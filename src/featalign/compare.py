@@ -164,7 +164,7 @@ def _key(obj) -> str:
 
 def _trained_sae(cfg: CompareConfig, b: dict, model_path: str, data: str, layer: int, root: str, model, tokenizer,
                  progress: bool = True) -> tuple[str, dict]:
-    """Train (or reuse) the comparison's TopK SAE, keyed on every training setting and the trainer's version (a
+    """Train (or reuse) the comparison's SAE, keyed on every training setting and the trainer's version (a
     changed default never reuses a stale SAE); returns its folder and its evaluation."""
     from .models import hidden_size
     from .sae import load_sae
