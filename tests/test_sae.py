@@ -7,7 +7,7 @@ import torch
 
 from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig, check_fits, load_sae
-from featalign.sae.metrics import evaluate_sae
+from featalign.sae.metrics import evaluate_sae, typical_tokens
 
 from conftest import margin
 
@@ -116,6 +116,51 @@ def test_metrics_identity_recovers_all_zero_none(world):
     assert z["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert z["l0"] == 0 and z["dead_fraction"] == 1.0
     assert z["ce_spliced"] == pytest.approx(z["ce_zero_ablation"])
+
+
+def test_typical_tokens_closed_form():
+    """A row at 50x the median norm is massive; at any layer of a multi-layer row too; ratio 0 keeps all."""
+    x = torch.ones(9, 4)
+    x[3] *= 50
+    assert typical_tokens(x, 10).tolist() == [True] * 3 + [False] + [True] * 5
+    assert typical_tokens(x, 0).all() and typical_tokens(x, 60).all()
+    both = torch.stack([torch.ones(9, 4), x], 1)  # [tokens, layers, d]: massive at the second layer only
+    assert typical_tokens(both, 10).tolist() == [True] * 3 + [False] + [True] * 5
+
+
+def test_massive_activations_are_left_out(world):
+    """A first position at 200x the median norm (as SmolLM2's, at 145x) is dropped from the activations SAE training
+    reads and from every metric: neither spliced nor zero-ablated, and the explained variance is the kept tokens'."""
+    from featalign.models import decoder_layers, load_model, load_tokenizer
+    from featalign.sae.train import iter_activations, read_texts
+
+    model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
+    docs = read_texts(world["test"], tok)[:40]
+    n_tokens = sum(min(len(d), 128) for d in docs)
+
+    def inflate(_m, _i, out):
+        h = (out[0] if isinstance(out, tuple) else out).clone()
+        h[:, 0] *= 200
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+    handle = decoder_layers(model)[1].register_forward_hook(inflate)
+    try:
+        kept = torch.cat(list(iter_activations(model, tok, docs, 1, loop=False, outlier_norm=10)))
+        every = torch.cat(list(iter_activations(model, tok, docs, 1, loop=False)))
+        assert len(every) == n_tokens and len(kept) == n_tokens - len(docs)
+        sae = random_sae("topk", d_in=kept.shape[1], d_sae=64, k=8)
+        r = evaluate_sae(sae, model, tok, docs, layer=1, outlier_norm=10)
+        assert r["outlier_tokens"] == len(docs) and r["tokens"] == len(kept)
+        with torch.no_grad():
+            ev = 1 - (kept - sae(kept)).pow(2).sum() / (kept - kept.mean(0)).pow(2).sum()
+        assert r["explained_variance"] == pytest.approx(float(ev), rel=1e-4)
+        ident, zero = _identity_and_zero(kept.shape[1])
+        assert evaluate_sae(ident, model, tok, docs, layer=1, outlier_norm=10)["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+        z = evaluate_sae(zero, model, tok, docs, layer=1, outlier_norm=10)
+        assert z["ce_spliced"] == pytest.approx(z["ce_zero_ablation"])
+        assert evaluate_sae(sae, model, tok, docs, layer=1, outlier_norm=0)["outlier_tokens"] == 0
+    finally:
+        handle.remove()
 
 
 def test_topk_training_reaches_targets(world_sae):

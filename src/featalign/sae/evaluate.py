@@ -27,10 +27,10 @@ def with_sparsity(sae: SAE, value: float) -> SAE:
     return s
 
 
-def frontier(sae, model, tokenizer, docs, layer, values, max_tokens) -> list[dict]:
+def frontier(sae, model, tokenizer, docs, layer, values, max_tokens, outlier_norm: float = 0.0) -> list[dict]:
     rows = []
     for v in values:
-        r = evaluate_sae(with_sparsity(sae, v), model, tokenizer, docs, layer, max_tokens=max_tokens)
+        r = evaluate_sae(with_sparsity(sae, v), model, tokenizer, docs, layer, max_tokens=max_tokens, outlier_norm=outlier_norm)
         rows.append({"value": v, **r})
     return rows
 
@@ -65,7 +65,7 @@ def run_eval(ns) -> dict:
     tok = load_tokenizer(ns.model)
     layer = resolve_layer(sae, ns.layer, model, ns.sae)
     docs = read_texts(ns.data, tok)
-    report = evaluate_sae(sae, model, tok, docs, layer, max_tokens=ns.max_tokens)
+    report = evaluate_sae(sae, model, tok, docs, layer, max_tokens=ns.max_tokens, outlier_norm=ns.outlier_norm)
     cos = decoder_cosine_to_init(sae)
     if cos is not None:  # only an SAE that records its training seed
         report["decoder_cosine_to_init"] = cos
@@ -74,7 +74,7 @@ def run_eval(ns) -> dict:
     result = {"sae": ns.sae, "layer": layer, **report}
     if ns.frontier:
         values = [float(v) for v in ns.frontier_values.split(",")]
-        rows = frontier(sae, model, tok, docs, layer, values, ns.max_tokens)
+        rows = frontier(sae, model, tok, docs, layer, values, ns.max_tokens, ns.outlier_norm)
         result["frontier"] = rows
         plot_frontier(rows, os.path.join(out, "frontier.png"), os.path.basename(ns.sae.rstrip("/")))
     with open(os.path.join(out, "eval.json"), "w") as f:

@@ -11,6 +11,22 @@ from ..data import doc_batches
 from ..models import decoder_layers
 
 
+OUTLIER_NORM = 10.0
+
+
+def typical_tokens(x: torch.Tensor, ratio: float = OUTLIER_NORM) -> torch.Tensor:
+    """Which rows of ``x`` (tokens, [n, d] or [n, layers, d]) have a norm within ``ratio`` times the median (at every
+    layer). The others are massive activations (Sun et al. 2024): SmolLM2's first position sits at 145x the median
+    norm and Gemma-2's BOS alike, so kept they hold ~99% of the variance, set the normalisation scale and make
+    explained variance measure them alone; Gemma Scope and SAELens' `exclude_special_tokens` leave them out too.
+    ``ratio <= 0`` keeps every token."""
+    n = x.float().norm(dim=-1)
+    if ratio <= 0 or len(n) == 0:
+        return torch.ones(len(n), dtype=torch.bool, device=x.device)
+    keep = n <= ratio * n.median(0).values
+    return keep.all(-1) if keep.dim() > 1 else keep
+
+
 @contextlib.contextmanager
 def splice(model, layer: int, fn):
     """Replace decoder ``layer``'s output hidden state h by ``fn(h)`` for the duration of the block."""
@@ -37,8 +53,9 @@ def _ce_and_logp(model, ids, att):
 
 @torch.no_grad()
 def evaluate_sae(sae, model, tokenizer, docs: list[list[int]], layer: int, max_tokens: int = 8192,
-                 batch_size: int = 32, max_length: int = 128, dense_threshold: float = 0.1) -> dict:
-    """All metrics in one pass over ``docs`` (token id lists), stopping after ``max_tokens`` tokens."""
+                 batch_size: int = 32, max_length: int = 128, dense_threshold: float = 0.1, outlier_norm: float = OUTLIER_NORM) -> dict:
+    """All metrics in one pass over ``docs`` (token id lists), stopping after ``max_tokens`` tokens. Tokens with a
+    massive norm (see ``typical_tokens``) are left out of every metric: neither spliced nor zero-ablated."""
     device = next(model.parameters()).device
     sae = sae.to(device)
     pad = tokenizer.pad_token_id
@@ -48,26 +65,33 @@ def evaluate_sae(sae, model, tokenizer, docs: list[list[int]], layer: int, max_t
     n_tok = 0
     ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
     kl_sum = 0.0
-    n_pred = 0
+    n_pred = n_outliers = 0
     captured = {}
 
     def recon(h):
         flat = h.float()
-        captured["h"] = flat
-        return sae(flat).to(h.dtype)
+        keep = torch.ones(flat.shape[:-1], dtype=torch.bool, device=flat.device)  # padding is spliced, as ever
+        keep[captured["att"]] = typical_tokens(flat[captured["att"]], outlier_norm)
+        captured["h"], captured["keep"] = flat, keep
+        return torch.where(keep[..., None], sae(flat), flat).to(h.dtype)
 
     for ids, att in doc_batches(docs, batch_size, max_length, pad, device):
+        captured["att"] = att.bool()
         nll_clean, logp_clean = _ce_and_logp(model, ids, att)
         with splice(model, layer, recon):
             nll_spliced, logp_spliced = _ce_and_logp(model, ids, att)
-        with splice(model, layer, torch.zeros_like):
+        keep = captured["keep"]
+        outliers = int((~keep & captured["att"]).sum())
+        zero = (lambda h: h * keep[..., None].logical_not().to(h.dtype)) if outliers else torch.zeros_like
+        with splice(model, layer, zero):
             nll_zero, _ = _ce_and_logp(model, ids, att)
         ce["clean"] += nll_clean.sum().item()
         ce["spliced"] += nll_spliced.sum().item()
         ce["zero"] += nll_zero.sum().item()
         kl_sum += (logp_clean.exp() * (logp_clean - logp_spliced)).sum().item()
         n_pred += nll_clean.numel()
-        x = captured["h"][att.bool()]
+        x = captured["h"][captured["att"] & keep]
+        n_outliers += outliers
         f = sae.encode(x)
         x_hat = sae.decode(f)
         sq_err += (x - x_hat).pow(2).sum().item()
@@ -83,6 +107,7 @@ def evaluate_sae(sae, model, tokenizer, docs: list[list[int]], layer: int, max_t
     denom = ce["zero"] - ce["clean"]
     return {
         "tokens": n_tok,
+        "outlier_tokens": n_outliers,
         "mse": sq_err / n_tok,
         "normalized_mse": sq_err / sq_dev,
         "explained_variance": 1 - sq_err / sq_dev,
