@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .metrics import OUTLIER_NORM, typical_tokens
 from .model import SAE
 
 
@@ -180,9 +181,10 @@ def summarize(m: Matching, min_cosine: float = 0.7) -> dict:
 
 @torch.no_grad()
 def transfer_eval(a: SAE, b: SAE, m: Matching, model, tokenizer, docs: list[list[int]], layer_a: int, layer_b: int,
-                  max_tokens: int = 20_000, batch_size: int = 32, max_length: int = 128) -> dict:
+                  max_tokens: int = 20_000, batch_size: int = 32, max_length: int = 128, outlier_norm: float = OUTLIER_NORM) -> dict:
     """How well A's features at ``layer_a``, carried through the matching into B's folded decoder, explain the
-    hidden state at ``layer_b``; with B's own reconstruction and the co-activation of matched latents."""
+    hidden state at ``layer_b``; with B's own reconstruction and the co-activation of matched latents. Tokens with
+    a massive norm at either layer are left out, as in SAE training and evaluation (``metrics.typical_tokens``)."""
     from ..data import doc_batches
     from ..models import capture_layer
 
@@ -194,12 +196,15 @@ def transfer_eval(a: SAE, b: SAE, m: Matching, model, tokenizer, docs: list[list
     W = torch.zeros(a.d_sae, b.d_in, device=device)
     W[valid] = fb.W_dec[perm[valid]]
     err_t = err_own = 0.0
-    xs, n, co, fired_a, fired_b = [], 0, 0.0, 0.0, 0.0
+    xs, n, n_out, co, fired_a, fired_b = [], 0, 0, 0.0, 0.0, 0.0
     for ids, mask in doc_batches(docs, batch_size, max_length, tokenizer.pad_token_id, device):
         att = mask.bool()
         with capture_layer(model, layer_a) as ha, capture_layer(model, layer_b) as hb:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         xa, xb = ha["h"][att].float(), hb["h"][att].float()
+        keep = typical_tokens(torch.stack([xa, xb], 1), outlier_norm)  # two layers of one model: same width
+        n_out += int((~keep).sum())
+        xa, xb = xa[keep], xb[keep]
         f_a = a.encode(xa)
         x_t = folded_features(a, f_a) @ W + b.b_dec
         f_b = b.encode(xb)
@@ -219,6 +224,7 @@ def transfer_eval(a: SAE, b: SAE, m: Matching, model, tokenizer, docs: list[list
     sq_dev_sum = (allx - allx.mean(0)).pow(2).sum().item()
     return {
         "tokens": n,
+        "outlier_tokens": n_out,
         "transfer_explained_variance": 1 - err_t / sq_dev_sum,
         "b_own_explained_variance": 1 - err_own / sq_dev_sum,
         "coactivation_rate": co / max(fired_a, 1),
