@@ -314,3 +314,22 @@ def test_resampling_reinitialises_only_the_silent_latents():
     # each new direction is the residual of one of the batch's inputs
     best = torch.nn.functional.normalize(err, dim=-1) @ rows.T
     assert torch.allclose(best.max(0).values, torch.ones(3), atol=1e-5)
+
+
+def test_no_massive_tokens_no_change(world, tmp_path):
+    """Where no token is massive (the world: largest norm 3-4x the median), leaving massive activations out changes
+    nothing: the same SAE, bit for bit, and the same evaluation as with the rule off."""
+    from featalign.models import load_model, load_tokenizer
+    from featalign.sae.train import train_sae
+
+    model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
+    runs = {}
+    for ratio in (0.0, 10.0):
+        cfg = SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=str(tmp_path / f"r{ratio}"), d_sae=64, k=8,
+                             tokens=8192, batch_tokens=512, buffer_tokens=2048, eval_tokens=1024, outlier_norm=ratio, progress=False)
+        runs[ratio] = train_sae(cfg, model=model, tokenizer=tok)
+    (a, ra), (b, rb) = runs[0.0], runs[10.0]
+    assert rb["outlier_tokens"] == 0
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert {k: v for k, v in ra.items() if "seconds" not in k and "per_s" not in k} == \
+        {k: v for k, v in rb.items() if "seconds" not in k and "per_s" not in k}
