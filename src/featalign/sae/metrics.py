@@ -17,8 +17,8 @@ OUTLIER_NORM = 10.0
 def typical_tokens(x: torch.Tensor, ratio: float = OUTLIER_NORM) -> torch.Tensor:
     """Which rows of ``x`` (tokens, [n, d] or [n, layers, d]) have a norm within ``ratio`` times the median (at every
     layer). The others are massive activations (Sun et al. 2024): SmolLM2's first position sits at 145x the median
-    norm and Gemma-2's BOS alike, so kept they hold ~99% of the variance, set the normalisation scale and make
-    explained variance measure them alone; Gemma Scope and SAELens' `exclude_special_tokens` leave them out too.
+    norm (measured), so kept they hold ~99% of the variance, set the normalisation scale and make explained variance
+    measure them alone. Gemma Scope leaves Gemma-2's BOS out for its norm, SAELens offers `exclude_special_tokens`.
     ``ratio <= 0`` keeps every token."""
     n = x.float().norm(dim=-1)
     if ratio <= 0 or len(n) == 0:
