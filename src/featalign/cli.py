@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_command(sub, "cache", CacheConfig, cmd_cache, "build the offline reference cache (reference log-probs + top-k SAE activations)")
 
     sae = sub.add_parser("sae", help="sparse autoencoders").add_subparsers(dest="sae_cmd", required=True)
+    from .sae.metrics import OUTLIER_NORM
     from .sae.train import SAETrainConfig
 
     _config_command(sae, "train", SAETrainConfig, cmd_sae_train, "train an SAE on a model's layer")
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--layer", type=int, help="decoder layer (default: the layer the SAE records)")
     se.add_argument("--out", default=None, help="output folder (default: <sae>/eval)")
     se.add_argument("--max-tokens", type=int, default=40_000, help="held-out tokens to evaluate on (default: 40000)")
-    se.add_argument("--outlier-norm", type=float, default=10.0, help="leave out tokens whose residual norm exceeds this multiple of the batch's median (massive activations, as in training); 0 keeps all (default: 10)")
+    se.add_argument("--outlier-norm", type=float, default=OUTLIER_NORM, help=f"leave out tokens whose residual norm exceeds this multiple of the batch's median (massive activations, as in training); 0 keeps all (default: {OUTLIER_NORM:g})")
     se.add_argument("--frontier", action="store_true", help="also sweep the sparsity knob and plot MSE vs L0")
     se.add_argument("--frontier-values", default="4,8,16,32,64", help="k values (TopK) or threshold multipliers (JumpReLU) to sweep")
     se.set_defaults(fn=cmd_sae_eval)

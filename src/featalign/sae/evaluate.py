@@ -10,7 +10,7 @@ import os
 import torch
 
 from ..errors import ConfigError
-from .metrics import decoder_cosine_to_init, evaluate_sae, format_table
+from .metrics import OUTLIER_NORM, decoder_cosine_to_init, evaluate_sae, format_table
 from .model import SAE, load_sae, resolve_layer
 
 
@@ -27,7 +27,7 @@ def with_sparsity(sae: SAE, value: float) -> SAE:
     return s
 
 
-def frontier(sae, model, tokenizer, docs, layer, values, max_tokens, outlier_norm: float = 0.0) -> list[dict]:
+def frontier(sae, model, tokenizer, docs, layer, values, max_tokens, outlier_norm: float = OUTLIER_NORM) -> list[dict]:
     rows = []
     for v in values:
         r = evaluate_sae(with_sparsity(sae, v), model, tokenizer, docs, layer, max_tokens=max_tokens, outlier_norm=outlier_norm)

@@ -82,8 +82,7 @@ def evaluate_sae(sae, model, tokenizer, docs: list[list[int]], layer: int, max_t
             nll_spliced, logp_spliced = _ce_and_logp(model, ids, att)
         keep = captured["keep"]
         outliers = int((~keep & captured["att"]).sum())
-        zero = (lambda h: h * keep[..., None].logical_not().to(h.dtype)) if outliers else torch.zeros_like
-        with splice(model, layer, zero):
+        with splice(model, layer, lambda h: torch.where(keep[..., None], torch.zeros_like(h), h)):
             nll_zero, _ = _ce_and_logp(model, ids, att)
         ce["clean"] += nll_clean.sum().item()
         ce["spliced"] += nll_spliced.sum().item()
