@@ -122,6 +122,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _env_true(name: str) -> bool:
+    """An accelerate launcher setting passed through the environment, read the way accelerate reads booleans."""
+    return os.environ.get(name, "").strip().lower() in ("1", "y", "yes", "t", "true", "on")
+
+
+def _check_fsdp_on_cpu() -> None:
+    """Refuse, before accelerate is asked, an FSDP1 launch on a machine without a GPU that needs one.
+
+    FSDP1's ``sync_module_states`` (forced on by ``cpu_ram_efficient_loading``) broadcasts the weights from a GPU;
+    with none there is nothing to broadcast from. FSDP2 has no such step and runs on CPU processes."""
+    if torch.cuda.is_available() or not _env_true("ACCELERATE_USE_FSDP"):
+        return
+    if os.environ.get("FSDP_VERSION", "1").strip() != "1":
+        return
+    on = [k for k in ("FSDP_SYNC_MODULE_STATES", "FSDP_CPU_RAM_EFFICIENT_LOADING") if _env_true(k)]
+    if on:
+        settings = " and ".join(f"fsdp_{k[5:].lower()}" for k in on)
+        raise ConfigError(f"FSDP1 on CPU cannot use {settings} (it broadcasts weights from a GPU): set "
+                          "fsdp_sync_module_states: false and fsdp_cpu_ram_efficient_loading: false in the accelerate "
+                          "config, or use fsdp_version: 2")
+
+
 def _fsdp_on_cpu(acc) -> None:
     """Let a launcher's FSDP request (``accelerate launch`` with an FSDP config, or ACCELERATE_USE_FSDP=true) shard on CPUs.
 
@@ -171,15 +193,10 @@ class Trainer:
         self.cfg = cfg
         self.spec = METHODS[cfg.method]
         use_bf16 = cfg.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        _check_fsdp_on_cpu()
         # cpu=True on CPU-only machines: without it accelerate ignores a torchrun/gloo process group
-        try:
-            self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_bf16 else "no",
-                                   cpu=not torch.cuda.is_available())
-        except RuntimeError as e:  # accelerate's FSDP1 plugin looks for a GPU to broadcast the weights from
-            if "no available devices" not in str(e):
-                raise
-            raise ConfigError("FSDP on CPU: set fsdp_sync_module_states: false and fsdp_cpu_ram_efficient_loading: false "
-                              "in the accelerate config (or use fsdp_version: 2)") from None
+        self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_bf16 else "no",
+                               cpu=not torch.cuda.is_available())
         _fsdp_on_cpu(self.acc)
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         if self.fsdp and (cfg.lora_r or cfg.method == "trdpo" or cfg.save_every):
