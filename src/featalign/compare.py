@@ -105,6 +105,7 @@ class CompareConfig:
     max_length: int | None = field(default=None, metadata={"help": "max tokens of prompt + answer (default: world 128, real model 192)"})
     max_prompt_length: int | None = field(default=None, metadata={"help": "max prompt tokens (default: world 32, real model half of --max-length)"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "max tokens per sampled answer in evaluation (default: world 48, real model 40)"})
+    isolate_runs: bool = field(default=True, metadata={"help": "train each run in a process of its own, so that its peak memory is its own (off: in this process, which saves each run's start-up; peak memory is then not reported)"})
 
     @property
     def tier(self) -> str:
@@ -211,7 +212,7 @@ def user_source(cfg: CompareConfig, model: str | None = None, data: str | None =
     """A real model and its preference data: a GGUF file converted once to an HF folder (every run then loads the
     folder), a held-out split by prompt when no test data is given, the user's SAE or one trained on the middle layer."""
     from .data import split_by_prompt
-    from .models import decoder_layers, gguf_source, load_model, load_tokenizer
+    from .models import decoder_layers, load_model, load_tokenizer, resolve_model
     from .reference import path_hash
 
     model, data, test_data = model or cfg.model, data or cfg.data, test_data or cfg.test_data
@@ -223,12 +224,7 @@ def user_source(cfg: CompareConfig, model: str | None = None, data: str | None =
     b = cfg.budget()
     root = os.path.join(cfg.out, "source")
     os.makedirs(root, exist_ok=True)
-    if gguf_source(model):
-        folder = os.path.join(root, f"model-{path_hash(model)[:10]}")
-        if not os.path.exists(os.path.join(folder, "config.json")):
-            load_model(model).save_pretrained(folder)
-            load_tokenizer(model).save_pretrained(folder)
-        model = folder
+    model = resolve_model(model)  # a GGUF file: its HF folder, converted once per machine
     if not test_data:
         data, test_data = split_by_prompt(data, os.path.join(root, f"split-{path_hash(data)[:10]}"), cfg.test_fraction, seed=0)
     m = load_model(model).eval()
@@ -262,13 +258,22 @@ def make_source(cfg: CompareConfig, progress: bool = True) -> Source:
     return world_source(cfg, progress)
 
 
-def _run(cmd: list[str], log_path: str) -> None:
+def _run(argv: list[str], log_path: str, isolate: bool = True) -> None:
+    """``featalign <argv>`` in a process of its own, or in this one; its output goes to ``log_path``."""
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+        if isolate:
+            rc = subprocess.run([sys.executable, "-m", "featalign", *argv], stdout=log, stderr=subprocess.STDOUT).returncode
+        else:
+            import contextlib
+
+            from .cli import main
+
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                rc = main(argv)
+    if rc != 0:
         with open(log_path) as f:
             tail = f.read()[-2000:]
-        raise RuntimeError(f"command failed ({' '.join(cmd[:5])} ...), see {log_path}:\n{tail}")
+        raise RuntimeError(f"featalign {' '.join(argv[:4])} ... failed, see {log_path}:\n{tail}")
 
 
 def _train_cmd(cfg: CompareConfig, src: Source, b: dict, cache_dir: str, m: str, value: float, seed: int) -> list[str]:
@@ -370,13 +375,15 @@ def sweep(cfg: CompareConfig, src: Source, progress: bool = True) -> list[dict]:
 
         def train_and_eval():
             shutil.rmtree(run_dir, ignore_errors=True)  # a run killed half-way starts over
-            _run([sys.executable, "-m", "featalign", "train", *args, "--out", run_dir, "--no-progress", "--no-resume",
-                  "--log-every", "5"], run_dir + ".log")
+            _run(["train", *args, "--out", run_dir, "--no-progress", "--no-resume", "--log-every", "5"], run_dir + ".log",
+                 cfg.isolate_runs)
             with open(os.path.join(run_dir, "summary.json")) as f:
                 summary = json.load(f)
             pol = load_model(os.path.join(run_dir, "final")).eval()
             r = evaluate(seed, pol, run_dir)
             r.update({k: summary[k] for k in ("wall_seconds", "peak_memory_mb", "tokens_per_second", "reference_model_loaded")})
+            if not cfg.isolate_runs:
+                r["peak_memory_mb"] = None  # the whole sweep's process, not the run's
             return r
 
         res, reused = _cached(os.path.join(run_dir, "eval.json"), train_and_eval)

@@ -33,38 +33,84 @@ def gguf_source(path: str) -> tuple[str, str] | None:
     return None
 
 
-def _gguf_kwargs(path: str) -> dict:
+def cache_root() -> str:
+    """Where featalign keeps what it derives once per machine: ``$FEATALIGN_CACHE``, else ``~/.cache/featalign``
+    (``$XDG_CACHE_HOME/featalign`` where that is set)."""
+    if os.environ.get("FEATALIGN_CACHE"):
+        return os.environ["FEATALIGN_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "featalign")
+
+
+def resolve_model(path: str) -> str:
+    """What to hand ``from_pretrained``: ``path`` itself, or for a GGUF file its HF folder in the cache.
+
+    A GGUF file is dequantised to float32 once and saved as an ordinary HF folder (model and tokenizer), keyed on
+    the file's path, size and modification time and on the transformers version; every later load reads that
+    folder in well under a second where dequantising takes seconds to minutes. featalign trains and saves ordinary
+    HF models, and transformers cannot ``save_pretrained`` a model that still holds GGUF blocks."""
     src = gguf_source(path)
     if src is None:
-        return {}
+        return path
+    import hashlib
+    import json
+
+    import transformers
+
+    file = os.path.join(*src)
+    st = os.stat(file)
+    key = hashlib.sha256(json.dumps([os.path.realpath(file), st.st_size, st.st_mtime_ns, transformers.__version__]).encode())
+    out = os.path.join(cache_root(), "gguf", f"{os.path.splitext(src[1])[0]}-{key.hexdigest()[:12]}")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        from .atomic import atomic_dir
+
+        log.warning("%s: converting the GGUF file to an HF folder once, in %s", file, out)
+
+        def write(tmp):
+            _gguf_model(src).save_pretrained(tmp)
+            _gguf_tokenizer(src).save_pretrained(tmp)
+
+        atomic_dir(out, write)
+    return out
+
+
+def _gguf_module() -> None:
     try:
         import gguf  # noqa: F401  (transformers reads GGUF files through it)
     except ImportError:
-        raise ConfigError(f"{path}: loading a GGUF model needs the `gguf` package (pip install 'featalign[gguf]')") from None
-    return {"pretrained_model_name_or_path": src[0], "gguf_file": src[1]}
+        raise ConfigError("loading a GGUF model needs the `gguf` package (pip install 'featalign[gguf]')") from None
+
+
+def _gguf_model(src: tuple[str, str]):
+    """The GGUF file's model, dequantised to float32."""
+    from transformers import AutoModelForCausalLM
+
+    _gguf_module()
+    kwargs: dict = {}
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantise GGUF
+        pass
+    return AutoModelForCausalLM.from_pretrained(src[0], gguf_file=src[1], dtype=torch.float32, **kwargs)
+
+
+def _gguf_tokenizer(src: tuple[str, str]):
+    from transformers import AutoTokenizer
+
+    _gguf_module()
+    return AutoTokenizer.from_pretrained(src[0], gguf_file=src[1])
 
 
 def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = "auto"):
-    """A causal LM from a folder, a hub id or a GGUF file, on the GPU when there is one (``device="auto"``).
-
-    A GGUF file is dequantised to float32 at load: featalign trains and saves ordinary HF models, and
-    transformers cannot ``save_pretrained`` a model that still holds GGUF blocks."""
+    """A causal LM from a folder, a hub id or a GGUF file (converted once, see ``resolve_model``), on the GPU when
+    there is one (``device="auto"``)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"pretrained_model_name_or_path": path}
-    gg = _gguf_kwargs(path)
-    if gg:
-        kwargs.update(gg, dtype=dtype or torch.float32)
-        try:
-            from transformers.utils.quantization_config import GgufConfig
-
-            kwargs["quantization_config"] = GgufConfig(dequantize=True)
-        except ImportError:  # older transformers always dequantise GGUF
-            pass
-    elif dtype is not None:
-        kwargs["dtype"] = dtype
+    resolved = resolve_model(path)
+    kwargs: dict = {} if dtype is None else {"dtype": dtype}
     try:
-        model = AutoModelForCausalLM.from_pretrained(**kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
     if device == "auto":
@@ -77,9 +123,8 @@ def load_tokenizer(path: str):
 
     from .data import prepare_tokenizer
 
-    kwargs: dict = {"pretrained_model_name_or_path": path, **_gguf_kwargs(path)}
     try:
-        tok = AutoTokenizer.from_pretrained(**kwargs)
+        tok = AutoTokenizer.from_pretrained(resolve_model(path))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a tokenizer from '{path}': {str(e).splitlines()[0]}") from None
     return prepare_tokenizer(tok)

@@ -106,7 +106,7 @@ def build_task(out: str, cfg: SentimentConfig = SentimentConfig(), progress: boo
     chat template applies at tokenisation), ``manifest.json``. Reused when built with the same settings and model."""
     from . import data as D
     from .generate import sample
-    from .models import gguf_source, load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, resolve_model
     from .reference import path_hash
 
     model_path = cfg.model or smollm2_gguf()
@@ -122,15 +122,12 @@ def build_task(out: str, cfg: SentimentConfig = SentimentConfig(), progress: boo
         with open(p["manifest"]) as f:
             manifest = json.load(f)
         if manifest.get("key") == key:
+            manifest["model"] = resolve_model(model_path)  # a GGUF file's conversion, remade if the cache was cleared
             return manifest
     os.makedirs(out, exist_ok=True)
     tok = D.prepare_tokenizer(load_tokenizer(model_path))
     model = load_model(model_path).eval()
-    if gguf_source(model_path):  # converted once: every training run and evaluation then reads the folder
-        model.save_pretrained(p["model"])
-        tok.save_pretrained(p["model"])
-    else:
-        p["model"] = model_path
+    p["model"] = resolve_model(model_path)  # a GGUF file: every training run and evaluation reads its HF folder
     all_prompts = prompts()
     rng = random.Random(cfg.seed)
     rng.shuffle(all_prompts)
