@@ -451,6 +451,12 @@ def parse_layers(layers: str | list | None, model) -> list[int]:
     return out
 
 
+def _buffer_tokens(cfg: SAETrainConfig) -> int:
+    """The shuffle buffer, never over twice the training tokens: its first fill hands out half of it, so a larger one
+    would run the model over activations that are never trained on."""
+    return min(cfg.buffer_tokens, max(2 * cfg.tokens, 2 * cfg.batch_tokens))
+
+
 def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dict]:
     """Train an SAE on ``cfg.model`` at ``cfg.layer`` over ``cfg.tokens`` tokens; save it to ``cfg.out``. With
     ``cfg.layers``, one SAE per layer from the same forward passes, saved to ``cfg.out/layers.N`` (sparsify's
@@ -476,7 +482,7 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
     eval_docs, train_docs = docs[:n_eval_docs], docs[n_eval_docs:]
     stream = shuffle_buffer(iter_activations(model, tokenizer, train_docs, layers, cfg.model_batch_size, cfg.max_length, cfg.seed,
                                              outlier_norm=cfg.outlier_norm),
-                            cfg.buffer_tokens, cfg.batch_tokens, cfg.seed)
+                            _buffer_tokens(cfg), cfg.batch_tokens, cfg.seed)
     t0 = time.perf_counter()
     first = next(stream)
     saes = [init_sae(cfg, d_in, first[:, i], layer, cfg.model).to(first.device) for i, layer in enumerate(layers)]
