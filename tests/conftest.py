@@ -1,14 +1,19 @@
-"""Shared fixtures: one quick world and one small SAE per test session (built in a temp folder).
+"""Shared fixtures: the quick world and a small SAE on it, once per test session, in a temp folder.
 
-``FEATALIGN_TEST_SEED`` (default 0) seeds the quick world and the SAE. Another seed trains other weights, much as
-another CPU type or thread count does, so ``FEATALIGN_TEST_SEED=1 make test`` checks that no assertion hinges on
-the exact weights this machine trained. ``FEATALIGN_TEST_WORLD=DIR`` keeps the quick world between runs. Tests that hold a trained model to a threshold print the figure (see
-``margin``), so ``pytest -rP`` shows how far each one is from its bound.
+``FEATALIGN_TEST_SEED`` (default 0) seeds the quick world and the SAE. Seed 0 copies the committed build
+(``tests/data/quick-world``, see ``quick_world.py``); another seed builds and trains its own, on this CPU, so
+``FEATALIGN_TEST_SEED=1 make test`` checks that no assertion hinges on the exact weights of the committed copy.
+``FEATALIGN_TEST_WORLD=DIR`` keeps a seed's build between runs. Tests that hold a trained model to a threshold print
+the figure (see ``margin``), so ``pytest -rP`` shows how far each one is from its bound.
 """
 
+import json
 import os
+import shutil
 
 import pytest
+
+import quick_world
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 try:
@@ -29,22 +34,36 @@ def margin(name: str, value: float, bound: float, above: bool = True) -> None:
     assert (value > bound) if above else (value < bound), f"{name} = {value} is not {'above' if above else 'below'} {bound}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_root(tmp_path_factory):
+    """featalign's per-machine cache (GGUF conversions) in the session's temp folder: the suite leaves no trace in
+    the user's ~/.cache, and converts each GGUF file once per session."""
+    old = os.environ.get("FEATALIGN_CACHE")
+    os.environ["FEATALIGN_CACHE"] = str(tmp_path_factory.mktemp("featalign-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FEATALIGN_CACHE", None)
+    else:
+        os.environ["FEATALIGN_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    from featalign.world import WorldConfig, build_world, world_paths
+    from featalign.world import world_paths
 
-    # FEATALIGN_TEST_WORLD: a folder to build the quick world in once and reuse across runs (a developer's shortcut;
-    # the build is keyed on its settings, so a stale folder is rebuilt, never reused)
+    # a copy, never the committed folder itself: compare writes its SAEs into the world's folder
     out = os.environ.get("FEATALIGN_TEST_WORLD") or str(tmp_path_factory.mktemp("world") / "w")
-    manifest = build_world(out, WorldConfig.quick(SEED), progress=False)
+    if SEED == 0 and quick_world.committed_is_current() and not os.path.exists(os.path.join(out, "world.json")):
+        shutil.copytree(quick_world.ROOT, out, dirs_exist_ok=True)
+    quick_world.build(out, SEED)  # a copy of today's settings is reused as is; otherwise built here
+    with open(os.path.join(out, "world.json")) as f:
+        manifest = json.load(f)
     return {**world_paths(out), "manifest": manifest}
 
 
 @pytest.fixture(scope="session")
-def world_sae(world, tmp_path_factory):
-    from featalign.sae.train import SAETrainConfig, train_sae
-
-    out = str(tmp_path_factory.mktemp("sae") / "topk")
-    _, report = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=out, d_sae=256, k=32,
-                                         tokens=150_000, eval_tokens=20_000, seed=SEED, progress=False))
-    return {"path": out, "report": report, "layer": 2}
+def world_sae(world):
+    path = os.path.join(world["root"], quick_world.SAE)
+    with open(os.path.join(path, "eval.json")) as f:
+        report = json.load(f)
+    return {"path": path, "report": report, "layer": quick_world.SAE_LAYER}

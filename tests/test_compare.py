@@ -103,8 +103,9 @@ def test_quick_sweep_writes_frontiers_and_reuses_finished_runs(world, tmp_path):
     from featalign.compare import compare
 
     out = tmp_path / "report"
+    # in this process (the subprocess path is the SmolLM2 compare test's)
     cfg = CompareConfig(out=str(out), world=world["root"], world_seed=SEED, quick=True, steps=20, n_prompts=32, sae_tokens=60_000,
-                        sae_d=256)
+                        sae_d=256, isolate_runs=False)
     res = compare(cfg)
     assert res["source"]["info"]["world"] == world["manifest"]  # the session's world, reused, not rebuilt
     grid = res["budget"]["grid"]
