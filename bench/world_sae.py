@@ -1,4 +1,4 @@
-"""The built-in world's SAE against issue 20's targets, over architectures, widths, k and AuxK windows.
+"""The built-in world's SAE against its quality targets, over architectures, widths, k and AuxK windows.
 
 For each configuration: `featalign sae train` on the world's SFT model (layer 2, 2M tokens, lr 1e-2, held-out 40k
 tokens), then the best |r| of any latent with the topic and the sentiment part of the ground-truth reward, pooling

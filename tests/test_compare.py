@@ -100,13 +100,13 @@ def test_compare_on_a_user_model_needs_data_and_a_judge():
 
 @pytest.mark.slow
 def test_quick_sweep_writes_frontiers_and_reuses_finished_runs(world, tmp_path):
-    from featalign.compare import compare
+    from featalign.compare import run_compare
 
     out = tmp_path / "report"
     # in this process (the subprocess path is the SmolLM2 compare test's)
     cfg = CompareConfig(out=str(out), world=world["root"], world_seed=SEED, quick=True, steps=20, n_prompts=32, sae_tokens=60_000,
                         sae_d=256, isolate_runs=False)
-    res = compare(cfg)
+    res = run_compare(cfg)
     assert res["source"]["info"]["world"] == world["manifest"]  # the session's world, reused, not rebuilt
     grid = res["budget"]["grid"]
     trained = [r for r in res["runs"] if r["method"] != "sft"]
@@ -128,7 +128,7 @@ def test_quick_sweep_writes_frontiers_and_reuses_finished_runs(world, tmp_path):
     import os
 
     os.remove(os.path.join(lost, "eval.json"))
-    again = compare(cfg)
+    again = run_compare(cfg)
     redone = [r["run_dir"] for r in again["runs"] if not r["reused"]]
     assert redone == [lost]
     first = {r["run_dir"]: r["gt_reward"] for r in trained}

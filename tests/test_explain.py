@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from featalign.errors import ConfigError
-from featalign.explain import AttributeConfig, ExplainConfig, attribute, explain, spliced_score
+from featalign.explain import AttributeConfig, ExplainConfig, run_attribute, run_explain, spliced_score
 from featalign.models import decoder_layers, load_model, load_tokenizer
 
 from conftest import margin
@@ -50,7 +50,7 @@ def test_planted_feature_is_found_at_the_top(world, world_sae, ref_model, tmp_pa
     feature = specific_features(sae)[0]
     policy = plant(model, 2, 3.0 * sae.W_dec[feature].detach())
     cfg = ExplainConfig(reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "e"), limit=40, top=5)
-    res = explain(cfg, policy=policy, reference=model, tokenizer=tok)
+    res = run_explain(cfg, policy=policy, reference=model, tokenizer=tok)
     assert res["up"][0]["feature"] == feature
     # measured 5.3-8.8 and t 22-53 over world seeds 0-2 and three thread/kernel settings
     margin("planted feature's shift / runner-up's", res["up"][0]["shift"] / max(abs(r["shift"]) for r in res["up"][1:] + res["down"]), 2)
@@ -86,7 +86,7 @@ def test_explain_on_generated_text_finds_the_planted_feature(world, world_sae, r
     policy = plant(model, 2, 3.0 * sae.W_dec[feature].detach())
     cfg = ExplainConfig(reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "g"), limit=40,
                         top=5, texts="generated", max_new_tokens=16)
-    res = explain(cfg, policy=policy, reference=model, tokenizer=tok)
+    res = run_explain(cfg, policy=policy, reference=model, tokenizer=tok)
     assert res["up"][0]["feature"] == feature and res["texts"] == "generated"
     margin("planted feature's shift / runner-up's", res["up"][0]["shift"] / max(abs(r["shift"]) for r in res["up"][1:] + res["down"]), 2)
 
@@ -98,7 +98,9 @@ def test_cli_explain_policy_equal_to_reference_moves_nothing(world, world_sae, t
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     res = json.loads((out / "explain.json").read_text())
-    assert res["up"] == [] and res["down"] == [] and res["total_abs_shift"] == 0.0
+    # the same weights: nothing listed, and what shift there is lies within float32 rounding (0 when run alone; 1e-8 per
+    # feature was seen under a loaded CPU, where the kernels' reduction order depends on threading)
+    assert res["up"] == [] and res["down"] == [] and res["total_abs_shift"] < 1e-5
 
 
 def test_spliced_pass_is_exact_and_attribution_predicts_ablation(world, world_sae, ref_model, tmp_path):
@@ -115,7 +117,7 @@ def test_spliced_pass_is_exact_and_attribution_predicts_ablation(world, world_sa
     spliced, _ = spliced_score(model, sae, 2, t, "margin")
     assert torch.allclose(plain, spliced, atol=1e-4)  # the error term keeps the forward pass exact
 
-    res = attribute(AttributeConfig(sae=world_sae["path"], data=world["test"], out=str(tmp_path / "a"), limit=48, ablate=8, top=5),
+    res = run_attribute(AttributeConfig(sae=world_sae["path"], data=world["test"], out=str(tmp_path / "a"), limit=48, ablate=8, top=5),
                     model=model, tokenizer=tok)
     v = res["validation"]
     # the first-order prediction is near exact for most features; one strongly nonlinear feature is enough to pull
@@ -158,8 +160,8 @@ def test_attribute_to_a_reward_model(world, world_sae, tmp_path):
 
 def test_attribute_errors(world, world_sae, ref_model):
     model, tok = ref_model
-    with pytest.raises(ConfigError, match="unknown score"):
-        attribute(AttributeConfig(sae=world_sae["path"], data=world["test"], score="vibes"), model=model, tokenizer=tok)
+    with pytest.raises(ConfigError, match="score: .vibes. is not one of margin"):
+        run_attribute(AttributeConfig(sae=world_sae["path"], data=world["test"], score="vibes"), model=model, tokenizer=tok)
     p = subprocess.run([sys.executable, "-m", "featalign", "attribute", "--model", world["sft"], "--sae", world_sae["path"],
                         "--data", world["test"], "--layer", "9"], capture_output=True, text=True)
     assert p.returncode == 2 and "layer 9 is out of range" in p.stderr

@@ -168,7 +168,7 @@ def test_matches_trl_dpo_losses():
         mean_abs_u = m["logits"].abs().mean().item()
         print(f"{ours}: |loss - log 2| = {abs(loss.item() - math.log(2)):.4f}, mean |logit| = {mean_abs_u:.4f}")
         # policy != reference, so the check means something; the batch loss alone can sit at log 2 while every pair's
-        # logit is far from 0 (signs cancel: dpo_ln 0.0004 from log 2 at mean |logit| 0.094 on the v4 world's pairs)
+        # logit is far from 0 (signs cancel: dpo_ln 0.0004 from log 2 at mean |logit| 0.094 on the world's pairs)
         assert mean_abs_u > 5e-2
         assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
         ours_pair = (-torch.nn.functional.logsigmoid(m["logits"])).tolist()

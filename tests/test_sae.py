@@ -102,10 +102,10 @@ def _identity_and_zero(d):
 
 def test_metrics_identity_recovers_all_zero_none(world):
     from featalign.models import load_model, load_tokenizer
-    from featalign.sae.train import read_texts
+    from featalign.data import read_documents
 
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
-    docs = read_texts(world["test"], tok)[:40]
+    docs = read_documents(world["test"], tok)[:40]
     ident, zero = _identity_and_zero(128)
     r = evaluate_sae(ident, model, tok, docs, layer=1)
     assert r["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
@@ -132,10 +132,11 @@ def test_massive_activations_are_left_out(world):
     """A first position at 200x the median norm (as SmolLM2's, at 145x) is dropped from the activations SAE training
     reads and from every metric: neither spliced nor zero-ablated, and the explained variance is the kept tokens'."""
     from featalign.models import decoder_layers, load_model, load_tokenizer
-    from featalign.sae.train import iter_activations, read_texts
+    from featalign.data import read_documents
+    from featalign.sae.train import iter_activations
 
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
-    docs = read_texts(world["test"], tok)[:40]
+    docs = read_documents(world["test"], tok)[:40]
     n_tokens = sum(min(len(d), 128) for d in docs)
 
     def inflate(_m, _i, out):

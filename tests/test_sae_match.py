@@ -113,12 +113,12 @@ def test_different_input_sizes_are_refused():
 def test_transfer_of_an_sae_onto_itself(world, world_sae):
     from featalign.models import load_model, load_tokenizer
     from featalign.sae import load_sae
-    from featalign.sae.train import read_texts
+    from featalign.data import read_documents
 
     sae = load_sae(world_sae["path"])
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
     m = match_saes(sae, sae)
-    r = transfer_eval(sae, sae, m, model, tok, read_texts(world["sft_text"], tok)[:64], 2, 2, max_tokens=2000)
+    r = transfer_eval(sae, sae, m, model, tok, read_documents(world["sft_text"], tok)[:64], 2, 2, max_tokens=2000)
     assert r["transfer_explained_variance"] == pytest.approx(r["b_own_explained_variance"], abs=1e-6)
     assert r["coactivation_rate"] == pytest.approx(1.0)
     margin("co-activation by chance", r["coactivation_chance"], 0.5, above=False)  # k / d_sae = 0.125 for this TopK SAE

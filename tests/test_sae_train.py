@@ -251,10 +251,11 @@ def test_layers_from_one_forward_pass(world, tmp_path):
     `run_to_layer` on the same documents), saved as a multi-layer folder that `load_sae(out, layer)` reads."""
     from featalign.models import load_model, load_tokenizer, run_to_layer
     from featalign.sae.metrics import format_table
-    from featalign.sae.train import iter_activations, read_texts, train_sae
+    from featalign.data import read_documents
+    from featalign.sae.train import iter_activations, train_sae
 
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
-    docs = read_texts(world["sft_text"], tok)[:8]
+    docs = read_documents(world["sft_text"], tok)[:8]
     both = next(iter_activations(model, tok, docs, [1, 3], batch_size=8, loop=False))
     for i, layer in enumerate([1, 3]):
         assert torch.allclose(both[:, i], next(iter_activations(model, tok, docs, layer, batch_size=8, loop=False)), atol=1e-5)

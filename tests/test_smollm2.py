@@ -104,7 +104,7 @@ def test_every_command_on_smollm2(smol, tmp_path):
     from featalign.evaluate import EvalConfig, evaluate_policy
     from featalign.reference import CacheConfig, run_cache
     from featalign.sae.train import SAETrainConfig, train_sae
-    from featalign.train import TrainConfig, train
+    from featalign.train import TrainConfig, run_train
 
     sae_dir = str(tmp_path / "sae")
     _, report = train_sae(SAETrainConfig(model=smol["dir"], data=smol["data"], layer=15, out=sae_dir, d_sae=1152, k=16,
@@ -114,7 +114,7 @@ def test_every_command_on_smollm2(smol, tmp_path):
                           max_length=192, batch_size=4))
     summaries = {}
     for method in ("fpo", "dpo"):
-        summaries[method] = train(TrainConfig(method=method, model=smol["dir"], data=smol["data"], out=str(tmp_path / method),
+        summaries[method] = run_train(TrainConfig(method=method, model=smol["dir"], data=smol["data"], out=str(tmp_path / method),
                                               cache=str(tmp_path / "cache"), sae=sae_dir if method == "fpo" else None, k=16,
                                               max_length=192, batch_size=4, max_steps=1, lr=1e-5, log_every=1, progress=False,
                                               tensorboard=False))

@@ -165,7 +165,7 @@ def test_mood_oracle_is_the_generators_posterior():
 
 def test_world_model_tracks_mood(world):
     """The SFT model puts more of its sentiment-word probability on the answer's polarity than a mood-blind
-    model (0.5). The v2 world's model scored 0.500 (words of both polarities shared one embedding)."""
+    model (0.5), which a language without local sentiment cues gives (words of both polarities share one embedding)."""
     from featalign.models import load_model, load_tokenizer
     from featalign.world.probe import mood_oracle, mood_probe, probe_examples
 

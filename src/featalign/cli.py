@@ -1,232 +1,190 @@
-"""`featalign` command line. Each command maps onto one config dataclass; ``--config FILE.yaml`` fills it
-first and explicit flags override. featalign's own errors print as one line (exit 2), never a traceback."""
+"""`featalign` command line. Each command is one config dataclass (``COMMANDS``): its flags are the dataclass's
+fields, ``--config FILE.yaml`` fills it first and flags override. featalign's own errors print as one line (exit 2),
+never a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
 import sys
-import typing
+from dataclasses import dataclass
+from typing import Callable
 
-from .errors import ConfigError, FeatalignError
-
-
-def _choices(f: dataclasses.Field, typ) -> list | None:
-    if typing.get_origin(typ) is typing.Literal:
-        return list(typing.get_args(typ))
-    return f.metadata.get("choices")
+from .config import ConfigError, base_type, choices, decode, hints
+from .errors import FeatalignError
 
 
-def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One flag per field of ``cls``, its help and choices read off the field (``metadata={"help": ...}``, a
-    ``Literal`` type or ``metadata={"choices": ...}``), the shared data options in a group of their own."""
+def _json(result, cfg) -> str:
+    return json.dumps(result, indent=2, default=str)
+
+
+def _world(manifest, cfg) -> str:
+    return _json({k: manifest[k] for k in ("vocab_size", "n_params", "sft_ppl", "unigram_ppl", "build_seconds")}, cfg)
+
+
+def _sae_table(result, cfg) -> str:
+    from .sae.metrics import format_table
+
+    _, report = result
+    return format_table(report) + f"\nwritten to {cfg.out}"
+
+
+def _sae_eval(result, cfg) -> str:
+    from .sae.evaluate import eval_lines
+
+    return "\n".join(eval_lines(result))
+
+
+def _sae_match(result, cfg) -> str:
+    from .sae.match import match_lines
+
+    return "\n".join(match_lines(result))
+
+
+def _explain(result, cfg) -> str:
+    from .explain import explain_table
+
+    return explain_table(result) + f"\nwritten to {cfg.out}/explain.{{json,md,png}}"
+
+
+def _attribute(result, cfg) -> str:
+    from .explain import attribute_table
+
+    return attribute_table(result) + f"\nwritten to {cfg.out}/attribution.{{json,pt,png}}"
+
+
+def _generated(out, cfg) -> str:
+    return f"written to {out}/model_outputs.json (AlpacaEval), generations.jsonl, settings.json"
+
+
+def _compared(results, cfg) -> str:
+    from .compare import summary_lines
+
+    return "\n".join(summary_lines(cfg, results))
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command: its words (``sae train``), its config class and the library function that runs it (both as
+    ``module:name``, imported when used), and how its result is shown."""
+
+    words: tuple[str, ...]
+    config: str
+    run: str
+    show: Callable
+    help: str
+
+    def load(self, what: str):
+        module, name = getattr(self, what).split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+COMMANDS = [
+    Command(("world", "build"), "featalign.world.build:WorldBuildConfig", "featalign.world.build:run_world_build", _world,
+            "build the built-in world: tokenizer, a small SFT model and ranked preference pairs"),
+    Command(("train",), "featalign.train:TrainConfig", "featalign.train:run_train", _json,
+            "preference training: dpo, ipo, simpo, dpo_ln, tdpo1, tdpo2, trdpo or fpo"),
+    Command(("cache",), "featalign.reference:CacheConfig", "featalign.reference:run_cache", lambda out, cfg: f"cache written to {out}",
+            "build the offline reference cache: reference log-probs and top-k SAE activations"),
+    Command(("sae", "train"), "featalign.sae.train:SAETrainConfig", "featalign.sae.train:train_sae", _sae_table,
+            "train an SAE on a model's layer"),
+    Command(("sae", "eval"), "featalign.sae.evaluate:SAEEvalConfig", "featalign.sae.evaluate:run_sae_eval", _sae_eval,
+            "evaluate an SAE: reconstruction, sparsity, CE loss recovered, and the MSE-vs-L0 frontier"),
+    Command(("sae", "match"), "featalign.sae.match:SAEMatchConfig", "featalign.sae.match:run_sae_match", _sae_match,
+            "match the latents of two SAEs one to one (SAE Match)"),
+    Command(("explain",), "featalign.explain:ExplainConfig", "featalign.explain:run_explain", _explain,
+            "the SAE features whose activation alignment changed most, with their tokens"),
+    Command(("attribute",), "featalign.explain:AttributeConfig", "featalign.explain:run_attribute", _attribute,
+            "attribute a margin or reward to SAE features, checked by ablation"),
+    Command(("eval",), "featalign.evaluate:EvalConfig", "featalign.evaluate:evaluate_policy", _json,
+            "evaluate a trained policy on held-out preference data and its own samples"),
+    Command(("generate",), "featalign.generate:GenerateConfig", "featalign.generate:run_generate", _generated,
+            "sample answers to a prompt file for external judges (AlpacaEval format)"),
+    Command(("compare",), "featalign.compare:CompareConfig", "featalign.compare:run_compare", _compared,
+            "train every method on one budget and report reward against KL (the main job)"),
+]
+GROUPS = {"world": "the built-in synthetic world", "sae": "sparse autoencoders: train, evaluate, match"}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_help(f: dataclasses.Field, typ) -> str:
+    """The field's help with its default, as ``--help`` and the docs print it."""
+    text = f.metadata.get("help", "")
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if base_type(typ) is bool:
+        return f"{text} (default: {'on' if default else 'off'})"
+    return f"{text} (default: {default})" if default not in (None, "") else text
+
+
+def _argtype(typ, name: str):
+    def convert(text: str):
+        try:
+            return decode(text, typ, name)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{name}: ")) from None
+
+    convert.__name__ = base_type(typ).__name__ if isinstance(base_type(typ), type) else name
+    return convert
+
+
+def add_config_args(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of ``cls`` (positional where the field says so), the shared data options grouped."""
     from .data import DataOptions
 
-    hints = typing.get_type_hints(cls)
+    h = hints(cls)
     data_fields = {f.name for f in dataclasses.fields(DataOptions)} if issubclass(cls, DataOptions) else set()
     groups = {True: p.add_argument_group("data (how preference records are read and tokenised)"), False: p}
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.name == "extra":
-            continue
-        typ = hints[f.name]
-        args = [a for a in typing.get_args(typ) if a is not type(None)] if typing.get_origin(typ) is not typing.Literal else []
-        base = args[0] if len(args) == 1 else typ
-        choices = _choices(f, base)
-        kind = type(choices[0]) if choices else base
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
-        if default not in (None, "") and kind is not bool:
-            help_ += f" (default: {default})"
+        typ = h[f.name]
+        help_ = field_help(f, typ).replace("%", "%%")  # argparse %-formats help strings
+        allowed = choices(typ)
         g = groups[f.name in data_fields]
         if f.metadata.get("positional"):
-            g.add_argument(f.name, type=kind, choices=choices, help=help_)
-        elif kind is bool:
-            g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=help_ + f" (default: {'on' if default else 'off'})")
+            g.add_argument(f.name, nargs="?", type=_argtype(typ, f.name), default=argparse.SUPPRESS, help=help_,
+                           metavar=f.name.upper())
+        elif base_type(typ) is bool:
+            g.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_)
         else:
-            g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, choices=choices, default=argparse.SUPPRESS,
-                           help=help_, metavar=None if choices else f.name.upper())
-
-
-def _config(cls, ns: argparse.Namespace, skip=()):
-    values: dict = {}
-    if getattr(ns, "config", None):
-        import yaml
-
-        with open(ns.config) as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{ns.config}: a config file must be a mapping of settings")
-        values.update(loaded)
-    names = {f.name for f in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(ns).items() if k in names and k not in skip})
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown} for {cls.__name__}")
-    return cls(**values)
-
-
-def cmd_world_build(ns):
-    from .world import WorldConfig, build_world
-
-    cfg = WorldConfig.quick(ns.seed) if ns.quick else WorldConfig(seed=ns.seed)
-    m = build_world(ns.out, cfg, force=ns.force)
-    print(json.dumps({k: m[k] for k in ("vocab_size", "n_params", "sft_ppl", "unigram_ppl", "build_seconds")}, indent=2))
-
-
-def cmd_train(ns):
-    from .train import TrainConfig, train
-
-    summary = train(_config(TrainConfig, ns))
-    print(json.dumps(summary, indent=2))
-
-
-def cmd_cache(ns):
-    from .reference import CacheConfig, run_cache
-
-    run_cache(_config(CacheConfig, ns))
-
-
-def cmd_sae_train(ns):
-    from .sae.metrics import format_table
-    from .sae.train import SAETrainConfig, train_sae
-
-    _, report = train_sae(_config(SAETrainConfig, ns))
-    print(format_table(report))
-
-
-def cmd_sae_eval(ns):
-    from .sae.evaluate import run_eval
-
-    run_eval(ns)
-
-
-def cmd_sae_match(ns):
-    from .sae.match import run_match
-
-    run_match(ns)
-
-
-def cmd_explain(ns):
-    from .explain import ExplainConfig, explain, explain_table
-
-    cfg = _config(ExplainConfig, ns)
-    print(explain_table(explain(cfg)))
-    print(f"written to {cfg.out}/explain.{{json,md,png}}")
-
-
-def cmd_attribute(ns):
-    from .explain import AttributeConfig, attribute, attribute_table
-
-    cfg = _config(AttributeConfig, ns)
-    print(attribute_table(attribute(cfg)))
-    print(f"written to {cfg.out}/attribution.{{json,pt,png}}")
-
-
-def cmd_eval(ns):
-    from .evaluate import EvalConfig, evaluate_policy
-
-    print(json.dumps(evaluate_policy(_config(EvalConfig, ns)), indent=2))
-
-
-def cmd_generate(ns):
-    from .generate import GenerateConfig, run_generate
-
-    out = run_generate(_config(GenerateConfig, ns))
-    print(f"written to {out}/model_outputs.json (AlpacaEval), generations.jsonl, settings.json")
-
-
-def cmd_compare(ns):
-    from .compare import CompareConfig, compare
-
-    compare(_config(CompareConfig, ns))
-
-
-def _config_command(sub, name: str, cls, fn, help: str) -> argparse.ArgumentParser:
-    """A command whose flags are the fields of ``cls``, also settable from ``--config FILE.yaml``."""
-    p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("--config", help=f"YAML file of {cls.__name__} settings (flags override it)")
-    _add_dataclass_args(p, cls)
-    p.set_defaults(fn=fn)
-    return p
+            g.add_argument(flag(f.name), dest=f.name, type=_argtype(typ, f.name), choices=allowed, default=argparse.SUPPRESS,
+                           help=help_, metavar=None if allowed else f.name.upper())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluate import EvalConfig
-    from .train import TrainConfig
-
-    p = argparse.ArgumentParser(prog="featalign", description=__doc__)
+    p = argparse.ArgumentParser(prog="featalign", description="Preference optimisation with SAE feature-level constraints. "
+                                "Every command reads its settings from flags and from --config FILE.yaml (flags win).")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (data drops are warned either way)")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    world = sub.add_parser("world", help="the built-in synthetic world").add_subparsers(dest="world_cmd", required=True)
-    wb = world.add_parser("build", help="build tokenizer, SFT model and preference pairs")
-    wb.add_argument("--out", default="data/world", help="world folder (default: data/world)")
-    wb.add_argument("--seed", type=int, default=0, help="seed of the corpus, the pairs and the SFT run (default: 0)")
-    wb.add_argument("--quick", action="store_true", help="smaller world (tests)")
-    wb.add_argument("--force", action="store_true", help="rebuild even if cached")
-    wb.set_defaults(fn=cmd_world_build)
-
-    _config_command(sub, "train", TrainConfig, cmd_train, "preference training (dpo, ipo, simpo, dpo_ln, tdpo1, tdpo2, trdpo, fpo)")
-
-    from .reference import CacheConfig
-
-    _config_command(sub, "cache", CacheConfig, cmd_cache, "build the offline reference cache (reference log-probs + top-k SAE activations)")
-
-    sae = sub.add_parser("sae", help="sparse autoencoders").add_subparsers(dest="sae_cmd", required=True)
-    from .sae.metrics import OUTLIER_NORM
-    from .sae.train import SAETrainConfig
-
-    _config_command(sae, "train", SAETrainConfig, cmd_sae_train, "train an SAE on a model's layer")
-    se = sae.add_parser("eval", help="evaluate an SAE (JSON + table; --frontier sweeps k and plots MSE vs L0)")
-    se.add_argument("--sae", required=True, help="SAE: SAELens/featalign folder or Gemma Scope params.npz")
-    se.add_argument("--model", required=True, help="the model whose layer the SAE reads (HF folder, hub id or .gguf)")
-    se.add_argument("--data", required=True, help="documents: text, conversations, prompt/response or preference records")
-    se.add_argument("--layer", type=int, help="decoder layer (default: the layer the SAE records)")
-    se.add_argument("--out", default=None, help="output folder (default: <sae>/eval)")
-    se.add_argument("--max-tokens", type=int, default=40_000, help="held-out tokens to evaluate on (default: 40000)")
-    se.add_argument("--outlier-norm", type=float, default=OUTLIER_NORM, help=f"leave out tokens whose residual norm exceeds this multiple of the batch's median (massive activations, as in training); 0 keeps all (default: {OUTLIER_NORM:g})")
-    se.add_argument("--frontier", action="store_true", help="also sweep the sparsity knob and plot MSE vs L0")
-    se.add_argument("--frontier-values", default="4,8,16,32,64", help="k values (TopK) or threshold multipliers (JumpReLU) to sweep")
-    se.set_defaults(fn=cmd_sae_eval)
-
-    sm = sae.add_parser("match", help="match the latents of two SAEs one-to-one (SAE Match: folded parameters + optimal assignment)")
-    sm.add_argument("sae_a", help="first SAE (its latents are matched to the second's)")
-    sm.add_argument("sae_b", help="second SAE")
-    sm.add_argument("--out", default=None, help="folder for match.json / match.png (default: <sae_a>-vs-<sae_b>)")
-    sm.add_argument("--encoder", action="store_true", help="include encoder columns in the cost (decoder rows only by default)")
-    sm.add_argument("--min-cosine", type=float, default=0.7, help="a match is confident at or above this cosine")
-    sm.add_argument("--dense-limit", type=int, default=4096, help="above this many latents, solve a sparsified cost")
-    sm.add_argument("--candidates", type=int, default=32, help="cheapest partners kept per latent when sparsified")
-    sm.add_argument("--device", default=None, help="device for the cost computation (default: the GPU when there is one)")
-    sm.add_argument("--model", help="with --data: evaluate the matched decode on the model's hidden states")
-    sm.add_argument("--data", help="documents for the transfer check (with --model)")
-    sm.add_argument("--layer-a", type=int, help="layer of the first SAE (default: the layer it records)")
-    sm.add_argument("--layer-b", type=int, help="layer of the second SAE (default: the layer it records)")
-    sm.add_argument("--max-tokens", type=int, default=20_000, help="tokens for the transfer check (default: 20000)")
-    sm.set_defaults(fn=cmd_sae_match)
-
-    from .explain import AttributeConfig, ExplainConfig
-
-    _config_command(sub, "explain", ExplainConfig, cmd_explain,
-                    "the SAE features whose activation alignment changed most, with their tokens")
-    _config_command(sub, "attribute", AttributeConfig, cmd_attribute,
-                    "attribute a margin or reward to SAE features (attribution patching + ablation check)")
-
-    _config_command(sub, "eval", EvalConfig, cmd_eval, "evaluate a saved policy")
-
-    from .generate import GenerateConfig
-
-    _config_command(sub, "generate", GenerateConfig, cmd_generate,
-                    "sample answers to a prompt file for external judges (AlpacaEval model_outputs.json + JSONL)")
-
-    from .compare import CompareConfig
-
-    _config_command(sub, "compare", CompareConfig, cmd_compare, "train every method on one budget and report (the main job)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for c in COMMANDS:
+        parent = sub
+        if len(c.words) == 2:
+            if c.words[0] not in groups:
+                gp = sub.add_parser(c.words[0], help=GROUPS[c.words[0]], description=GROUPS[c.words[0]])
+                groups[c.words[0]] = gp.add_subparsers(dest=f"{c.words[0]}_command", required=True, metavar="COMMAND")
+            parent = groups[c.words[0]]
+        cls = c.load("config")
+        cp = parent.add_parser(c.words[-1], help=c.help, description=f"featalign {' '.join(c.words)}: {c.help}.")
+        cp.add_argument("--config", metavar="FILE.yaml", help=f"YAML file of {cls.__name__} settings (flags override it)")
+        add_config_args(cp, cls)
+        cp.set_defaults(command_=c)
     return p
+
+
+def config_from_args(cls, ns: argparse.Namespace):
+    """The command's settings: the YAML file's first, then the flags given."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(ns).items() if k in names}
+    if getattr(ns, "config", None):
+        return cls.from_yaml(ns.config, **given)
+    return cls.from_dict(given)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+    c: Command = ns.command_
     try:
-        ns.fn(ns)
+        cfg = config_from_args(c.load("config"), ns)
+        cfg.validate()
+        print(c.show(c.load("run")(cfg), cfg))
     except FeatalignError as e:
         print(f"featalign: error: {e}", file=sys.stderr)
         return 2

@@ -20,10 +20,12 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from tqdm.auto import tqdm
 
 from .atomic import write_json
+from .config import Config, check_model_path, setting
 from .errors import ConfigError
 
 ALL_METHODS = "dpo,ipo,simpo,dpo_ln,tdpo1,tdpo2,trdpo,fpo"
@@ -36,25 +38,22 @@ KNOB = {"dpo": "beta", "ipo": "beta", "simpo": "beta", "dpo_ln": "beta", "tdpo1"
 GRID = {"dpo": [0.03, 0.1, 0.3, 1.0, 3.0], "ipo": [0.03, 0.1, 0.3, 1.0, 3.0], "simpo": [0.5, 1.0, 2.0, 5.0, 10.0],
         "dpo_ln": [0.03, 0.1, 0.3, 1.0, 3.0], "tdpo1": [0.03, 0.1, 0.3, 1.0, 3.0], "trdpo": [0.03, 0.1, 0.3, 1.0, 3.0],
         "tdpo2": [0.02, 0.05, 0.2, 0.5, 2.0], "fpo": [0.05, 0.2, 0.5, 2.0, 8.0]}
-# on the built-in world FPO's grid sits lower: the v4 world's SAE makes its feature term bind hard (alpha 0.2-2: KL
-# 0.35-0.90, under DPO's 0.7-3.9 at beta 1-0.1, so the frontiers met at one KL only); alpha 0.01-0.1 reached 1.0-2.4
+# on the built-in world FPO's grid sits lower: the world SAE's feature term binds harder, and at alpha 0.2-2 FPO's KL
+# stays below most of the range DPO's grid covers, so the two frontiers would barely overlap (bench/results, docs)
 WORLD_GRID = {**GRID, "fpo": [0.003, 0.01, 0.03, 0.1, 0.3]}
 # the papers' own settings: a one-value sweep runs each method where it was published
 PUBLISHED = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "dpo_ln": 0.1, "tdpo1": 0.1, "trdpo": 0.1, "tdpo2": 0.5, "fpo": 0.5}
-# the default tier keeps the middle three values of each grid; quick keeps the two ends of those
-# the world's SAE: no TopK SAE of 128-512 latents (k 4-8) on the v4 world's narrow layer-2 stream kept both dead and
-# dense latents under 5%, because the stream carries about 200 features, some of them on 5-9% of the tokens; a Feature
-# Choice SAE whose latents take Zipf-shaped shares of the tokens met every target of issue 20 (bench/world_sae.py)
+# the default tier keeps the middle three values of each grid; quick keeps the two ends of those.
+# The world's SAE is Feature Choice with Zipf-shaped token shares: on the world's narrow layer-2 stream (about 200
+# features, some on 5-9% of the tokens) no TopK SAE of 128-512 latents kept both dead and dense latents under 5%
 WORLD = dict(lr=1e-4, batch_size=16, sae_arch="featurechoice", sae_d=256, sae_k=6, sae_fc_zipf=1.0, sae_lr=1e-2, sae_dead_tokens=100_000, max_length=128, max_prompt_length=32, max_new_tokens=48)
 TIERS = {
     "quick": dict(WORLD, methods="dpo,fpo", seeds=1, grid_values=2, steps=40, n_prompts=64, sae_tokens=150_000),
     "default": dict(WORLD, methods="dpo,fpo", seeds=2, grid_values=3, steps=200, n_prompts=200, sae_tokens=2_000_000),
     "full": dict(WORLD, methods=ALL_METHODS, seeds=3, grid_values=5, steps=300, n_prompts=300, sae_tokens=4_000_000),
 }
-# a real LM (--model, --preset sentiment): full fine-tuning at a small lr, an SAE 8x the hidden size, and a budget that
-# runs the sentiment preset's four methods on SmolLM2-135M on 2 CPU cores in about half an hour (one knob value each
-# by default, the published defaults; 12 steps at lr 1e-4 ran the whole preset in 21 minutes, where 24 steps at 5e-5 and
-# a 100k-token SAE took 80 on loaded cores; --full sweeps three per method with two seeds at the small lr)
+# a real LM (--model, --preset sentiment): full fine-tuning at a small lr and an SAE 8x the hidden size; the default
+# tier runs the sentiment preset's four methods on SmolLM2-135M on 2 CPU cores in about 20 minutes
 REAL = dict(lr=5e-5, batch_size=8, sae_arch="topk", sae_fc_zipf=0.0, sae_d=None, sae_k=None, sae_lr=3e-3, sae_dead_tokens=10_000_000, max_length=192, max_prompt_length=None, max_new_tokens=40)
 REAL_TIERS = {
     "quick": dict(REAL, methods="dpo,fpo", seeds=1, grid_values=1, steps=4, n_prompts=16, sae_tokens=20_000),
@@ -66,46 +65,51 @@ RUN_VERSION = 2  # bumped when a run's training or evaluation changes in a way i
 
 
 @dataclass
-class CompareConfig:
-    out: str = field(default="reports/compare", metadata={"help": "report folder (report.md, results.json, frontier.png, curves.png, runs/)"})
-    preset: str = field(default="world", metadata={"help": "world: the built-in world (default); sentiment: SmolLM2 (or --model) made more positive, judged by VADER (needs vaderSentiment)",
-                                                   "choices": ["world", "sentiment"]})
-    model: str | None = field(default=None, metadata={"help": "your starting (SFT) model: HF folder, hub id or .gguf (converted once); with --data, replaces the world"})
-    data: str | None = field(default=None, metadata={"help": "your preference data to train on (any format `train` reads)"})
-    test_data: str | None = field(default=None, metadata={"help": "held-out preference data to evaluate on (default: a --test-fraction split of --data by prompt, seed 0)"})
-    test_fraction: float = field(default=0.1, metadata={"help": "share of --data's prompts held out when no --test-data is given"})
-    sae: str | None = field(default=None, metadata={"help": "SAE for FPO (any format); default: an SAE trained on the model's --layer with the stated settings"})
-    reward_fn: str | None = field(default=None, metadata={"help": "judge: Python callable 'module:function' (prompt, response) -> float (default: the preset's ground truth)"})
-    reward_model: str | None = field(default=None, metadata={"help": "judge: a sequence-classification reward model folder"})
-    world: str = field(default="data/world", metadata={"help": "built-in world folder (built when missing or built with other settings); with --preset sentiment the task's folder (default data/sentiment)"})
-    world_seed: int = field(default=0, metadata={"help": "seed of the built-in world (its corpus, SFT model and SAE)"})
-    quick: bool = field(default=False, metadata={"help": "quick tier: small world, DPO and FPO, two knob values, one seed (a few minutes; the tests)"})
-    full: bool = field(default=False, metadata={"help": "full tier: every method, five knob values, three seeds, longer runs (hours on 2 cores)"})
-    seeds: int | None = field(default=None, metadata={"help": "training seeds per knob value (default: quick 1, default 2, full 3)"})
-    methods: str | None = field(default=None, metadata={"help": f"comma-separated methods (default: quick and default dpo,fpo; full {ALL_METHODS})"})
-    grid: str = field(default="", metadata={"help": "knob values per method, e.g. 'dpo=0.1,0.3;fpo=0.5,2' (default: the tier's slice of each method's grid)"})
-    kl_levels: str = field(default="", metadata={"help": "comma-separated KL levels (nats) to compare rewards at (default: 6 levels spaced over the KLs that at least two methods reached)"})
-    layer: int | None = field(default=None, metadata={"help": "decoder layer of the SAE and of FPO's constraint (default: 2 in the world, the middle layer of a real model)"})
-    steps: int | None = field(default=None, metadata={"help": "training steps per run (default: world quick 40, default 200, full 300; real model 4, 12, 60)"})
-    batch_size: int | None = field(default=None, metadata={"help": "pairs per step (default: world 16, real model 8)"})
-    lr: float | None = field(default=None, metadata={"help": "learning rate of every method (default: world 1e-4; real model 1e-4 in the default tier, 5e-5 in quick and full)"})
-    simpo_lr: float | None = field(default=None, metadata={"help": "SimPO's own learning rate (default: --lr)"})
-    trdpo_tau: int | None = field(default=None, metadata={"help": "TR-DPO reference update period (default: a quarter of the steps)"})
-    trdpo_alpha: float = field(default=0.6, metadata={"help": "TR-DPO reference update weight"})
-    k: int = field(default=50, metadata={"help": "FPO's k"})
-    sae_arch: str | None = field(default=None, metadata={"help": "SAE architecture (default: world featurechoice, whose latents cannot die or turn dense on the world's narrow stream; real model topk)",
-                                                         "choices": ["topk", "batchtopk", "featurechoice"]})
-    sae_fc_zipf: float | None = field(default=None, metadata={"help": "Feature Choice SAE: latent i's share of the tokens falls as 1/(i+1)^zipf (default: world 1, so a few latents can track the frequent features; 0: equal shares)"})
-    sae_d: int | None = field(default=None, metadata={"help": "SAE latents (trained on the SFT model, cached by its settings; default: world 256, real model 8x its hidden size)"})
-    sae_k: int | None = field(default=None, metadata={"help": "SAE active latents per token (on average for batchtopk and featurechoice; default: world 6, 3.75% of its hidden size; real model 5% of its hidden size, as sparse as Gemma Scope's SAEs)"})
-    sae_dead_tokens: int | None = field(default=None, metadata={"help": "SAE: a latent silent for this many tokens is trained by AuxK (default: world 100k, real model 10M)"})
-    sae_tokens: int | None = field(default=None, metadata={"help": "SAE training tokens (default: world quick 150k, default 2M, full 4M; real model 20k, 40k, 400k)"})
-    sae_lr: float | None = field(default=None, metadata={"help": "SAE learning rate (default: world 1e-2, real model 3e-3; at 3e-3 the small world's decoder rows stayed near their random init)"})
-    n_prompts: int | None = field(default=None, metadata={"help": "held-out prompts sampled per evaluation (default: quick 64, default 200, full 300)"})
-    max_length: int | None = field(default=None, metadata={"help": "max tokens of prompt + answer (default: world 128, real model 192)"})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "max prompt tokens (default: world 32, real model half of --max-length)"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "max tokens per sampled answer in evaluation (default: world 48, real model 40)"})
-    isolate_runs: bool = field(default=True, metadata={"help": "train each run in a process of its own, so that its peak memory is its own (off: in this process, which saves each run's start-up; peak memory is then not reported)"})
+class CompareConfig(Config):
+    """`featalign compare`: every method trained from one SFT model on one budget, judged at matched KL."""
+
+    out: str = setting("reports/compare", "report folder (report.md, results.json, frontier.png, curves.png, runs/)")
+    preset: Literal["world", "sentiment"] = setting("world", "world: the built-in world; sentiment: SmolLM2 (or --model) made more positive, judged by VADER")
+    model: str | None = setting(None, "your starting (SFT) model: HF folder, hub id or .gguf file; with data, replaces the world")
+    data: str | None = setting(None, "your preference data to train on (any format `train` reads)")
+    test_data: str | None = setting(None, "held-out preference data to evaluate on (default: a test_fraction split of data, by prompt)")
+    test_fraction: float = setting(0.1, "share of the data's prompts held out when no test_data is given", gt=0, lt=1)
+    sae: str | None = setting(None, "SAE for FPO (any format); default: one trained on the model's layer with the sae_* settings")
+    reward_fn: str | None = setting(None, "judge: a Python callable 'module:function' taking (prompt, response) (default: the preset's)")
+    reward_model: str | None = setting(None, "judge: a sequence-classification reward model folder")
+    world: str = setting("data/world", "built-in world folder (built when missing); with the sentiment preset, the task's (data/sentiment)")
+    world_seed: int = setting(0, "seed of the built-in world: its corpus, SFT model and SAE")
+    quick: bool = setting(False, "quick tier: small world, DPO and FPO, two knob values, one seed (a few minutes)")
+    full: bool = setting(False, "full tier: every method, five knob values, three seeds, longer runs (hours on 2 cores)")
+    seeds: int | None = setting(None, "training seeds per knob value (default: quick 1, default 2, full 3)", ge=1)
+    methods: str | None = setting(None, f"comma-separated methods (default: dpo,fpo; full tier: {ALL_METHODS})")
+    grid: str = setting("", "knob values per method, e.g. 'dpo=0.1,0.3;fpo=0.5,2' (default: the tier's slice of each grid)")
+    kl_levels: str = setting("", "comma-separated KL levels in nats to compare rewards at (default: 6 where two methods overlap)")
+    layer: int | None = setting(None, "decoder layer of the SAE and of FPO's constraint (default: 2 in the world, else the middle)")
+    steps: int | None = setting(None, "training steps per run (default: the tier's)", ge=1)
+    batch_size: int | None = setting(None, "pairs per step (default: world 16, real model 8)", ge=1)
+    lr: float | None = setting(None, "learning rate of every method (default: the tier's)", gt=0)
+    simpo_lr: float | None = setting(None, "SimPO's own learning rate (default: lr)", gt=0)
+    trdpo_tau: int | None = setting(None, "TR-DPO reference update period (default: a quarter of the steps)", ge=1)
+    trdpo_alpha: float = setting(0.6, "TR-DPO reference update weight", gt=0, le=1)
+    k: int = setting(50, "FPO's k", ge=1)
+    sae_arch: Literal["topk", "batchtopk", "featurechoice"] | None = setting(None, "SAE architecture (default: world featurechoice, real model topk)")
+    sae_fc_zipf: float | None = setting(None, "Feature Choice SAE: Zipf exponent of the latents' token shares (default: world 1)", ge=0)
+    sae_d: int | None = setting(None, "SAE latents (default: world 256, real model 8x its hidden size)", ge=1)
+    sae_k: int | None = setting(None, "SAE active latents per token (default: world 6, real model 5% of its hidden size)", ge=1)
+    sae_dead_tokens: int | None = setting(None, "SAE: a latent silent for this many tokens is trained by AuxK (default: world 100k, else 10M)", ge=1)
+    sae_tokens: int | None = setting(None, "SAE training tokens (default: the tier's)", ge=1)
+    sae_lr: float | None = setting(None, "SAE learning rate (default: world 1e-2, real model 3e-3)", gt=0)
+    n_prompts: int | None = setting(None, "held-out prompts sampled per evaluation (default: the tier's)", ge=1)
+    max_length: int | None = setting(None, "most tokens of prompt plus answer (default: world 128, real model 192)", ge=2)
+    max_prompt_length: int | None = setting(None, "most prompt tokens (default: world 32, real model half of max_length)", ge=1)
+    max_new_tokens: int | None = setting(None, "most tokens per sampled answer in evaluation (default: world 48, real model 40)", ge=1)
+    isolate_runs: bool = setting(True, "train each run in a process of its own, so its peak memory is its own (off: faster, no peak memory)")
+
+    def validate(self) -> None:
+        super().validate()
+        check_model_path(self.model or "")
+        self.budget()
 
     @property
     def tier(self) -> str:
@@ -393,7 +397,7 @@ def sweep(cfg: CompareConfig, src: Source, progress: bool = True) -> list[dict]:
     return runs
 
 
-def compare(cfg: CompareConfig, src: Source | None = None) -> dict:
+def run_compare(cfg: CompareConfig, src: Source | None = None) -> dict:
     t0 = time.time()
     b = cfg.budget()
     os.makedirs(cfg.out, exist_ok=True)
@@ -591,8 +595,12 @@ def write_report(cfg: CompareConfig, results: dict) -> None:
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(cfg, results)
-    print("\n".join(lines[: lines.index("## Every knob value (mean ± sd over seeds)")]))
-    print(f"report: {os.path.join(cfg.out, 'report.md')}")
+
+
+def summary_lines(cfg: CompareConfig, results: dict) -> list[str]:
+    """The report's verdict section and where the whole report is, for the command line."""
+    lines = report_lines(cfg, results)
+    return lines[: lines.index("## Every knob value (mean ± sd over seeds)")] + [f"report: {os.path.join(cfg.out, 'report.md')}"]
 
 
 def plot(cfg: CompareConfig, results: dict) -> None:

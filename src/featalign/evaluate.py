@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from . import data as D
 from .data.batching import pair_length
+from .config import check_model_path, setting
 from .generate import sample, write_outputs
 from .judges import distinct_n, length_controlled_win_rate, make_judge, mean_se, win_rate
 from .logprobs import response_positions, response_terms, sample_logps_entropy
@@ -31,23 +32,28 @@ from .models import capture_layer, load_model, load_tokenizer
 class EvalConfig(D.DataOptions):
     """`featalign eval`: held-out preference accuracy, and sampled generations scored and compared to the reference."""
 
-    model: str = field(default="", metadata={"help": "policy to evaluate: HF folder, hub id, or .gguf file"})
-    ref_model: str | None = field(default=None, metadata={"help": "reference for reward accuracy, KL and feature MSE (usually the SFT model)"})
-    sae: str | None = field(default=None, metadata={"help": "SAE for the feature MSE (FPO's D) between policy and reference"})
-    layer: int | None = field(default=None, metadata={"help": "decoder layer the SAE reads (default: the layer the SAE records)"})
-    k: int = field(default=50, metadata={"help": "top-k features of the feature MSE"})
-    n_prompts: int = field(default=128, metadata={"help": "distinct held-out prompts to sample answers for"})
-    samples_per_prompt: int = field(default=1, metadata={"help": "answers sampled per prompt"})
-    max_new_tokens: int = field(default=48, metadata={"help": "max tokens per sampled answer"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_k: int = field(default=0, metadata={"help": "sample from the top-k tokens only (0: all)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    batch_size: int = field(default=32, metadata={"help": "sequences per forward pass / generation batch"})
-    seed: int = field(default=1234, metadata={"help": "sampling seed"})
-    reward_fn: str | None = field(default=None, metadata={"help": "judge: a Python callable 'module:function' (prompt, response) -> float or dict with 'reward' (the built-in world's: featalign.world.judge:reward)"})
-    reward_model: str | None = field(default=None, metadata={"help": "judge: a sequence-classification reward model (folder or hub id); its last logit is the reward"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
-    save_generations: str | None = field(default=None, metadata={"help": "folder to write the sampled answers to (AlpacaEval model_outputs.json + generations.jsonl)"})
+    model: str = setting("", "policy to evaluate: HF folder, hub id, or .gguf file")
+    ref_model: str | None = setting(None, "reference for reward accuracy, KL and feature MSE (usually the SFT model)")
+    sae: str | None = setting(None, "SAE for the feature MSE (FPO's D) between policy and reference")
+    layer: int | None = setting(None, "decoder layer the SAE reads (default: the layer the SAE records)")
+    k: int = setting(50, "top-k features of the feature MSE", ge=1)
+    n_prompts: int = setting(128, "distinct held-out prompts to sample answers for", ge=1)
+    samples_per_prompt: int = setting(1, "answers sampled per prompt", ge=1)
+    max_new_tokens: int = setting(48, "most tokens per sampled answer", ge=1)
+    temperature: float = setting(1.0, "sampling temperature (0: greedy)", ge=0)
+    top_k: int = setting(0, "sample from the top-k tokens only (0: all)", ge=0)
+    top_p: float = setting(1.0, "nucleus sampling mass", gt=0, le=1)
+    batch_size: int = setting(32, "sequences per forward pass and per generation batch", ge=1)
+    seed: int = setting(1234, "sampling seed")
+    reward_fn: str | None = setting(None, "judge: a Python callable 'module:function' taking (prompt, response), returning a float or a dict")
+    reward_model: str | None = setting(None, "judge: a sequence-classification reward model (folder or hub id); its last logit is the reward")
+    progress: bool = setting(True, "show progress bars")
+    save_generations: str | None = setting(None, "folder to write the sampled answers to (AlpacaEval model_outputs.json and JSONL)")
+
+    def validate(self) -> None:
+        super().validate()
+        check_model_path(self.model)
+        check_model_path(self.ref_model or "", "ref_model")
 
 
 def _by_length(lengths: list[int]) -> tuple[list[int], list[int]]:
@@ -147,6 +153,7 @@ def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None, judge=None,
     ``reference`` (from ``reference_answers``) is sampled here when a reference model is given and it is not."""
     from .losses import feature_mse
 
+    cfg.validate()
     tok = tok or load_tokenizer(cfg.model)
     model = (model or load_model(cfg.model)).eval()
     if ref is None and cfg.ref_model:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from . import data as D
+from .config import Config, check_model_path, setting
 from .errors import ConfigError
 
 
@@ -126,27 +127,27 @@ def write_outputs(out: str, generator: str, prompts: list, answers: list[str], s
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Config):
     """`featalign generate`: answers to a prompt file for external judges (AlpacaEval 2, Arena-Hard, MT-Bench)."""
 
-    model: str = field(default="", metadata={"help": "model to sample from: HF folder, hub id, or .gguf file"})
-    prompts: str = field(default="", metadata={"help": "prompts: .txt (one per line), AlpacaEval .json, or .jsonl/.parquet/`datasets` records with instruction/prompt/messages (preference files too)"})
-    out: str = field(default="generations", metadata={"help": "output folder (model_outputs.json, generations.jsonl, settings.json)"})
-    split: str = field(default="train", metadata={"help": "split to read from a `datasets` folder or name"})
-    limit: int | None = field(default=None, metadata={"help": "answer only the first N distinct prompts"})
-    generator: str | None = field(default=None, metadata={"help": "the name AlpacaEval shows for this model (default: the model folder's name)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "max tokens per answer"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0: greedy)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    top_k: int = field(default=0, metadata={"help": "sample from the top-k tokens only (0: all)"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
-    seed: int = field(default=1234, metadata={"help": "sampling seed"})
+    model: str = setting("", "model to sample from: HF folder, hub id, or .gguf file")
+    prompts: str = setting("", "prompts: .txt (one per line), AlpacaEval .json, or records with instruction, prompt or messages")
+    out: str = setting("generations", "output folder (model_outputs.json, generations.jsonl, settings.json)")
+    split: str = setting("train", "split to read from a `datasets` folder or name")
+    limit: int | None = setting(None, "answer only the first N distinct prompts", ge=1)
+    generator: str | None = setting(None, "the name AlpacaEval shows for this model (default: the model folder's name)")
+    max_new_tokens: int = setting(256, "most tokens per answer", ge=1)
+    temperature: float = setting(0.7, "sampling temperature (0: greedy)", ge=0)
+    top_p: float = setting(1.0, "nucleus sampling mass", gt=0, le=1)
+    top_k: int = setting(0, "sample from the top-k tokens only (0: all)", ge=0)
+    batch_size: int = setting(16, "prompts per generation batch", ge=1)
+    seed: int = setting(1234, "sampling seed")
 
     def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("give a model (--model)")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+        super().validate()
+        if not self.model or not self.prompts:
+            raise ConfigError("generate needs model and prompts (--model, --prompts)")
+        check_model_path(self.model)
 
 
 def run_generate(cfg: GenerateConfig) -> str:

@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_file, write_json
+from .config import check_model_path, setting
 from .data import DataOptions
 from .errors import CacheMismatchError, ConfigError
 
@@ -82,23 +83,26 @@ def cache_settings(opts: DataOptions, layer: int | None, k: int) -> CacheSetting
 class CacheConfig(DataOptions):
     """`featalign cache`: the reference's log-probs (and top-k pooled SAE activations) for every pair, on disk."""
 
-    model: str = field(default="", metadata={"help": "reference model: HF folder, hub id, or .gguf file (or a folder holding one)"})
-    out: str = field(default="", metadata={"help": "cache folder to write (a finished build is reused, an unfinished one resumed)"})
-    sae: str | None = field(default=None, metadata={"help": "SAE (SAELens or sparsify folder, or Gemma Scope params.npz) whose top-k pooled activations FPO needs"})
-    layer: int | None = field(default=None, metadata={"help": "decoder layer the SAE reads (default: the layer the SAE records)"})
-    k: int = field(default=50, metadata={"help": "top-k pooled SAE activations stored per response (FPO's k)"})
-    batch_size: int = field(default=16, metadata={"help": "pairs per forward pass"})
-    shard_size: int = field(default=512, metadata={"help": "pairs per shard (the unit a resumed build skips)"})
+    model: str = setting("", "reference model: HF folder, hub id, or .gguf file (or a folder holding one)")
+    out: str = setting("", "cache folder to write (a finished build is reused, an unfinished one resumed)")
+    sae: str | None = setting(None, "SAE whose top-k pooled activations FPO needs: SAELens, sparsify or Gemma Scope folder, or params.npz")
+    layer: int | None = setting(None, "decoder layer the SAE reads (default: the layer the SAE records)")
+    k: int = setting(50, "top-k pooled SAE activations stored per response (FPO's k)", ge=1)
+    batch_size: int = setting(16, "pairs per forward pass", ge=1)
+    shard_size: int = setting(512, "pairs per shard (the unit a resumed build skips)", ge=1)
 
     def validate(self) -> None:
+        super().validate()
         if not self.model or not self.data or not self.out:
-            raise ConfigError("--model, --data and --out are required")
+            raise ConfigError("cache needs model, data and out (--model, --data, --out)")
+        check_model_path(self.model)
 
     def settings(self, layer: int | None) -> CacheSettings:
         return cache_settings(self, layer, self.k)
 
 
 def run_cache(cfg: CacheConfig) -> str:
+    """Build (or finish, or reuse) the cache ``cfg`` names; returns its folder."""
     from .data import prepare_pairs
     from .models import load_model, load_tokenizer
 
@@ -114,7 +118,6 @@ def run_cache(cfg: CacheConfig) -> str:
         layer = resolve_layer(sae, cfg.layer, model, cfg.sae)
     manifest = expected_manifest(cfg.model, cfg.data, cfg.sae, cfg.settings(layer))
     build_cache(model, tok, pairs, cfg.out, manifest, sae, layer, cfg.k, batch_size=cfg.batch_size, shard_size=cfg.shard_size)
-    print(f"cache written to {cfg.out} ({len(pairs)} pairs)")
     return cfg.out
 
 

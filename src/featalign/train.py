@@ -23,13 +23,15 @@ import os
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from . import data as D
 from .atomic import atomic_dir
+from .config import check_model_path, setting
 from .data.batching import group_by_length, pair_length
 from .errors import ConfigError, TrainingDivergedError
 from .losses import METHODS, compute_loss, feature_mse
@@ -39,81 +41,60 @@ from .mlp import lean_mlp
 from .models import capture_layer, load_model, load_tokenizer
 
 
-def _f(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
+METHOD = Literal[tuple(METHODS)]
 
 
 @dataclass
 class TrainConfig(D.DataOptions):
-    """`featalign train`. Loss settings left unset take the method's published default (losses.METHODS)."""
+    """`featalign train`. Loss settings left unset take the method's published default (``losses.METHODS``)."""
 
-    method: str = _f("fpo", "preference method (exact formulas: README 'Methods and defaults')", choices=sorted(METHODS))
-    model: str = _f("", "policy to train, and the reference unless --ref-model: HF folder, hub id, or .gguf file")
-    out: str = _f("runs/train", "run folder: checkpoint/, final/ (a save_pretrained model), metrics.jsonl, summary.json")
-    ref_model: str | None = _f(None, "reference model (default: --model, the usual SFT starting point)")
-    sae: str | None = _f(None, "SAE for FPO's feature constraint (SAELens or sparsify folder, or Gemma Scope params.npz)")
-    layer: int | None = _f(None, "decoder layer the SAE reads (default: the layer the SAE records)")
-    cache: str | None = _f(None, "offline reference cache from `featalign cache` (default: built into <out>/ref_cache)")
-    beta: float | None = _f(None, "KL strength beta (default: 0.1; SimPO 2.0)")
-    alpha: float | None = _f(None, "weight of the KL (TDPO-2) or feature (FPO) term (default 0.5)")
-    gamma: float | None = _f(None, "SimPO target margin gamma (default 0.5)")
-    k: int = _f(50, "FPO: number of top SAE features compared per response (the paper's k)")
-    topk_from: str = _f("union", "FPO: top-k of policy union reference (the paper) or of the policy only (the public code)",
-                        choices=["union", "policy"])
-    trdpo_alpha: float = _f(0.6, "TR-DPO: reference update weight a (1 = hard copy)")
-    trdpo_tau: int = _f(512, "TR-DPO: update the reference every tau steps")
-    lr: float = _f(5e-6, "peak learning rate (AdamW, linear warm-up then cosine decay)")
-    batch_size: int = _f(8, "pairs per micro-batch per process")
-    grad_accum: int = _f(1, "micro-batches per optimiser step")
-    epochs: float = _f(1.0, "passes over the data (ignored when --max-steps is set)")
-    max_steps: int = _f(-1, "optimiser steps (-1: from --epochs)")
-    warmup_ratio: float = _f(0.1, "share of the steps spent warming the learning rate up")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient-norm clip (0: off)")
-    seed: int = _f(0, "seed of the data order and of any sampling")
-    group_by_length: bool = _f(True, "batch pairs of similar length together (a seeded order, so less padding and exact resume)")
-    bf16: bool = _f(True, "bf16 autocast on GPUs that support it (CPU runs stay float32)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
-    pack: str = _f("auto", "padding-free batches: each micro-batch as one row, its sequences side by side with position "
-                   "ids restarting at 0 (only where the model gives the padded batch's outputs that way: checked once). "
-                   "auto: on with flash attention (varlen kernels skip the cross-sequence blocks), off otherwise (sdpa "
-                   "and eager attend over the whole row: on CPU it cut SmolLM2's memory 12% at the same speed, but "
-                   "slowed the small world model 31%)", choices=["auto", "on", "off"])
-    fused_head: bool = _f(True, "compute each pair's logits once, with the LM head's gradients (no recomputation in "
-                          "backward); off: the chunked head recomputes each chunk's logits in backward")
-    lean_mlp: bool = _f(True, "gated MLPs keep 2 of their 4 intermediate activations for backward and recompute the "
-                        "rest (elementwise only; same results)")
-    lora_r: int = _f(0, "LoRA rank (0: train all weights); the saved model has the adapter merged")
-    lora_alpha: int = _f(16, "LoRA alpha")
-    log_every: int = _f(10, "log metrics every N steps")
-    save_every: int = _f(0, "checkpoint every N steps (0: only the final model)")
-    resume: bool = _f(True, "resume from <out>/checkpoint when it exists")
-    progress: bool = _f(True, "show a progress bar")
-    tensorboard: bool = _f(True, "also log to TensorBoard (<out>/tb)")
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown train setting(s) {unknown}; valid: {sorted(names)}")
-        return cls(**d)
+    method: METHOD = setting("fpo", "preference method (formulas and papers: the docs' Methods page)")
+    model: str = setting("", "policy to train, and the reference unless ref_model is set: HF folder, hub id or .gguf file")
+    out: str = setting("runs/train", "run folder: checkpoint/, final/ (a save_pretrained model), metrics.jsonl, summary.json")
+    ref_model: str | None = setting(None, "reference model (default: the policy's starting point, --model)")
+    sae: str | None = setting(None, "SAE for FPO's feature term: SAELens, sparsify or Gemma Scope folder, or params.npz")
+    layer: int | None = setting(None, "decoder layer the SAE reads (default: the layer the SAE records)")
+    cache: str | None = setting(None, "offline reference cache from `featalign cache` (default: built in <out>/ref_cache)")
+    beta: float | None = setting(None, "KL strength beta (default: the method's, 0.1; SimPO 2.0)", gt=0)
+    alpha: float | None = setting(None, "weight of TDPO-2's KL term or FPO's feature term (default 0.5)", ge=0)
+    gamma: float | None = setting(None, "SimPO's target reward margin gamma (default 0.5)", ge=0)
+    k: int = setting(50, "FPO: top SAE features compared per response (the paper's k)", ge=1)
+    topk_from: Literal["union", "policy"] = setting("union", "FPO: features compared, the top-k of policy and reference (paper) or of the policy")
+    trdpo_alpha: float = setting(0.6, "TR-DPO: weight of the policy when the reference is updated (1: hard copy)", gt=0, le=1)
+    trdpo_tau: int = setting(512, "TR-DPO: update the reference every tau steps", ge=1)
+    lr: float = setting(5e-6, "peak learning rate (AdamW, linear warm-up, then cosine decay)", gt=0)
+    batch_size: int = setting(8, "pairs per micro-batch per process", ge=1)
+    grad_accum: int = setting(1, "micro-batches per optimiser step", ge=1)
+    epochs: float = setting(1.0, "passes over the data (ignored when max_steps is set)", gt=0)
+    max_steps: int = setting(-1, "optimiser steps (-1: from epochs)", ge=-1)
+    warmup_ratio: float = setting(0.1, "share of the steps spent warming the learning rate up", ge=0, lt=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, "gradient-norm clip (0: off)", ge=0)
+    seed: int = setting(0, "seed of the data order and of any sampling")
+    group_by_length: bool = setting(True, "batch pairs of similar length together, in a seeded order (less padding, exact resume)")
+    bf16: bool = setting(True, "bf16 autocast on GPUs that support it (CPU runs stay float32)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
+    pack: Literal["auto", "on", "off"] = setting("auto", "padding-free batches, one row per micro-batch (auto: on with flash attention only)")
+    fused_head: bool = setting(True, "compute each pair's logits once, with the LM head's gradients (off: recompute them in backward)")
+    lean_mlp: bool = setting(True, "gated MLPs keep 2 of their 4 activations for backward and recompute the rest (same results)")
+    lora_r: int = setting(0, "LoRA rank (0: train all weights); the saved model has the adapter merged", ge=0)
+    lora_alpha: int = setting(16, "LoRA alpha", ge=1)
+    log_every: int = setting(10, "log metrics every N steps", ge=1)
+    save_every: int = setting(0, "checkpoint every N steps (0: only the final model)", ge=0)
+    resume: bool = setting(True, "resume from <out>/checkpoint when it exists")
+    progress: bool = setting(True, "show a progress bar")
+    tensorboard: bool = setting(True, "also log to TensorBoard (<out>/tb)")
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        super().validate()
         if not self.model or not self.data:
-            raise ConfigError("both --model and --data are required")
+            raise ConfigError("train needs both model and data (--model, --data)")
+        check_model_path(self.model)
+        check_model_path(self.ref_model or "", "ref_model")
+        if self.max_steps == 0:
+            raise ConfigError("max_steps: must be -1 (from epochs) or at least 1, got 0")
         if METHODS[self.method].features and self.sae is None:
             raise ConfigError("FPO needs an SAE (--sae, and --layer if the SAE does not record its layer)")
-        if self.topk_from not in ("union", "policy"):
-            raise ConfigError("topk_from must be 'union' or 'policy'")
-        if isinstance(self.pack, bool):  # a YAML `pack: true`
-            self.pack = "on" if self.pack else "off"
-        if self.pack not in ("auto", "on", "off"):
-            raise ConfigError(f"pack must be 'auto', 'on' or 'off', got {self.pack!r}")
-        D.prompt_limit(self.max_length, self.max_prompt_length)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -582,5 +563,5 @@ class Trainer:
         return final
 
 
-def train(cfg: TrainConfig) -> dict:
+def run_train(cfg: TrainConfig) -> dict:
     return Trainer(cfg).train()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from ..config import Config, setting
 
 from .batching import (TokenizedPair, batches, collate_pairs, doc_batches, pad_sequences, pair_sequences, prompt_limit,
                        tokenize_pairs)
@@ -21,16 +23,20 @@ log = logging.getLogger("featalign.data")
 
 
 @dataclass
-class DataOptions:
+class DataOptions(Config):
     """How a command reads and tokenises preference data (shared by train, cache, eval, explain, attribute)."""
 
-    data: str = field(default="", metadata={"help": "preference data: .jsonl/.json/.parquet, a `datasets` save_to_disk folder, or a `datasets` name"})
-    split: str = field(default="train", metadata={"help": "split to read from a `datasets` folder or name"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N clean pairs"})
-    max_length: int = field(default=512, metadata={"help": "max tokens of prompt + answer"})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "max prompt tokens when a pair is too long (left-truncated); default: half of --max-length"})
-    truncate_responses: bool = field(default=False, metadata={"help": "cut over-long answers on the right instead of dropping the pair"})
-    strict: bool = field(default=False, metadata={"help": "fail on the first record that cannot be a clean pair instead of dropping and counting it"})
+    data: str = setting("", "preference data: a .jsonl, .json or .parquet file, a `datasets` folder, or a `datasets` name")
+    split: str = setting("train", "split to read from a `datasets` folder or name")
+    limit: int | None = setting(None, "use only the first N clean pairs", ge=1)
+    max_length: int = setting(512, "most tokens of prompt plus answer", ge=2)
+    max_prompt_length: int | None = setting(None, "most prompt tokens kept (cut on the left) when a pair is too long; default: half of max_length", ge=1)
+    truncate_responses: bool = setting(False, "cut over-long answers on the right instead of dropping the pair")
+    strict: bool = setting(False, "fail on the first record that cannot be a clean pair, instead of dropping and counting it")
+
+    def validate(self) -> None:
+        super().validate()
+        prompt_limit(self.max_length, self.max_prompt_length)
 
 
 def prepare_pairs(opts: DataOptions, tokenizer, path: str | None = None, stats: DataStats | None = None

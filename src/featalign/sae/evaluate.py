@@ -4,11 +4,13 @@ inference (k for TopK, a threshold multiplier for JumpReLU) and plots MSE agains
 from __future__ import annotations
 
 import copy
-import json
 import os
+from dataclasses import dataclass
 
 import torch
 
+from ..atomic import write_json
+from ..config import Config, check_model_path, setting
 from ..errors import ConfigError
 from .metrics import OUTLIER_NORM, decoder_cosine_to_init, evaluate_sae, format_table
 from .model import SAE, load_sae, resolve_layer
@@ -56,33 +58,58 @@ def plot_frontier(rows: list[dict], path: str, label: str) -> None:
     plt.close(fig)
 
 
-def run_eval(ns) -> dict:
-    from ..models import load_model, load_tokenizer
-    from .train import read_texts
+@dataclass
+class SAEEvalConfig(Config):
+    """`featalign sae eval`: the SAE's metrics on held-out documents, written to <out>/eval.json."""
 
-    sae = load_sae(ns.sae, ns.layer)
-    model = load_model(ns.model).eval()
-    tok = load_tokenizer(ns.model)
-    layer = resolve_layer(sae, ns.layer, model, ns.sae)
-    docs = read_texts(ns.data, tok)
-    report = evaluate_sae(sae, model, tok, docs, layer, max_tokens=ns.max_tokens, outlier_norm=ns.outlier_norm)
+    sae: str = setting("", "SAE: SAELens, sparsify or Gemma Scope folder, or Gemma Scope params.npz")
+    model: str = setting("", "the model whose layer the SAE reads: HF folder, hub id or .gguf file")
+    data: str = setting("", "documents: text, conversations, prompt/response or preference records")
+    layer: int | None = setting(None, "decoder layer (default: the layer the SAE records)")
+    out: str | None = setting(None, "output folder (default: <sae>/eval)")
+    max_tokens: int = setting(40_000, "held-out tokens to evaluate on", ge=1)
+    outlier_norm: float = setting(OUTLIER_NORM, "leave out tokens whose residual norm exceeds this multiple of the batch median (0: keep all)", ge=0)
+    frontier: bool = setting(False, "also sweep the SAE's sparsity knob and plot MSE against L0")
+    frontier_values: list[float] = setting(factory=lambda: [4.0, 8.0, 16.0, 32.0, 64.0], help="k values (TopK) or threshold multipliers (JumpReLU) to sweep")
+
+    def validate(self) -> None:
+        super().validate()
+        if not (self.sae and self.model and self.data):
+            raise ConfigError("sae eval needs sae, model and data (--sae, --model, --data)")
+        check_model_path(self.model)
+        check_model_path(self.sae, "sae")
+
+
+def run_sae_eval(cfg: SAEEvalConfig) -> dict:
+    """Evaluate ``cfg.sae`` (and its frontier when asked); the result is also written to ``<out>/eval.json``."""
+    from ..models import load_model, load_tokenizer
+    from ..data import read_documents
+
+    cfg.validate()
+    sae = load_sae(cfg.sae, cfg.layer)
+    model = load_model(cfg.model).eval()
+    tok = load_tokenizer(cfg.model)
+    layer = resolve_layer(sae, cfg.layer, model, cfg.sae)
+    docs = read_documents(cfg.data, tok)
+    report = evaluate_sae(sae, model, tok, docs, layer, max_tokens=cfg.max_tokens, outlier_norm=cfg.outlier_norm)
     cos = decoder_cosine_to_init(sae)
     if cos is not None:  # only an SAE that records its training seed
         report["decoder_cosine_to_init"] = cos
-    out = ns.out or os.path.join(ns.sae if os.path.isdir(ns.sae) else os.path.dirname(ns.sae), "eval")
+    out = cfg.out or os.path.join(cfg.sae if os.path.isdir(cfg.sae) else os.path.dirname(cfg.sae), "eval")
     os.makedirs(out, exist_ok=True)
-    result = {"sae": ns.sae, "layer": layer, **report}
-    if ns.frontier:
-        values = [float(v) for v in ns.frontier_values.split(",")]
-        rows = frontier(sae, model, tok, docs, layer, values, ns.max_tokens, ns.outlier_norm)
+    result = {"sae": cfg.sae, "layer": layer, "out": out, **report}
+    if cfg.frontier:
+        rows = frontier(sae, model, tok, docs, layer, cfg.frontier_values, cfg.max_tokens, cfg.outlier_norm)
         result["frontier"] = rows
-        plot_frontier(rows, os.path.join(out, "frontier.png"), os.path.basename(ns.sae.rstrip("/")))
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(format_table(report))
-    if ns.frontier:
-        print("\nfrontier (knob, L0, normalised MSE):")
-        for r in result["frontier"]:
-            print(f"  {r['value']:g}  {r['l0']:.2f}  {r['normalized_mse']:.5f}")
-    print(f"\nwritten to {out}/eval.json")
+        plot_frontier(rows, os.path.join(out, "frontier.png"), os.path.basename(cfg.sae.rstrip("/")))
+    write_json(os.path.join(out, "eval.json"), result)
     return result
+
+
+def eval_lines(result: dict) -> list[str]:
+    """The evaluation as a table, then the frontier's points, for the command line."""
+    lines = [format_table({k: v for k, v in result.items() if k not in ("sae", "out", "frontier")})]
+    if "frontier" in result:
+        lines += ["", "frontier (knob, L0, normalised MSE):"]
+        lines += [f"  {r['value']:g}  {r['l0']:.2f}  {r['normalized_mse']:.5f}" for r in result["frontier"]]
+    return lines + ["", f"written to {result['out']}/eval.json"]

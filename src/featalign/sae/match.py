@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import Config, check_model_path, setting
 from ..errors import ConfigError
 from .metrics import OUTLIER_NORM, typical_tokens
 from .model import SAE
@@ -248,39 +249,70 @@ def plot_costs(m: Matching, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def run_match(ns) -> dict:
-    """`featalign sae match A B`: JSON report (+ permutation), cosine histogram, optional transfer check."""
+@dataclass
+class SAEMatchConfig(Config):
+    """`featalign sae match A B`: the one-to-one matching, its costs, and optionally how well A's features carried
+    through the matching explain B's layer."""
+
+    sae_a: str = setting("", "first SAE (its latents are matched to the second's)", positional=True)
+    sae_b: str = setting("", "second SAE", positional=True)
+    out: str | None = setting(None, "folder for match.json and match.png (default: <sae_a>-vs-<sae_b>)")
+    encoder: bool = setting(False, "include encoder columns in the cost (decoder rows only by default)")
+    min_cosine: float = setting(0.7, "a match is confident at or above this cosine", ge=-1, le=1)
+    dense_limit: int = setting(4096, "above this many latents, solve a sparsified cost", ge=1)
+    candidates: int = setting(32, "cheapest partners kept per latent when sparsified", ge=1)
+    device: str | None = setting(None, "device for the cost computation (default: the GPU when there is one)")
+    model: str | None = setting(None, "with data: check the matched decode on this model's hidden states")
+    data: str | None = setting(None, "documents for the transfer check (with model)")
+    layer_a: int | None = setting(None, "layer of the first SAE (default: the layer it records)")
+    layer_b: int | None = setting(None, "layer of the second SAE (default: the layer it records)")
+    max_tokens: int = setting(20_000, "tokens for the transfer check", ge=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if not (self.sae_a and self.sae_b):
+            raise ConfigError("sae match needs two SAEs (SAE_A SAE_B)")
+        if bool(self.model) != bool(self.data):
+            raise ConfigError("the transfer check needs both --model and --data")
+        check_model_path(self.model or "")
+
+
+def run_sae_match(cfg: SAEMatchConfig) -> dict:
+    """Match ``cfg.sae_a`` to ``cfg.sae_b``: the report (also in ``<out>/match.json``, with the permutation) and a
+    cosine histogram (``match.png``); with a model and data, the transfer check."""
     import json
     import os
 
     from .model import load_sae
 
-    a, b = load_sae(ns.sae_a), load_sae(ns.sae_b)
-    m = match_saes(a, b, encoder=ns.encoder, dense_limit=ns.dense_limit, candidates=ns.candidates, device=ns.device)
-    report = {"sae_a": ns.sae_a, "sae_b": ns.sae_b, "d_sae": [a.d_sae, b.d_sae], "encoder_in_cost": ns.encoder,
-              **summarize(m, ns.min_cosine)}
-    if ns.model or ns.data:
-        if not (ns.model and ns.data):
-            raise ConfigError("the transfer check needs both --model and --data")
+    cfg.validate()
+    a, b = load_sae(cfg.sae_a), load_sae(cfg.sae_b)
+    m = match_saes(a, b, encoder=cfg.encoder, dense_limit=cfg.dense_limit, candidates=cfg.candidates, device=cfg.device)
+    report = {"sae_a": cfg.sae_a, "sae_b": cfg.sae_b, "d_sae": [a.d_sae, b.d_sae], "encoder_in_cost": cfg.encoder,
+              **summarize(m, cfg.min_cosine)}
+    if cfg.model:
+        from ..data import read_documents
         from ..models import load_model, load_tokenizer
         from .model import resolve_layer
-        from .train import read_texts
 
-        model = load_model(ns.model).eval()
-        if ns.device:
-            model = model.to(ns.device)
-        la = resolve_layer(a, ns.layer_a, model, ns.sae_a, "--layer-a")
-        lb = resolve_layer(b, ns.layer_b, model, ns.sae_b, "--layer-b")
-        tok = load_tokenizer(ns.model)
+        model = load_model(cfg.model).eval()
+        if cfg.device:
+            model = model.to(cfg.device)
+        la = resolve_layer(a, cfg.layer_a, model, cfg.sae_a, "--layer-a")
+        lb = resolve_layer(b, cfg.layer_b, model, cfg.sae_b, "--layer-b")
+        tok = load_tokenizer(cfg.model)
         report["layers"] = [la, lb]
-        report["transfer"] = transfer_eval(a, b, m, model, tok, read_texts(ns.data, tok), la, lb, ns.max_tokens)
-    out = ns.out or f"{ns.sae_a.rstrip('/')}-vs-{os.path.basename(ns.sae_b.rstrip('/'))}"
+        report["transfer"] = transfer_eval(a, b, m, model, tok, read_documents(cfg.data, tok), la, lb, cfg.max_tokens)
+    out = cfg.out or f"{cfg.sae_a.rstrip('/')}-vs-{os.path.basename(cfg.sae_b.rstrip('/'))}"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "match.json"), "w") as f:
         json.dump({**report, "perm": m.perm.tolist()}, f)
-    plot_costs(m, os.path.join(out, "match.png"), f"SAE Match: {m.confident(ns.min_cosine).mean():.0%} confident")
-    for k, v in report.items():
-        if k not in ("sae_a", "sae_b"):
-            print(f"{k}: {json.dumps(v)}")
-    print(f"written to {out}/match.json (perm[i] = latent of B matched to latent i of A) and match.png")
-    return report
+    plot_costs(m, os.path.join(out, "match.png"), f"SAE Match: {m.confident(cfg.min_cosine).mean():.0%} confident")
+    return {**report, "out": out}
+
+
+def match_lines(report: dict) -> list[str]:
+    import json
+
+    lines = [f"{k}: {json.dumps(v)}" for k, v in report.items() if k not in ("sae_a", "sae_b", "out")]
+    return lines + [f"written to {report['out']}/match.json (perm[i] = latent of B matched to latent i of A) and match.png"]

@@ -10,13 +10,14 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from dataclasses import asdict, dataclass
+from typing import Iterator, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data import doc_batches
+from ..config import Config, check_model_path, setting
+from ..data import doc_batches, read_documents
 from ..errors import ConfigError, DataError
 from ..models import capture_layer, check_layer, hidden_size, run_to_layer
 from .metrics import OUTLIER_NORM, typical_tokens
@@ -29,50 +30,54 @@ SAE_TRAIN_VERSION = 4
 
 
 @dataclass
-class SAETrainConfig:
-    model: str = field(default="", metadata={"help": "model whose residual stream the SAE reads: HF folder, hub id or .gguf"})
-    data: str = field(default="", metadata={"help": "documents: text, conversations, prompt/response, or preference records (prompt + chosen and prompt + rejected)"})
-    layer: int = field(default=2, metadata={"help": "decoder layer whose output (residual stream) is encoded"})
-    layers: str = field(default="", metadata={"help": "several layers, e.g. 4,8,12: one SAE per layer from a single forward pass, saved to OUT/layers.N (overrides --layer)"})
-    out: str = field(default="runs/sae", metadata={"help": "SAE folder to write (SAELens layout, plus eval.json)"})
-    architecture: str = field(default="topk", metadata={"help": "activation: TopK (+AuxK), BatchTopK (k per token on average over a batch, +AuxK; saved as JumpReLU with the learnt threshold), Feature Choice (each latent takes its share of a batch's tokens, its strongest: k / d_sae each, or Zipf-shaped with --fc-zipf, so none dies or turns dense; saved as JumpReLU with a learnt threshold per latent), JumpReLU (straight-through L0) or ReLU (+L1)", "choices": ["topk", "batchtopk", "featurechoice", "jumprelu", "relu"]})
-    d_sae: int = field(default=512, metadata={"help": "number of latents"})
-    k: int = field(default=32, metadata={"help": "TopK/BatchTopK/Feature Choice: active latents per token (BatchTopK, Feature Choice: on average)"})
-    normalize: bool = field(default=True, metadata={"help": "train on activations scaled to mean norm sqrt(d_in); the scale is folded into the saved weights, which read raw activations"})
-    fc_zipf: float = field(default=0.0, metadata={"help": "Feature Choice: latent i takes a share of the tokens proportional to 1/(i+1)^fc_zipf (0: every latent k/d_sae), so a few latents can track frequent features and none dies"})
-    fc_max_share: float = field(default=0.08, metadata={"help": "Feature Choice: no latent takes more than this share of a batch's tokens (a dense latent fires on over 10%)"})
-    l1_coeff: float = field(default=5.0, metadata={"help": "ReLU: L1 coefficient (decoder-norm weighted)"})
-    l0_coeff: float = field(default=1e-3, metadata={"help": "JumpReLU: L0 coefficient"})
-    jumprelu_bandwidth: float = field(default=0.001, metadata={"help": "JumpReLU: straight-through rectangle kernel width"})
-    jumprelu_init_threshold: float = field(default=0.001, metadata={"help": "JumpReLU: initial threshold"})
-    aux_k: int | None = field(default=None, metadata={"help": "TopK: dead latents used by the AuxK loss (default: d_in / 2)"})
-    aux_coeff: float = field(default=1 / 32, metadata={"help": "TopK: AuxK loss coefficient"})
-    dead_tokens: int = field(default=10_000_000, metadata={"help": "a latent unused for this many tokens counts as dead and AuxK trains it on the residual (OpenAI's and sparsify's 10M; at 20k, AuxK doubled a CPU step and left more latents dead)"})
-    resample_every: int = field(default=0, metadata={"help": "TopK/BatchTopK: every this many tokens, re-initialise latents that have not fired for as many tokens towards inputs the SAE reconstructs worst (Anthropic's resampling; 0: off)"})
-    resample_until: float = field(default=0.5, metadata={"help": "share of the training tokens after which no latent is resampled (the rest lets the last ones settle)"})
-    tokens: int = field(default=600_000, metadata={"help": "training tokens"})
-    batch_tokens: int = field(default=1024, metadata={"help": "tokens per optimiser step"})
-    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (constant, linear decay over the last 20%)"})
-    format: str = field(default="saelens", metadata={"help": "folder layout to save: SAELens (cfg.json + sae_weights.safetensors) or sparsify (cfg.json + sae.safetensors, TopK only)", "choices": ["saelens", "sparsify"]})
-    buffer_tokens: int = field(default=32_768, metadata={"help": "shuffle buffer of activations (mixes tokens of many documents)"})
-    model_batch_size: int = field(default=32, metadata={"help": "documents per forward pass of the model"})
-    max_length: int = field(default=128, metadata={"help": "tokens kept per document"})
-    eval_tokens: int = field(default=40_000, metadata={"help": "held-out tokens for the final evaluation (eval.json)"})
-    outlier_norm: float = field(default=OUTLIER_NORM, metadata={"help": "leave out of training and evaluation the tokens whose residual norm exceeds this multiple of the batch's median: massive activations at the first position (SmolLM2: 145x) would hold ~99% of the variance; 0 keeps all"})
-    seed: int = field(default=0, metadata={"help": "seed of the init, the document order and the shuffle buffer"})
-    device: str | None = field(default=None, metadata={"help": "device to train on (default: the GPU when there is one)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+class SAETrainConfig(Config):
+    """`featalign sae train`: one SAE on one layer (or one per layer of ``layers``), saved in SAELens' layout."""
+
+    model: str = setting("", "model whose residual stream the SAE reads: HF folder, hub id or .gguf file")
+    data: str = setting("", "documents: text, conversations, prompt/response or preference records (prompt + each answer)")
+    layer: int = setting(2, "decoder layer whose output (the residual stream) is encoded")
+    layers: str = setting("", "several layers, e.g. 4,8,12: one SAE each from the same forward passes, saved to <out>/layers.N")
+    out: str = setting("runs/sae", "SAE folder to write (SAELens layout, plus eval.json)")
+    architecture: Literal["topk", "batchtopk", "featurechoice", "jumprelu", "relu"] = setting(
+        "topk", "activation: TopK, BatchTopK, Feature Choice, JumpReLU or ReLU (the docs' SAE page says how each trains)")
+    d_sae: int = setting(512, "number of latents", ge=1)
+    k: int = setting(32, "TopK: active latents per token (BatchTopK and Feature Choice: on average)", ge=1)
+    normalize: bool = setting(True, "train on activations scaled to mean norm sqrt(d_in); the saved SAE reads raw activations")
+    fc_zipf: float = setting(0.0, "Feature Choice: latent i takes a share of the tokens proportional to 1/(i+1)^fc_zipf (0: equal)", ge=0)
+    fc_max_share: float = setting(0.08, "Feature Choice: the largest share of a batch's tokens one latent may take", gt=0, le=1)
+    l1_coeff: float = setting(5.0, "ReLU: coefficient of the decoder-norm-weighted L1 penalty", ge=0)
+    l0_coeff: float = setting(1e-3, "JumpReLU: coefficient of the L0 penalty", ge=0)
+    jumprelu_bandwidth: float = setting(0.001, "JumpReLU: width of the straight-through rectangle kernel", gt=0)
+    jumprelu_init_threshold: float = setting(0.001, "JumpReLU: initial threshold", gt=0)
+    aux_k: int | None = setting(None, "TopK: dead latents the AuxK loss uses (default: d_in / 2)", ge=1)
+    aux_coeff: float = setting(1 / 32, "TopK: coefficient of the AuxK loss", ge=0)
+    dead_tokens: int = setting(10_000_000, "a latent silent for this many tokens is dead, and AuxK trains it on the residual", ge=1)
+    resample_every: int = setting(0, "TopK/BatchTopK: every this many tokens, re-initialise long-dead latents (0: off)", ge=0)
+    resample_until: float = setting(0.5, "share of the training tokens after which no latent is resampled", ge=0, le=1)
+    tokens: int = setting(600_000, "training tokens", ge=1)
+    batch_tokens: int = setting(1024, "tokens per optimiser step", ge=1)
+    lr: float = setting(3e-3, "Adam learning rate (constant, then a linear decay over the last 20%)", gt=0)
+    format: Literal["saelens", "sparsify"] = setting("saelens", "folder layout to save: SAELens, or sparsify (TopK only)")
+    buffer_tokens: int = setting(32_768, "shuffle buffer of activations (mixes tokens of many documents)", ge=1)
+    model_batch_size: int = setting(32, "documents per forward pass of the model", ge=1)
+    max_length: int = setting(128, "tokens kept per document", ge=2)
+    eval_tokens: int = setting(40_000, "held-out tokens for the final evaluation (eval.json)", ge=1)
+    outlier_norm: float = setting(OUTLIER_NORM, "leave out tokens whose residual norm exceeds this multiple of the batch median (0: keep all)", ge=0)
+    seed: int = setting(0, "seed of the init, the document order and the shuffle buffer")
+    device: str | None = setting(None, "device to train on (default: the GPU when there is one)")
+    progress: bool = setting(True, "show a progress bar")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model or not self.data:
+            raise ConfigError("sae train needs model and data (--model, --data)")
+        check_model_path(self.model)
+        if self.format == "sparsify" and self.architecture != "topk":
+            raise ConfigError(f"format=sparsify holds TopK SAEs only, not architecture={self.architecture}; use format=saelens")
+        _shares(self)  # a Feature Choice setting that cannot add up fails here, before the model is loaded
 
 
 # ---------------------------------------------------------------- activations
-def read_texts(path: str, tokenizer) -> list[list[int]]:
-    """Token ids per document: plain text, conversations, prompt + response, or preference records of any format
-    `featalign train` reads (prompt + chosen and prompt + rejected), rendered as training renders them."""
-    from ..data import read_documents
-
-    return read_documents(path, tokenizer)
-
-
 def run_to_layers(model, layers: list[int], **inputs) -> torch.Tensor:
     """Residual streams after each of ``layers`` from one forward pass cut after the deepest: [..., layers, d]."""
     with contextlib.ExitStack() as stack:
@@ -464,9 +469,7 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
     from ..models import load_model, load_tokenizer
     from .metrics import evaluate_sae
 
-    if cfg.format == "sparsify" and cfg.architecture != "topk":
-        raise ConfigError(f"format=sparsify holds TopK SAEs only, not architecture={cfg.architecture}; use format=saelens")
-    _shares(cfg)  # a Feature Choice setting that cannot add up fails here, before the model is loaded
+    cfg.validate()
     torch.manual_seed(cfg.seed)
     model = model if model is not None else load_model(cfg.model, device=cfg.device or "auto")
     if cfg.device:
@@ -475,7 +478,7 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
     model.eval()
     layers = parse_layers(cfg.layers, model) or [check_layer(model, cfg.layer)]
     d_in = hidden_size(model)
-    docs = read_texts(cfg.data, tokenizer)
+    docs = read_documents(cfg.data, tokenizer)
     rng = random.Random(cfg.seed)
     rng.shuffle(docs)
     n_eval_docs = max(1, len(docs) // 10)

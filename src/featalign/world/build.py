@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import data as D
 from ..atomic import replace_dir
+from ..config import Config, setting
 from . import lang
 from .probe import mood_oracle, mood_probe, probe_examples, topic_blind, topic_probe
 
@@ -37,28 +38,46 @@ CHAT_TEMPLATE = (
 
 
 @dataclass
-class WorldConfig:
-    seed: int = 0
-    n_sft: int = 16000
-    n_sft_eval: int = 500
-    n_train_pairs: int = 4000
-    n_test_pairs: int = 500
-    min_reward_gap: float = 0.15
-    hidden_size: int = 160
-    intermediate_size: int = 448
-    num_layers: int = 4
-    num_heads: int = 4
-    # at 1,200 steps the v4 model had not learnt to compare a noun's topic with the prompt's (topic probe 0.50,
-    # below the 0.62 of a predictor blind to it); at 3,000 it does (0.997), and the SAE then finds a topic latent
-    sft_steps: int = 3000
-    sft_batch_size: int = 32
-    sft_lr: float = 3e-3
+class WorldConfig(Config):
+    """The built-in world's settings; a folder built with the same settings is reused."""
+
+    seed: int = setting(0, "seed of the corpus, the preference pairs and the SFT run")
+    n_sft: int = setting(16000, "SFT examples (prompt and one generated answer)", ge=1)
+    n_sft_eval: int = setting(500, "held-out SFT examples for the perplexity figures", ge=1)
+    n_train_pairs: int = setting(4000, "training preference pairs", ge=1)
+    n_test_pairs: int = setting(500, "held-out preference pairs", ge=1)
+    min_reward_gap: float = setting(0.15, "skip pairs whose two answers' ground-truth rewards differ by less", ge=0)
+    hidden_size: int = setting(160, "width of the SFT model's residual stream", ge=8)
+    intermediate_size: int = setting(448, "width of its MLPs", ge=8)
+    num_layers: int = setting(4, "decoder layers", ge=1)
+    num_heads: int = setting(4, "attention heads per layer", ge=1)
+    # at 1,200 steps the model has not learnt to compare a noun's topic with the prompt's (topic probe 0.50, below the
+    # 0.62 of a predictor blind to it); at 3,000 it has (0.997), and an SAE then finds a topic latent
+    sft_steps: int = setting(3000, "SFT optimiser steps", ge=1)
+    sft_batch_size: int = setting(32, "SFT examples per step", ge=1)
+    sft_lr: float = setting(3e-3, "SFT peak learning rate", gt=0)
 
     @classmethod
     def quick(cls, seed: int = 0) -> "WorldConfig":
         """A smaller world for tests: same language, fewer examples and SFT steps."""
         return cls(seed=seed, n_sft=4000, n_sft_eval=200, n_train_pairs=600, n_test_pairs=150, sft_steps=1000,
                    hidden_size=128, intermediate_size=352)
+
+
+@dataclass
+class WorldBuildConfig(Config):
+    """`featalign world build`: the world is built once per settings and reused after."""
+
+    out: str = setting("data/world", "world folder")
+    seed: int = setting(0, "seed of the corpus, the pairs and the SFT run")
+    quick: bool = setting(False, "the smaller world the tests use (about 90 s on 2 cores)")
+    force: bool = setting(False, "rebuild even when a world with these settings is there")
+
+
+def run_world_build(cfg: WorldBuildConfig) -> dict:
+    """Build (or reuse) the world the command's settings name; returns its manifest."""
+    cfg.validate()
+    return build_world(cfg.out, WorldConfig.quick(cfg.seed) if cfg.quick else WorldConfig(seed=cfg.seed), force=cfg.force)
 
 
 def build_tokenizer():

@@ -1,4 +1,4 @@
-"""Does a world LM track an answer's mood? The probe that found why the v2 world's model had no sentiment.
+"""Does a world LM track an answer's mood, and does it compare a noun's topic with the prompt's? Two probes.
 
 At each unnegated sentiment word that follows an earlier sentiment phrase of the same response, the probe takes
 the share of the model's sentiment-word probability that falls on the word's polarity. A model blind to mood
