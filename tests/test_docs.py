@@ -1,0 +1,71 @@
+"""The manual: generated pages are current, the site builds strictly, and every command it shows parses."""
+
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)) + [os.path.join(ROOT, "README.md")]
+
+
+def test_generated_pages_are_current():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gen_docs.py"), "--check"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+def test_site_builds_strictly(tmp_path):
+    """No broken link or anchor, no page outside the nav (mkdocs.yml's validation settings, made errors by --strict)."""
+    pytest.importorskip("mkdocs", reason="mkdocs (docs extra) is not installed")
+    p = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", os.path.join(ROOT, "mkdocs.yml"),
+                        "-d", str(tmp_path / "site")], capture_output=True, text=True, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (tmp_path / "site" / "index.html").exists()
+
+
+def commands(text: str) -> list[str]:
+    """The `featalign ...` command lines of a page's code blocks, continuation lines joined, comments dropped."""
+    out = []
+    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip().removeprefix("$ ")
+            if line.startswith("featalign "):
+                out.append(line.split(" #")[0].strip())
+    return out
+
+
+def test_every_command_in_the_docs_parses():
+    """Each command shown names a command that exists and only flags it has, with values of the right type."""
+    from featalign.cli import build_parser
+
+    parser = build_parser()
+    bad = []
+    seen = 0
+    for page in PAGES:
+        for line in commands(open(page).read()):
+            args = shlex.split(line)[1:]
+            if "--help" in args or "-h" in args:
+                continue
+            seen += 1
+            try:
+                parser.parse_args(args)
+            except SystemExit:
+                bad.append(f"{os.path.relpath(page, ROOT)}: {line}")
+    assert seen > 10, "the docs should show the commands"
+    assert not bad, "\n".join(bad)
+
+
+def test_no_history_in_code_or_manual():
+    """Issue numbers and session history belong in CHANGELOG.md, not in the code, the README or the manual."""
+    files = PAGES + glob.glob(os.path.join(ROOT, "src", "**", "*.py"), recursive=True)
+    found = [f"{os.path.relpath(f, ROOT)}: {m.group(0)}" for f in files
+             for m in re.finditer(r"(?i)\bissues? #?\d+\b", open(f).read())]
+    assert not found, found
+
+
+def test_readme_is_short():
+    assert sum(1 for _ in open(os.path.join(ROOT, "README.md"))) <= 200
