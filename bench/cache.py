@@ -52,14 +52,62 @@ def main():
             dst.write(line)
     common = ["--model", model_dir, "--data", data, "--max-length", str(a.max_length), "--max-prompt-length", "32"]
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "featalign", "cache", *common, "--sae", sae_dir, "--layer", str(layer), "--k", str(a.k),
-                    "--out", cache_dir, "--batch-size", "32"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featalign",
+            "cache",
+            *common,
+            "--sae",
+            sae_dir,
+            "--layer",
+            str(layer),
+            "--k",
+            str(a.k),
+            "--out",
+            cache_dir,
+            "--batch-size",
+            "32",
+        ],
+        check=True,
+        capture_output=True,
+    )
     build_s = time.time() - t0
     out = os.path.join(tmp, "train")
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "featalign", "train", "--method", "fpo", *common, "--cache", cache_dir, "--sae", sae_dir,
-                    "--layer", str(layer), "--k", str(a.k), "--out", out, "--epochs", "1", "--batch-size", str(a.batch_size),
-                    "--no-progress", "--no-tensorboard", "--no-resume", "--lr", "1e-6"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featalign",
+            "train",
+            "--method",
+            "fpo",
+            *common,
+            "--cache",
+            cache_dir,
+            "--sae",
+            sae_dir,
+            "--layer",
+            str(layer),
+            "--k",
+            str(a.k),
+            "--out",
+            out,
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(a.batch_size),
+            "--no-progress",
+            "--no-tensorboard",
+            "--no-resume",
+            "--lr",
+            "1e-6",
+        ],
+        check=True,
+        capture_output=True,
+    )
     epoch_process_s = time.time() - t0
     summary = json.load(open(os.path.join(out, "summary.json")))
 
@@ -72,17 +120,31 @@ def main():
     measured = shard_bytes / (2 * len(pairs))
     here = sizes(d_sae, a.hidden, a.k, resp_tokens)
     gemma = sizes(16384, 2304, 50, 256, value_bytes=4)
-    write_result("cache", {
-        "model_params": n_params, "hidden": a.hidden, "layers": a.layers, "d_sae": d_sae, "k": a.k, "pairs": len(pairs),
-        "response_tokens_mean": resp_tokens,
-        "cache_bytes_on_disk": shard_bytes, "bytes_per_response_measured": measured,
-        "bytes_per_response_computed": here,
-        "dense_pooled_over_sparse": here["dense_pooled"] / measured,
-        "dense_per_token_over_sparse": here["dense_per_token_latents"] / measured,
-        "gemma2_2b_16k_k50_256_tokens_computed": {**gemma, "dense_pooled_over_sparse": gemma["dense_pooled"] / gemma["sparse_topk_pooled"]},
-        "cache_build_s": build_s, "fpo_epoch_train_s": summary["wall_seconds"], "fpo_epoch_process_s": epoch_process_s,
-        "cache_build_over_epoch": build_s / epoch_process_s,
-    })
+    write_result(
+        "cache",
+        {
+            "model_params": n_params,
+            "hidden": a.hidden,
+            "layers": a.layers,
+            "d_sae": d_sae,
+            "k": a.k,
+            "pairs": len(pairs),
+            "response_tokens_mean": resp_tokens,
+            "cache_bytes_on_disk": shard_bytes,
+            "bytes_per_response_measured": measured,
+            "bytes_per_response_computed": here,
+            "dense_pooled_over_sparse": here["dense_pooled"] / measured,
+            "dense_per_token_over_sparse": here["dense_per_token_latents"] / measured,
+            "gemma2_2b_16k_k50_256_tokens_computed": {
+                **gemma,
+                "dense_pooled_over_sparse": gemma["dense_pooled"] / gemma["sparse_topk_pooled"],
+            },
+            "cache_build_s": build_s,
+            "fpo_epoch_train_s": summary["wall_seconds"],
+            "fpo_epoch_process_s": epoch_process_s,
+            "cache_build_over_epoch": build_s / epoch_process_s,
+        },
+    )
 
 
 if __name__ == "__main__":

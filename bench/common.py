@@ -82,9 +82,19 @@ def bench_llama(hidden: int, layers: int, vocab: int, max_positions: int = 1024,
 
     torch.manual_seed(0)
     heads = max(1, hidden // 64)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.75 * hidden),
-                                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                                        max_position_embeddings=max_positions, tie_word_embeddings=False, **token_ids))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(2.75 * hidden),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            **token_ids,
+        )
+    )
 
 
 def make_model(out: str, hidden: int, layers: int, max_positions: int = 1024, chat_template: bool = False) -> int:
@@ -96,8 +106,15 @@ def make_model(out: str, hidden: int, layers: int, max_positions: int = 1024, ch
     tok = load_tokenizer(quick_world()["sft"])
     if not chat_template:
         tok.chat_template = None
-    model = bench_llama(hidden, layers, len(tok), max_positions, pad_token_id=tok.pad_token_id,
-                        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model = bench_llama(
+        hidden,
+        layers,
+        len(tok),
+        max_positions,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return sum(p.numel() for p in model.parameters())

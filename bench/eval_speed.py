@@ -32,10 +32,19 @@ def worker(kind: str, a) -> dict:
 
     model_dir = os.path.join(WORK, "hf")
     tok, pol, ref = load_tokenizer(model_dir), load_model(model_dir).eval(), load_model(model_dir).eval()
-    cfg = EvalConfig(model=model_dir, data=os.path.join(WORK, "eval-pairs.jsonl"), max_length=192, batch_size=a.batch_size,
-                     n_prompts=a.n_prompts, max_new_tokens=a.max_new_tokens, reward_fn="featalign.sentiment:reward")
+    cfg = EvalConfig(
+        model=model_dir,
+        data=os.path.join(WORK, "eval-pairs.jsonl"),
+        max_length=192,
+        batch_size=a.batch_size,
+        n_prompts=a.n_prompts,
+        max_new_tokens=a.max_new_tokens,
+        reward_fn="featalign.sentiment:reward",
+    )
     _, pairs, _ = D.prepare_pairs(cfg, tok)
-    tokens = 2 * sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)  # policy + reference
+    tokens = 2 * sum(
+        len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
+    )  # policy + reference
     t0 = time.perf_counter()
     if kind == "bare":
         with torch.no_grad():
@@ -81,11 +90,21 @@ def main():
 
         load_model(gguf_path()).save_pretrained(os.path.join(WORK, "hf"))
         load_tokenizer(gguf_path()).save_pretrained(os.path.join(WORK, "hf"))
-    args = ["--pairs", str(a.pairs), "--batch-size", str(a.batch_size), "--n-prompts", str(a.n_prompts),
-            "--max-new-tokens", str(a.max_new_tokens)]
+    args = [
+        "--pairs",
+        str(a.pairs),
+        "--batch-size",
+        str(a.batch_size),
+        "--n-prompts",
+        str(a.n_prompts),
+        "--max-new-tokens",
+        str(a.max_new_tokens),
+    ]
     res = {kind: run_worker(__file__, args + ["--worker", kind]) for kind in ("bare", "pairs", "full")}
     if "tokens_per_second" in res["pairs"] and "tokens_per_second" in res["bare"]:
-        res["pairs_over_bare_tokens_per_second"] = round(res["pairs"]["tokens_per_second"] / res["bare"]["tokens_per_second"], 3)
+        res["pairs_over_bare_tokens_per_second"] = round(
+            res["pairs"]["tokens_per_second"] / res["bare"]["tokens_per_second"], 3
+        )
     res["settings"] = vars(a) | {"model": "SmolLM2-135M-Instruct", "max_length": 192}
     write_result("eval" + (f"-{a.tag}" if a.tag else ""), res)
     print(json.dumps(res, indent=1))

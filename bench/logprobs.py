@@ -46,9 +46,17 @@ def gemma2_shaped(vocab: int, hidden: int, layers: int):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, final_logit_softcapping=30.0,
-                       attn_implementation="eager")
+    cfg = Gemma2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        final_logit_softcapping=30.0,
+        attn_implementation="eager",
+    )
     return Gemma2ForCausalLM(cfg)
 
 
@@ -69,7 +77,7 @@ def worker(a) -> dict:
     n = 2 * a.pairs
     ids = torch.randint(0, a.vocab, (n, a.seq), generator=g)
     resp = torch.zeros_like(ids)
-    resp[:, a.prompt:] = 1
+    resp[:, a.prompt :] = 1
     ids, att, resp = ids.to(device), torch.ones_like(ids).to(device), resp.to(device)
     positions = L.response_positions(resp.cpu())
     ref = torch.randn(n, generator=g).to(device) - 2.0 * (a.seq - a.prompt)
@@ -104,11 +112,18 @@ def worker(a) -> dict:
         losses.append(step())
         sync()
         times.append(time.perf_counter() - t0)
-    return {"step_s": median(times), "step_s_all": times, "peak_mb": peak_mb(), "peak_reset_after_init": peak_reset,
-            "init_peak_mb": init_peak, "held_before_step_mb": held,
-            "step_peak_above_held_mb": peak_mb() - held, "loss": float(losses[0]),
-            "grad_norm_head": grad_norm,
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "step_s": median(times),
+        "step_s_all": times,
+        "peak_mb": peak_mb(),
+        "peak_reset_after_init": peak_reset,
+        "init_peak_mb": init_peak,
+        "held_before_step_mb": held,
+        "step_peak_above_held_mb": peak_mb() - held,
+        "loss": float(losses[0]),
+        "grad_norm_head": grad_norm,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main():
@@ -130,8 +145,25 @@ def main():
     if a.worker:
         print(json.dumps(worker(a)))
         return
-    args = ["--worker", "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--layers", str(a.layers), "--pairs", str(a.pairs),
-            "--seq", str(a.seq), "--prompt", str(a.prompt), "--repeats", str(a.repeats), "--mem-limit-gb", str(a.mem_limit_gb)]
+    args = [
+        "--worker",
+        "--vocab",
+        str(a.vocab),
+        "--hidden",
+        str(a.hidden),
+        "--layers",
+        str(a.layers),
+        "--pairs",
+        str(a.pairs),
+        "--seq",
+        str(a.seq),
+        "--prompt",
+        str(a.prompt),
+        "--repeats",
+        str(a.repeats),
+        "--mem-limit-gb",
+        str(a.mem_limit_gb),
+    ]
     runs = {}
     for rnd in range(a.rounds):  # alternating whole rounds, so a slow spell of the shared machine hits both sides
         for mode in a.modes.split(","):
@@ -146,14 +178,31 @@ def main():
     for mode in ("chunked", "fused"):
         c = runs.get(mode, {})
         if "step_s" in f and "step_s" in c:
-            summary[mode] = {"peak_memory_vs_full": c["peak_mb"] / f["peak_mb"],
-                             "step_memory_above_held_vs_full": c["step_peak_above_held_mb"] / f["step_peak_above_held_mb"],
-                             "step_time_vs_full": c["step_s"] / f["step_s"],
-                             "same_loss": abs(c["loss"] - f["loss"]) < 1e-4,
-                             "head_grad_norm_rel_diff": abs(c["grad_norm_head"] - f["grad_norm_head"]) / f["grad_norm_head"]}
-    write_result(a.tag, {"shape": {"vocab": a.vocab, "hidden": a.hidden, "layers": a.layers, "pairs": a.pairs, "seq": a.seq,
-                                   "prompt": a.prompt, "model": "Gemma-2-shaped (tied embeddings, soft-capping), random init"},
-                         "repeats": a.repeats, "rounds": a.rounds, "runs": runs, "summary": summary})
+            summary[mode] = {
+                "peak_memory_vs_full": c["peak_mb"] / f["peak_mb"],
+                "step_memory_above_held_vs_full": c["step_peak_above_held_mb"] / f["step_peak_above_held_mb"],
+                "step_time_vs_full": c["step_s"] / f["step_s"],
+                "same_loss": abs(c["loss"] - f["loss"]) < 1e-4,
+                "head_grad_norm_rel_diff": abs(c["grad_norm_head"] - f["grad_norm_head"]) / f["grad_norm_head"],
+            }
+    write_result(
+        a.tag,
+        {
+            "shape": {
+                "vocab": a.vocab,
+                "hidden": a.hidden,
+                "layers": a.layers,
+                "pairs": a.pairs,
+                "seq": a.seq,
+                "prompt": a.prompt,
+                "model": "Gemma-2-shaped (tied embeddings, soft-capping), random init",
+            },
+            "repeats": a.repeats,
+            "rounds": a.rounds,
+            "runs": runs,
+            "summary": summary,
+        },
+    )
     print(json.dumps(summary, indent=2))
 
 

@@ -38,7 +38,7 @@ def tensor_memory(cfg_kwargs: dict) -> dict:
     gradients, AdamW state, reference model, SAE, offline cache) plus activations saved for backward
     (counted once per storage with ``saved_tensors_hooks``)."""
     from featalign import data as D
-    from featalign.train import Trainer, TrainConfig
+    from featalign.train import TrainConfig, Trainer
 
     t = Trainer(TrainConfig(**cfg_kwargs))
 
@@ -59,7 +59,9 @@ def tensor_memory(cfg_kwargs: dict) -> dict:
     parts = {
         "policy_weights": nbytes(policy),
         "gradients": nbytes(p.grad for p in policy if p.grad is not None),
-        "optimizer_state": nbytes(v for st in t.opt.state_dict()["state"].values() for v in st.values() if torch.is_tensor(v) and v.dim()),
+        "optimizer_state": nbytes(
+            v for st in t.opt.state_dict()["state"].values() for v in st.values() if torch.is_tensor(v) and v.dim()
+        ),
         "reference_model": nbytes(t.ref_model.parameters()) if t.ref_model is not None else 0,
         "sae": nbytes(t.sae.parameters()) if t.sae is not None else 0,
         "offline_cache": t.cache.nbytes() if t.cache is not None else 0,
@@ -75,8 +77,11 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--methods", default="fpo,dpo,simpo,tdpo2,tdpo2+lora",
-                    help="methods; NAME+lora trains a rank-16 LoRA adapter, a live reference being the adapter switched off")
+    ap.add_argument(
+        "--methods",
+        default="fpo,dpo,simpo,tdpo2,tdpo2+lora",
+        help="methods; NAME+lora trains a rank-16 LoRA adapter, a live reference being the adapter switched off",
+    )
     ap.add_argument("--world", default=os.path.join(ROOT, "data", "world-quick"))
     args = ap.parse_args()
     from featalign.world import WorldConfig, build_world, world_paths
@@ -89,27 +94,89 @@ def main():
     make_sae(sae_dir, args.hidden, 8 * args.hidden, args.layers // 2)
     layer = str(args.layers // 2)
     common = ["--max-length", "96", "--max-prompt-length", "32"]
-    run([sys.executable, "-m", "featalign", "cache", "--model", model_dir, "--data", wp["train"], "--sae", sae_dir, "--layer", layer,
-         "--out", cache_dir, *common])
-    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
-               "model_params": n_params, "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
-               "batch_size": args.batch_size, "runs": {}}
+    run(
+        [
+            sys.executable,
+            "-m",
+            "featalign",
+            "cache",
+            "--model",
+            model_dir,
+            "--data",
+            wp["train"],
+            "--sae",
+            sae_dir,
+            "--layer",
+            layer,
+            "--out",
+            cache_dir,
+            *common,
+        ]
+    )
+    results = {
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})",
+        "model_params": n_params,
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "runs": {},
+    }
     for name in args.methods.split(","):
         m, lora = (name[: -len("+lora")], 16) if name.endswith("+lora") else (name, 0)
         out = os.path.join(tmp, name)
-        cmd = [sys.executable, "-m", "featalign", "train", "--method", m, "--lora-r", str(lora), "--model", model_dir, "--data", wp["train"], "--out", out,
-               "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", "1e-5", "--no-progress",
-               "--no-tensorboard", "--no-resume", *common]
+        cmd = [
+            sys.executable,
+            "-m",
+            "featalign",
+            "train",
+            "--method",
+            m,
+            "--lora-r",
+            str(lora),
+            "--model",
+            model_dir,
+            "--data",
+            wp["train"],
+            "--out",
+            out,
+            "--max-steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--lr",
+            "1e-5",
+            "--no-progress",
+            "--no-tensorboard",
+            "--no-resume",
+            *common,
+        ]
         if m in ("dpo", "ipo", "dpo_ln", "fpo"):
             cmd += ["--cache", cache_dir]
         if m == "fpo":
             cmd += ["--sae", sae_dir, "--layer", layer]
         run(cmd)
         s = json.load(open(os.path.join(out, "summary.json")))
-        results["runs"][name] = {k: s[k] for k in ("peak_memory_mb", "wall_seconds", "tokens_per_second", "reference_model_loaded")}
-        kw = dict(method=m, model=model_dir, data=wp["train"], out=out + "-tensors", batch_size=args.batch_size, max_steps=1,
-                  max_length=96, max_prompt_length=32, progress=False, tensorboard=False, resume=False, lora_r=lora,
-                  cache=cache_dir if m in ("dpo", "ipo", "dpo_ln", "fpo") else None)
+        results["runs"][name] = {
+            k: s[k] for k in ("peak_memory_mb", "wall_seconds", "tokens_per_second", "reference_model_loaded")
+        }
+        kw = dict(
+            method=m,
+            model=model_dir,
+            data=wp["train"],
+            out=out + "-tensors",
+            batch_size=args.batch_size,
+            max_steps=1,
+            max_length=96,
+            max_prompt_length=32,
+            progress=False,
+            tensorboard=False,
+            resume=False,
+            lora_r=lora,
+            cache=cache_dir if m in ("dpo", "ipo", "dpo_ln", "fpo") else None,
+        )
         if m == "fpo":
             kw.update(sae=sae_dir, layer=int(layer))
         results["runs"][name]["tensor_memory_mb"] = tensor_memory(kw)
@@ -117,10 +184,14 @@ def main():
     r = results["runs"]
     if "fpo" in r and "tdpo2" in r:
         results["fpo_vs_tdpo2_peak_rss_ratio"] = r["fpo"]["peak_memory_mb"] / r["tdpo2"]["peak_memory_mb"]
-        results["fpo_vs_tdpo2_tensor_ratio"] = r["fpo"]["tensor_memory_mb"]["total"] / r["tdpo2"]["tensor_memory_mb"]["total"]
+        results["fpo_vs_tdpo2_tensor_ratio"] = (
+            r["fpo"]["tensor_memory_mb"]["total"] / r["tdpo2"]["tensor_memory_mb"]["total"]
+        )
     if "tdpo2" in r and "tdpo2+lora" in r:
         results["tdpo2_lora_vs_tdpo2_peak_rss_ratio"] = r["tdpo2+lora"]["peak_memory_mb"] / r["tdpo2"]["peak_memory_mb"]
-        results["tdpo2_lora_vs_tdpo2_tensor_ratio"] = r["tdpo2+lora"]["tensor_memory_mb"]["total"] / r["tdpo2"]["tensor_memory_mb"]["total"]
+        results["tdpo2_lora_vs_tdpo2_tensor_ratio"] = (
+            r["tdpo2+lora"]["tensor_memory_mb"]["total"] / r["tdpo2"]["tensor_memory_mb"]["total"]
+        )
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     tag = "gpu" if torch.cuda.is_available() else "cpu"
     path = os.path.join(ROOT, "bench", "results", f"memory-{tag}.json")

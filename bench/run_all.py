@@ -19,11 +19,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 GPU = importlib.util.find_spec("torch") is not None and __import__("torch").cuda.is_available()
 SIZES = {
-    "train_step": ["--hidden", "1024", "--layers", "12", "--batch-size", "16", "--steps", "10", "--warmup", "3", "--max-length", "128"]
-    if GPU else ["--hidden", "256", "--layers", "4", "--batch-size", "8", "--steps", "20", "--warmup", "3", "--rounds", "3"],
+    "train_step": [
+        "--hidden",
+        "1024",
+        "--layers",
+        "12",
+        "--batch-size",
+        "16",
+        "--steps",
+        "10",
+        "--warmup",
+        "3",
+        "--max-length",
+        "128",
+    ]
+    if GPU
+    else ["--hidden", "256", "--layers", "4", "--batch-size", "8", "--steps", "20", "--warmup", "3", "--rounds", "3"],
     "memory": ["--hidden", "1024", "--layers", "12", "--batch-size", "16", "--steps", "10"] if GPU else [],
     "cache": ["--hidden", "1024", "--layers", "12"] if GPU else [],
-    "sae_train": (["--libs", "featalign"] if importlib.util.find_spec("sae_lens") is None else []) + (["--tokens", "2000000", "--d-sae", "4096"] if GPU else []),
+    "sae_train": (["--libs", "featalign"] if importlib.util.find_spec("sae_lens") is None else [])
+    + (["--tokens", "2000000", "--d-sae", "4096"] if GPU else []),
     "sae_decode": [],
     "sae_match": [],
     "scaling": [],

@@ -49,9 +49,17 @@ def main():
             v, i = sae.encode_pre(x).topk(a.k, dim=-1)
             return sae.decode_sparse(i, v.relu())
 
-        rows.append({"d_sae": w, "decode_dense_ms": 1e3 * t_dense, "decode_sparse_ms": 1e3 * t_sparse,
-                     "decode_speedup": t_dense / t_sparse, "encode_decode_dense_ms": 1e3 * timeit(e2e_dense, a.repeats),
-                     "encode_decode_sparse_ms": 1e3 * timeit(e2e_sparse, a.repeats), "same_output": bool(same)})
+        rows.append(
+            {
+                "d_sae": w,
+                "decode_dense_ms": 1e3 * t_dense,
+                "decode_sparse_ms": 1e3 * t_sparse,
+                "decode_speedup": t_dense / t_sparse,
+                "encode_decode_dense_ms": 1e3 * timeit(e2e_dense, a.repeats),
+                "encode_decode_sparse_ms": 1e3 * timeit(e2e_sparse, a.repeats),
+                "same_output": bool(same),
+            }
+        )
         print(rows[-1], flush=True)
         del sae, dense, x
     write_result("sae_decode", {"d_in": d_in, "k": a.k, "tokens": tokens, "rows": rows})

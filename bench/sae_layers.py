@@ -33,24 +33,48 @@ def main():
     model, tok = load_model(wp["sft"]).eval(), load_tokenizer(wp["sft"])
     layers = [int(v) for v in a.layers.split(",")]
     out = scratch(prefix="featalign-sae-layers-")
-    base = dict(model=wp["sft"], data=wp["sft_text"], d_sae=a.d_sae, k=a.k, tokens=a.tokens, eval_tokens=5000, progress=False)
+    base = dict(
+        model=wp["sft"], data=wp["sft_text"], d_sae=a.d_sae, k=a.k, tokens=a.tokens, eval_tokens=5000, progress=False
+    )
     runs = []
     for r in range(a.repeats):
         _, multi = train_sae(SAETrainConfig(**base, layers=a.layers, out=os.path.join(out, f"multi{r}")), model, tok)
-        single = {layer: train_sae(SAETrainConfig(**base, layer=layer, out=os.path.join(out, f"l{layer}-{r}")), model, tok)[1]
-                  for layer in layers}
+        single = {
+            layer: train_sae(SAETrainConfig(**base, layer=layer, out=os.path.join(out, f"l{layer}-{r}")), model, tok)[1]
+            for layer in layers
+        }
         one_pass_s = multi[layers[0]]["train_seconds"]
         per_layer_s = sum(s["train_seconds"] for s in single.values())
-        runs.append({"one_pass_seconds": one_pass_s, "one_run_per_layer_seconds": per_layer_s,
-                     "one_pass_tokens_per_s_per_sae": a.tokens * len(layers) / one_pass_s,
-                     "one_run_per_layer_tokens_per_s_per_sae": a.tokens * len(layers) / per_layer_s,
-                     "speedup": per_layer_s / one_pass_s,
-                     "explained_variance": {layer: {"one_pass": multi[layer]["explained_variance"],
-                                                    "one_run_per_layer": single[layer]["explained_variance"]} for layer in layers}})
+        runs.append(
+            {
+                "one_pass_seconds": one_pass_s,
+                "one_run_per_layer_seconds": per_layer_s,
+                "one_pass_tokens_per_s_per_sae": a.tokens * len(layers) / one_pass_s,
+                "one_run_per_layer_tokens_per_s_per_sae": a.tokens * len(layers) / per_layer_s,
+                "speedup": per_layer_s / one_pass_s,
+                "explained_variance": {
+                    layer: {
+                        "one_pass": multi[layer]["explained_variance"],
+                        "one_run_per_layer": single[layer]["explained_variance"],
+                    }
+                    for layer in layers
+                },
+            }
+        )
         print(runs[-1], flush=True)
     speedups = sorted(r["speedup"] for r in runs)
-    write_result("sae_layers", {"model": wp["sft"], "layers": layers, "tokens": a.tokens, "d_sae": a.d_sae, "k": a.k, "runs": runs,
-                                "speedup_median": speedups[len(speedups) // 2]})
+    write_result(
+        "sae_layers",
+        {
+            "model": wp["sft"],
+            "layers": layers,
+            "tokens": a.tokens,
+            "d_sae": a.d_sae,
+            "k": a.k,
+            "runs": runs,
+            "speedup_median": speedups[len(speedups) // 2],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,20 @@ def main():
     m = match_saes(A, B, device=dev)
     secs = time.perf_counter() - t
     correct = float((torch.as_tensor(m.perm)[perm] == torch.arange(a.d_sae)).float().mean())
-    write_result("sae_match", {"d_sae": a.d_sae, "d_in": a.d_in, "noise": a.noise, "seconds": secs,
-                               "peak_mb_before": rss0, "peak_mb_after": peak_mb(), "dense_cost_matrix_mb": a.d_sae**2 * 8 / 2**20,
-                               "recovered_fraction": correct, **summarize(m)})
+    write_result(
+        "sae_match",
+        {
+            "d_sae": a.d_sae,
+            "d_in": a.d_in,
+            "noise": a.noise,
+            "seconds": secs,
+            "peak_mb_before": rss0,
+            "peak_mb_after": peak_mb(),
+            "dense_cost_matrix_mb": a.d_sae**2 * 8 / 2**20,
+            "recovered_fraction": correct,
+            **summarize(m),
+        },
+    )
     print(f"{a.d_sae} x {a.d_sae}: {secs:.1f} s, recovered {correct:.4f}, solver {m.info}")
 
 

@@ -29,8 +29,8 @@ from common import ROOT, peak_mb, quick_world, run_worker, scratch, sync, write_
 
 
 def collect(path: str, tokens: int, layer: int) -> dict:
-    from featalign.models import load_model, load_tokenizer
     from featalign.data import read_documents
+    from featalign.models import load_model, load_tokenizer
     from featalign.sae.train import iter_activations
     from featalign.world import world_paths
 
@@ -65,16 +65,28 @@ def _batches(x, batch):
 
 
 def _result(secs, tokens, f, x_hat, held) -> dict:
-    return {"seconds": secs, "tokens": tokens, "l0": float((f > 0).float().sum(-1).mean()),
-            "normalized_mse": float((held - x_hat).pow(2).sum() / (held - held.mean(0)).pow(2).sum()), "peak_mb": peak_mb()}
+    return {
+        "seconds": secs,
+        "tokens": tokens,
+        "l0": float((f > 0).float().sum(-1).mean()),
+        "normalized_mse": float((held - x_hat).pow(2).sum() / (held - held.mean(0)).pow(2).sum()),
+        "peak_mb": peak_mb(),
+    }
 
 
 def featalign_worker(a) -> dict:
     from featalign.sae.train import SAETrainConfig, fit, init_sae
 
     train, held = _split(a)
-    cfg = SAETrainConfig(d_sae=a.d_sae, k=a.k, tokens=len(train), batch_tokens=a.batch, lr=a.lr, dead_tokens=a.dead_tokens,
-                         **json.loads(a.options))
+    cfg = SAETrainConfig(
+        d_sae=a.d_sae,
+        k=a.k,
+        tokens=len(train),
+        batch_tokens=a.batch,
+        lr=a.lr,
+        dead_tokens=a.dead_tokens,
+        **json.loads(a.options),
+    )
     torch.manual_seed(0)
     sae = init_sae(cfg, train.shape[1], train[: a.batch].cpu(), 0, "bench").to(train.device)
     stream = _batches(train, a.batch)
@@ -102,13 +114,22 @@ def saelens_worker(a) -> dict:
     opt = torch.optim.Adam(sae.parameters(), lr=a.lr, betas=(0.9, 0.999))
     steps = len(train) // a.batch
     decay_from = int(0.8 * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from))
+    )
     since_fired = torch.zeros(a.d_sae, dtype=torch.long, device=dev)
     sync()
     t0 = time.perf_counter()
     for step, x in enumerate(_batches(train, a.batch)):
-        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=since_fired > a.dead_tokens,
-                                                       n_training_steps=step, is_logging_step=False))
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients={},
+                dead_neuron_mask=since_fired > a.dead_tokens,
+                n_training_steps=step,
+                is_logging_step=False,
+            )
+        )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -130,8 +151,12 @@ def sparsify_worker(a) -> dict:
 
     train, held = _split(a)
     torch.manual_seed(0)
-    sae = SparseCoder(train.shape[1], SparseCoderConfig(num_latents=a.d_sae, k=a.k), device=train.device, dtype=torch.float32)
-    opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": a.lr * 5e-3 / (a.d_sae / 2**14) ** 0.5}]), momentum=0.95)
+    sae = SparseCoder(
+        train.shape[1], SparseCoderConfig(num_latents=a.d_sae, k=a.k), device=train.device, dtype=torch.float32
+    )
+    opt = ScheduleFreeWrapper(
+        SignSGD([{"params": sae.parameters(), "lr": a.lr * 5e-3 / (a.d_sae / 2**14) ** 0.5}]), momentum=0.95
+    )
     opt.train()
     sync()
     t0 = time.perf_counter()
@@ -169,7 +194,12 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="Adam learning rates tried for featalign and SAELens")
     ap.add_argument("--sparsify-lrs", default="0.5,1,2", help="factors on sparsify's own default learning rate")
-    ap.add_argument("--dead-tokens", type=int, default=10_000_000, help="AuxK's dead window, for featalign and SAELens (featalign's default)")
+    ap.add_argument(
+        "--dead-tokens",
+        type=int,
+        default=10_000_000,
+        help="AuxK's dead window, for featalign and SAELens (featalign's default)",
+    )
     ap.add_argument("--libs", default="featalign,saelens,sparsify")
     ap.add_argument("--options", default="{}", help="featalign SAETrainConfig overrides (JSON), for trying variants")
     ap.add_argument("--name", default="sae_train")
@@ -182,8 +212,22 @@ def main():
     libs = a.libs.split(",")
     runs: dict = {lib: {} for lib in libs}
     for k in a.ks.split(","):
-        args = ["--acts", acts, "--eval-tokens", str(a.eval_tokens), "--d-sae", str(a.d_sae), "--k", k, "--batch", str(a.batch),
-                "--dead-tokens", str(a.dead_tokens), "--options", a.options]
+        args = [
+            "--acts",
+            acts,
+            "--eval-tokens",
+            str(a.eval_tokens),
+            "--d-sae",
+            str(a.d_sae),
+            "--k",
+            k,
+            "--batch",
+            str(a.batch),
+            "--dead-tokens",
+            str(a.dead_tokens),
+            "--options",
+            a.options,
+        ]
         for i, lr in enumerate(a.lrs.split(",")):
             for lib in libs:  # alternate the libraries so that drift in machine speed hits all alike
                 lr_lib = a.sparsify_lrs.split(",")[i] if lib == "sparsify" else lr
@@ -192,9 +236,25 @@ def main():
                     r["tokens_per_s"] = r["tokens"] / r["seconds"]
                 runs[lib].setdefault(k, {})[lr_lib] = r
                 print(k, lib, lr_lib, json.dumps(r)[:300], flush=True)
-    summary = summarise(runs, libs) if all("seconds" in r for v in runs.values() for rk in v.values() for r in rk.values()) else {}
-    write_result(a.name, {"activations": src, "layer": a.layer, "d_sae": a.d_sae, "ks": a.ks, "batch_tokens": a.batch,
-                          "train_tokens": a.tokens, "featalign_options": json.loads(a.options), "runs": runs, "summary": summary})
+    summary = (
+        summarise(runs, libs)
+        if all("seconds" in r for v in runs.values() for rk in v.values() for r in rk.values())
+        else {}
+    )
+    write_result(
+        a.name,
+        {
+            "activations": src,
+            "layer": a.layer,
+            "d_sae": a.d_sae,
+            "ks": a.ks,
+            "batch_tokens": a.batch,
+            "train_tokens": a.tokens,
+            "featalign_options": json.loads(a.options),
+            "runs": runs,
+            "summary": summary,
+        },
+    )
     print(json.dumps(summary, indent=2))
 
 
@@ -206,9 +266,14 @@ def summarise(runs: dict, libs: list[str]) -> dict:
         best = {lib: min(runs[lib][k].values(), key=lambda r: r["normalized_mse"]) for lib in libs}
         out["frontier"][k] = {lib: {"l0": b["l0"], "normalized_mse": b["normalized_mse"]} for lib, b in best.items()}
         speed = {lib: sorted(r["tokens_per_s"] for r in runs[lib][k].values())[len(runs[lib][k]) // 2] for lib in libs}
-        out["ratios"][k] = {f"featalign_over_{lib}": {"normalized_mse": best["featalign"]["normalized_mse"] / best[lib]["normalized_mse"],
-                                                      "tokens_per_s": speed["featalign"] / speed[lib]}
-                            for lib in libs if lib != "featalign"}
+        out["ratios"][k] = {
+            f"featalign_over_{lib}": {
+                "normalized_mse": best["featalign"]["normalized_mse"] / best[lib]["normalized_mse"],
+                "tokens_per_s": speed["featalign"] / speed[lib],
+            }
+            for lib in libs
+            if lib != "featalign"
+        }
     return out
 
 

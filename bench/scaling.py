@@ -36,7 +36,10 @@ def step(model, sae, layer: int, batch: int, seq: int, vocab: int, method: str, 
         saved.append(x)
         return x
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), torch.autocast(dev, torch.bfloat16, enabled=dev == "cuda"):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x),
+        torch.autocast(dev, torch.bfloat16, enabled=dev == "cuda"),
+    ):
         with capture_layer(model, layer) as box:
             logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
         lp, length = response_logps(logits, ids, resp)
@@ -45,7 +48,9 @@ def step(model, sae, layer: int, batch: int, seq: int, vocab: int, method: str, 
             ref_idx = torch.randint(0, sae.d_sae, (2 * n, k), device=dev, generator=g)
             ref_val = torch.rand(2 * n, k, device=dev, generator=g).sort(-1, descending=True).values
             d = feature_mse(pooled, ref_idx, ref_val, k)
-            loss, _ = fpo_loss(lp[:n], lp[n:], length[:n], length[n:], ref_lp[:n] / length[:n], ref_lp[n:] / length[n:], d[:n], d[n:])
+            loss, _ = fpo_loss(
+                lp[:n], lp[n:], length[:n], length[n:], ref_lp[:n] / length[:n], ref_lp[n:] / length[n:], d[:n], d[n:]
+            )
         else:
             loss, _ = dpo_loss(lp[:n], lp[n:], ref_lp[:n], ref_lp[n:])
     loss.mean().backward()
@@ -81,9 +86,11 @@ def main():
     model = bench_llama(hidden, layers, vocab, max_positions=4096).to(dev)
     layer = layers // 2
     base = {"batch": 8 if gpu else 4, "seq": 512 if gpu else 128, "d_sae": 16 * hidden}
-    sweeps = {"seq": [128, 256, 512, 1024, 2048] if gpu else [64, 128, 256, 512],
-              "batch": [2, 4, 8, 16, 32] if gpu else [1, 2, 4, 8],
-              "d_sae": [4 * hidden, 16 * hidden, 64 * hidden] if gpu else [4 * hidden, 16 * hidden, 64 * hidden]}
+    sweeps = {
+        "seq": [128, 256, 512, 1024, 2048] if gpu else [64, 128, 256, 512],
+        "batch": [2, 4, 8, 16, 32] if gpu else [1, 2, 4, 8],
+        "d_sae": [4 * hidden, 16 * hidden, 64 * hidden] if gpu else [4 * hidden, 16 * hidden, 64 * hidden],
+    }
     out = {}
     for knob, values in sweeps.items():
         out[knob] = []
@@ -99,8 +106,18 @@ def main():
             print(knob, row, flush=True)
             del sae
     params = sum(p.numel() for p in model.parameters())
-    write_result("scaling", {"model_params": params, "hidden": hidden, "layers": layers, "vocab": vocab, "base": base,
-                             "memory_measure": "peak allocated (GPU)" if gpu else "saved activations (CPU)", "sweeps": out})
+    write_result(
+        "scaling",
+        {
+            "model_params": params,
+            "hidden": hidden,
+            "layers": layers,
+            "vocab": vocab,
+            "base": base,
+            "memory_measure": "peak allocated (GPU)" if gpu else "saved activations (CPU)",
+            "sweeps": out,
+        },
+    )
     plot(out, os.path.join(RESULTS, f"scaling-{device_tag()}.png"), gpu)
 
 

@@ -32,12 +32,18 @@ def chat_pairs(n: int, seed: int = 0) -> list[dict]:
         q = f"Tell me what you think about {topic}."
 
         def answer(words):
-            sents = [f"I find {topic} {rng.choice(words)} and {rng.choice(words)}, especially when the day is {rng.choice(words)}."
-                     for _ in range(rng.randint(2, 5))]
+            sents = [
+                f"I find {topic} {rng.choice(words)} and {rng.choice(words)}, especially when the day is {rng.choice(words)}."
+                for _ in range(rng.randint(2, 5))
+            ]
             return " ".join(sents)
 
-        rows.append({"chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": answer(POS)}],
-                     "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": answer(NEG)}]})
+        rows.append(
+            {
+                "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": answer(POS)}],
+                "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": answer(NEG)}],
+            }
+        )
     return rows
 
 
@@ -77,21 +83,93 @@ def main():
 
         load_model(gguf_path()).save_pretrained(model)
         load_tokenizer(gguf_path()).save_pretrained(model)
-    res = {"device": device_label(), "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)", "pairs": a.pairs,
-           "gguf_to_hf_seconds": round(time.time() - t, 1)}
+    res = {
+        "device": device_label(),
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
+        "pairs": a.pairs,
+        "gguf_to_hf_seconds": round(time.time() - t, 1),
+    }
     sae = os.path.join(work, "sae")
-    sae_s = run(fa + ["sae", "train", "--model", model, "--data", data, "--layer", "15", "--out", sae, "--d-sae", "4608",
-                      "--k", "32", "--tokens", str(a.sae_tokens), "--no-progress"])
-    res["sae_train"] = {"tokens": a.sae_tokens, "process_seconds": round(sae_s, 1), "tokens_per_second": round(a.sae_tokens / sae_s, 1)}
+    sae_s = run(
+        fa
+        + [
+            "sae",
+            "train",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--layer",
+            "15",
+            "--out",
+            sae,
+            "--d-sae",
+            "4608",
+            "--k",
+            "32",
+            "--tokens",
+            str(a.sae_tokens),
+            "--no-progress",
+        ]
+    )
+    res["sae_train"] = {
+        "tokens": a.sae_tokens,
+        "process_seconds": round(sae_s, 1),
+        "tokens_per_second": round(a.sae_tokens / sae_s, 1),
+    }
     cache = os.path.join(work, "cache")
-    res["cache_process_seconds"] = round(run(fa + ["cache", "--model", model, "--data", data, "--sae", sae, "--out", cache,
-                                                   "--max-length", "192", "--batch-size", "8"]), 1)
+    res["cache_process_seconds"] = round(
+        run(
+            fa
+            + [
+                "cache",
+                "--model",
+                model,
+                "--data",
+                data,
+                "--sae",
+                sae,
+                "--out",
+                cache,
+                "--max-length",
+                "192",
+                "--batch-size",
+                "8",
+            ]
+        ),
+        1,
+    )
     res["cache_build_seconds"] = json.load(open(os.path.join(cache, "manifest.json")))["build_seconds"]
     for m in ("dpo", "fpo"):
         out = os.path.join(work, m)
-        run(fa + ["train", "--method", m, "--model", model, "--data", data, "--cache", cache, "--out", out, "--max-steps", str(a.steps),
-                  "--batch-size", str(a.batch_size), "--max-length", "192", "--lr", "1e-5", "--no-progress", "--no-tensorboard",
-                  "--no-resume"] + (["--sae", sae] if m == "fpo" else []))
+        run(
+            fa
+            + [
+                "train",
+                "--method",
+                m,
+                "--model",
+                model,
+                "--data",
+                data,
+                "--cache",
+                cache,
+                "--out",
+                out,
+                "--max-steps",
+                str(a.steps),
+                "--batch-size",
+                str(a.batch_size),
+                "--max-length",
+                "192",
+                "--lr",
+                "1e-5",
+                "--no-progress",
+                "--no-tensorboard",
+                "--no-resume",
+            ]
+            + (["--sae", sae] if m == "fpo" else [])
+        )
         s = json.load(open(os.path.join(out, "summary.json")))
         res[m] = {k: s[k] for k in ("tokens_per_second", "peak_memory_mb", "wall_seconds", "steps")}
     res["fpo_over_dpo_step_time"] = round(res["dpo"]["tokens_per_second"] / res["fpo"]["tokens_per_second"], 3)

@@ -57,8 +57,10 @@ def tokens_per_pair(model_dir: str, data: str, max_length: int, max_prompt_lengt
     return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / len(pairs)
 
 
-WORDS = ("the morning light over the harbour was soft and the streets were quiet while a few people walked to the "
-         "market with baskets of bread and fruit and the sound of gulls carried over the water").split()
+WORDS = (
+    "the morning light over the harbour was soft and the streets were quiet while a few people walked to the "
+    "market with baskets of bread and fruit and the sound of gulls carried over the water"
+).split()
 
 
 def varied_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -70,20 +72,41 @@ def varied_pairs(n: int, seed: int = 0) -> list[dict]:
     def answer():
         return " ".join(rng.choice(WORDS) for _ in range(int(rng.uniform(8, 240)))) + "."
 
-    return [{"prompt": [{"role": "user", "content": f"Describe a walk number {i} by the sea."}],
-             "chosen": [{"role": "assistant", "content": answer()}],
-             "rejected": [{"role": "assistant", "content": answer()}]} for i in range(n)]
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"Describe a walk number {i} by the sea."}],
+            "chosen": [{"role": "assistant", "content": answer()}],
+            "rejected": [{"role": "assistant", "content": answer()}],
+        }
+        for i in range(n)
+    ]
 
 
 def featalign_worker(a) -> dict:
     from featalign.train import TrainConfig, Trainer
 
     method, *flags = a.method.split("+")
-    kw = dict(method=method, group_by_length="nogroup" not in flags, pack="on" if "pack" in flags else "auto", lean_mlp="nolean" not in flags,
-              fused_head="nofused" not in flags, model=a.model, data=a.data, out=scratch(prefix="fa-bench-"), batch_size=a.batch_size,
-              max_steps=a.warmup + a.steps, max_length=a.max_length, max_prompt_length=a.max_prompt_length, lr=1e-6,
-              progress=False, tensorboard=False, resume=False, log_every=10**9, warmup_ratio=0.0,
-              gradient_checkpointing=a.gc == "on")
+    kw = dict(
+        method=method,
+        group_by_length="nogroup" not in flags,
+        pack="on" if "pack" in flags else "auto",
+        lean_mlp="nolean" not in flags,
+        fused_head="nofused" not in flags,
+        model=a.model,
+        data=a.data,
+        out=scratch(prefix="fa-bench-"),
+        batch_size=a.batch_size,
+        max_steps=a.warmup + a.steps,
+        max_length=a.max_length,
+        max_prompt_length=a.max_prompt_length,
+        lr=1e-6,
+        progress=False,
+        tensorboard=False,
+        resume=False,
+        log_every=10**9,
+        warmup_ratio=0.0,
+        gradient_checkpointing=a.gc == "on",
+    )
     if method in ("dpo", "dpo_ln", "fpo"):
         kw["cache"] = a.cache
     if method == "fpo":
@@ -103,7 +126,12 @@ def featalign_worker(a) -> dict:
     steps = [b - a_ for a_, b in zip(stamps, stamps[1:])][a.warmup - 1 :]
     with open(os.path.join(kw["out"], "summary.json")) as f:
         padded = json.load(f)["padded_share"]
-    return {"step_s": median(steps), "peak_mb": peak_mb(), "reference_model_loaded": t.ref_model is not None, "padded_share": padded}
+    return {
+        "step_s": median(steps),
+        "peak_mb": peak_mb(),
+        "reference_model_loaded": t.ref_model is not None,
+        "padded_share": padded,
+    }
 
 
 def trl_worker(a) -> dict:
@@ -114,7 +142,11 @@ def trl_worker(a) -> dict:
     rows = [json.loads(line) for line in open(a.data)]
     ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     # featalign takes the prompt's share of max_length from max_prompt_length; TRL truncates the prompt only when told
-    extra = {"max_prompt_length": a.max_prompt_length} if "max_prompt_length" in inspect.signature(__import__("trl").DPOConfig).parameters else {}
+    extra = (
+        {"max_prompt_length": a.max_prompt_length}
+        if "max_prompt_length" in inspect.signature(__import__("trl").DPOConfig).parameters
+        else {}
+    )
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model)
     gpu = torch.cuda.is_available()
@@ -125,10 +157,22 @@ def trl_worker(a) -> dict:
             sync()
             stamps.append(time.perf_counter())
 
-    common = dict(output_dir=scratch(prefix="trl-bench-"), per_device_train_batch_size=a.batch_size,
-                  max_steps=a.warmup + a.steps, learning_rate=1e-6, logging_steps=10**6, save_strategy="no", report_to=[],
-                  bf16=gpu, use_cpu=not gpu, dataloader_num_workers=0, seed=0, max_length=a.max_length,
-                  lr_scheduler_type="constant", disable_tqdm=True)
+    common = dict(
+        output_dir=scratch(prefix="trl-bench-"),
+        per_device_train_batch_size=a.batch_size,
+        max_steps=a.warmup + a.steps,
+        learning_rate=1e-6,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        bf16=gpu,
+        use_cpu=not gpu,
+        dataloader_num_workers=0,
+        seed=0,
+        max_length=a.max_length,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
     if a.gc != "default":  # TRL's own default is gradient checkpointing on; featalign's is off
         common["gradient_checkpointing"] = a.gc == "on"
     loss, _, pre = a.method.partition("+")
@@ -164,11 +208,21 @@ def main():
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--max-prompt-length", type=int, default=32)
     ap.add_argument("--only", default="", help="comma-separated subset of configuration names")
-    ap.add_argument("--gc", choices=["off", "on", "default"], default="off",
-                    help="gradient checkpointing for both libraries (default: off for both; 'default': each library's own)")
+    ap.add_argument(
+        "--gc",
+        choices=["off", "on", "default"],
+        default="off",
+        help="gradient checkpointing for both libraries (default: off for both; 'default': each library's own)",
+    )
     ap.add_argument("--tag", default="train_step")
-    ap.add_argument("--rounds", type=int, default=1, help="run every configuration this many times; keep each one's fastest")
-    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct and length-varied chat pairs instead of a random Llama")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run every configuration this many times; keep each one's fastest"
+    )
+    ap.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="SmolLM2-135M-Instruct and length-varied chat pairs instead of a random Llama",
+    )
     a = ap.parse_args()
     if a.worker:
         res = featalign_worker(a) if a.worker == "featalign" else trl_worker(a)
@@ -188,7 +242,11 @@ def main():
         m = load_model(gguf)
         m.save_pretrained(model_dir)
         load_tokenizer(gguf).save_pretrained(model_dir)
-        n_params, a.hidden, a.layers = sum(p.numel() for p in m.parameters()), m.config.hidden_size, m.config.num_hidden_layers
+        n_params, a.hidden, a.layers = (
+            sum(p.numel() for p in m.parameters()),
+            m.config.hidden_size,
+            m.config.num_hidden_layers,
+        )
         del m
         # a window of 64 batches is what featalign groups within: give it that many pairs to choose from
         with open(data, "w") as dst:
@@ -203,18 +261,64 @@ def main():
     layer = a.layers // 2
     make_sae(sae_dir, a.hidden, 8 * a.hidden, layer)
     t0 = time.time()
-    p = __import__("subprocess").run([sys.executable, "-m", "featalign", "cache", "--model", model_dir, "--data", data, "--sae", sae_dir,
-                                      "--layer", str(layer), "--out", cache_dir, "--max-length", str(a.max_length),
-                                      "--max-prompt-length", str(a.max_prompt_length)], capture_output=True, text=True)
+    p = __import__("subprocess").run(
+        [
+            sys.executable,
+            "-m",
+            "featalign",
+            "cache",
+            "--model",
+            model_dir,
+            "--data",
+            data,
+            "--sae",
+            sae_dir,
+            "--layer",
+            str(layer),
+            "--out",
+            cache_dir,
+            "--max-length",
+            str(a.max_length),
+            "--max-prompt-length",
+            str(a.max_prompt_length),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode:
         raise SystemExit(p.stderr)
     cache_s = time.time() - t0
     tpp = tokens_per_pair(model_dir, data, a.max_length, a.max_prompt_length)
-    base = ["--model", model_dir, "--data", data, "--cache", cache_dir, "--sae", sae_dir, "--layer", str(layer),
-            "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", str(a.warmup),
-            "--max-length", str(a.max_length), "--max-prompt-length", str(a.max_prompt_length), "--gc", a.gc]
-    names = [n for n in CONFIGS if (not a.only or n in a.only.split(",")) and (a.smollm2 or not any(
-        w in n for w in ("ungrouped", "packed", "plain mlp")))]
+    base = [
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--cache",
+        cache_dir,
+        "--sae",
+        sae_dir,
+        "--layer",
+        str(layer),
+        "--batch-size",
+        str(a.batch_size),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--max-length",
+        str(a.max_length),
+        "--max-prompt-length",
+        str(a.max_prompt_length),
+        "--gc",
+        a.gc,
+    ]
+    names = [
+        n
+        for n in CONFIGS
+        if (not a.only or n in a.only.split(","))
+        and (a.smollm2 or not any(w in n for w in ("ungrouped", "packed", "plain mlp")))
+    ]
     runs = {}
     for rnd in range(a.rounds):  # whole rounds, so that a slow spell of the machine hits every configuration
         for name in names:
@@ -236,9 +340,13 @@ def main():
         return runs[x][key] / runs[y][key]
 
     summary = {
-        "featalign_dpo_speed_vs_trl_dpo_precompute": ratio("featalign dpo (cache)", "trl dpo sigmoid (precompute)", "tokens_per_s"),
+        "featalign_dpo_speed_vs_trl_dpo_precompute": ratio(
+            "featalign dpo (cache)", "trl dpo sigmoid (precompute)", "tokens_per_s"
+        ),
         "featalign_dpo_speed_vs_trl_dpo": ratio("featalign dpo (cache)", "trl dpo sigmoid", "tokens_per_s"),
-        "featalign_dpo_ln_speed_vs_trl_sigmoid_norm_precompute": ratio("featalign dpo_ln (cache)", "trl dpo sigmoid_norm (precompute)", "tokens_per_s"),
+        "featalign_dpo_ln_speed_vs_trl_sigmoid_norm_precompute": ratio(
+            "featalign dpo_ln (cache)", "trl dpo sigmoid_norm (precompute)", "tokens_per_s"
+        ),
         "featalign_simpo_speed_vs_trl_cpo_simpo": ratio("featalign simpo", "trl cpo simpo", "tokens_per_s"),
         "fpo_step_time_vs_featalign_dpo": ratio("featalign fpo (cache)", "featalign dpo (cache)", "step_s"),
         "fpo_peak_memory_vs_tdpo2": ratio("featalign fpo (cache)", "featalign tdpo2", "peak_mb"),
@@ -248,17 +356,49 @@ def main():
         summary["padded_share_featalign_grouped"] = runs.get("featalign dpo (cache)", {}).get("padded_share")
         summary["padded_share_random_order"] = runs.get("featalign dpo ungrouped (cache)", {}).get("padded_share")
         summary["padded_share_featalign_packed"] = runs.get("featalign dpo packed (cache)", {}).get("padded_share")
-        summary["featalign_dpo_peak_memory_vs_trl_dpo_precompute"] = ratio("featalign dpo (cache)", "trl dpo sigmoid (precompute)", "peak_mb")
-        summary["featalign_dpo_packed_speed_vs_trl_dpo_precompute"] = ratio("featalign dpo packed (cache)", "trl dpo sigmoid (precompute)", "tokens_per_s")
-        summary["featalign_dpo_packed_peak_memory_vs_trl_dpo_precompute"] = ratio("featalign dpo packed (cache)", "trl dpo sigmoid (precompute)", "peak_mb")
-        summary["featalign_dpo_grouped_speed_vs_ungrouped"] = ratio("featalign dpo (cache)", "featalign dpo ungrouped (cache)", "tokens_per_s")
-        summary["featalign_dpo_packed_speed_vs_padded"] = ratio("featalign dpo packed (cache)", "featalign dpo (cache)", "tokens_per_s")
-        summary["featalign_dpo_packed_peak_memory_vs_padded"] = ratio("featalign dpo packed (cache)", "featalign dpo (cache)", "peak_mb")
-        summary["featalign_dpo_lean_fused_speed_vs_plain_recompute"] = ratio("featalign dpo (cache)", "featalign dpo plain mlp + recomputing head (cache)", "tokens_per_s")
-        summary["featalign_dpo_lean_fused_peak_memory_vs_plain_recompute"] = ratio("featalign dpo (cache)", "featalign dpo plain mlp + recomputing head (cache)", "peak_mb")
-    write_result(a.tag, {"model": "SmolLM2-135M-Instruct" if a.smollm2 else "random Llama", "gradient_checkpointing": a.gc, "rounds": a.rounds, "model_params": n_params, "hidden": a.hidden, "layers": a.layers, "batch_size": a.batch_size,
-                         "steps_timed": a.steps, "warmup": a.warmup, "max_length": a.max_length, "tokens_per_pair": tpp,
-                         "cache_build_s": cache_s, "runs": runs, "summary": summary})
+        summary["featalign_dpo_peak_memory_vs_trl_dpo_precompute"] = ratio(
+            "featalign dpo (cache)", "trl dpo sigmoid (precompute)", "peak_mb"
+        )
+        summary["featalign_dpo_packed_speed_vs_trl_dpo_precompute"] = ratio(
+            "featalign dpo packed (cache)", "trl dpo sigmoid (precompute)", "tokens_per_s"
+        )
+        summary["featalign_dpo_packed_peak_memory_vs_trl_dpo_precompute"] = ratio(
+            "featalign dpo packed (cache)", "trl dpo sigmoid (precompute)", "peak_mb"
+        )
+        summary["featalign_dpo_grouped_speed_vs_ungrouped"] = ratio(
+            "featalign dpo (cache)", "featalign dpo ungrouped (cache)", "tokens_per_s"
+        )
+        summary["featalign_dpo_packed_speed_vs_padded"] = ratio(
+            "featalign dpo packed (cache)", "featalign dpo (cache)", "tokens_per_s"
+        )
+        summary["featalign_dpo_packed_peak_memory_vs_padded"] = ratio(
+            "featalign dpo packed (cache)", "featalign dpo (cache)", "peak_mb"
+        )
+        summary["featalign_dpo_lean_fused_speed_vs_plain_recompute"] = ratio(
+            "featalign dpo (cache)", "featalign dpo plain mlp + recomputing head (cache)", "tokens_per_s"
+        )
+        summary["featalign_dpo_lean_fused_peak_memory_vs_plain_recompute"] = ratio(
+            "featalign dpo (cache)", "featalign dpo plain mlp + recomputing head (cache)", "peak_mb"
+        )
+    write_result(
+        a.tag,
+        {
+            "model": "SmolLM2-135M-Instruct" if a.smollm2 else "random Llama",
+            "gradient_checkpointing": a.gc,
+            "rounds": a.rounds,
+            "model_params": n_params,
+            "hidden": a.hidden,
+            "layers": a.layers,
+            "batch_size": a.batch_size,
+            "steps_timed": a.steps,
+            "warmup": a.warmup,
+            "max_length": a.max_length,
+            "tokens_per_pair": tpp,
+            "cache_build_s": cache_s,
+            "runs": runs,
+            "summary": summary,
+        },
+    )
     print(json.dumps(summary, indent=2))
 
 

@@ -21,17 +21,34 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, write_result  # noqa: E402
 
-CONFIGS = ",".join(["topk:512:8:10000000", "topk:384:6:100000", "topk:256:8:100000", "topk:192:8:100000", "topk:128:6:100000",
-                     "featurechoice:384:6:100000:0", "featurechoice:256:6:100000:0", "featurechoice:128:6:100000:0",
-                     "featurechoice:256:6:100000:0.5", "featurechoice:256:6:100000:1", "featurechoice:384:6:100000:1",
-                     "featurechoice:128:6:100000:1", "featurechoice:192:6:100000:1", "featurechoice:512:6:100000:1",
-                     "featurechoice:256:6:100000:1:0.04", "featurechoice:256:6:100000:1:0.12"])
+CONFIGS = ",".join(
+    [
+        "topk:512:8:10000000",
+        "topk:384:6:100000",
+        "topk:256:8:100000",
+        "topk:192:8:100000",
+        "topk:128:6:100000",
+        "featurechoice:384:6:100000:0",
+        "featurechoice:256:6:100000:0",
+        "featurechoice:128:6:100000:0",
+        "featurechoice:256:6:100000:0.5",
+        "featurechoice:256:6:100000:1",
+        "featurechoice:384:6:100000:1",
+        "featurechoice:128:6:100000:1",
+        "featurechoice:192:6:100000:1",
+        "featurechoice:512:6:100000:1",
+        "featurechoice:256:6:100000:1:0.04",
+        "featurechoice:256:6:100000:1:0.12",
+    ]
+)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default=os.path.join(ROOT, "data", "world"))
-    ap.add_argument("--configs", default=CONFIGS, help="architecture:latents:k:AuxK window[:zipf[:share cap]], comma-separated")
+    ap.add_argument(
+        "--configs", default=CONFIGS, help="architecture:latents:k:AuxK window[:zipf[:share cap]], comma-separated"
+    )
     ap.add_argument("--tokens", type=int, default=2_000_000)
     args = ap.parse_args()
 
@@ -52,21 +69,55 @@ def main() -> None:
             d_sae, k, window = int(d_sae), int(k), int(window)
             zipf, cap = (float(fc[0]) if fc else 0.0), (float(fc[1]) if len(fc) > 1 else SAETrainConfig.fc_max_share)
             out = os.path.join(tmp, spec.replace(":", "-"))
-            cfg = SAETrainConfig(model=paths["sft"], data=paths["sft_text"], layer=2, out=out, architecture=arch, d_sae=d_sae, k=k,
-                                 dead_tokens=window, fc_zipf=zipf, fc_max_share=cap, tokens=args.tokens, lr=1e-2, progress=False)
+            cfg = SAETrainConfig(
+                model=paths["sft"],
+                data=paths["sft_text"],
+                layer=2,
+                out=out,
+                architecture=arch,
+                d_sae=d_sae,
+                k=k,
+                dead_tokens=window,
+                fc_zipf=zipf,
+                fc_max_share=cap,
+                tokens=args.tokens,
+                lr=1e-2,
+                progress=False,
+            )
             train_sae(cfg, model=model, tokenizer=tok)
             with open(os.path.join(out, "eval.json")) as f:
                 ev = json.load(f)
             sae = load_sae(out)
-            row = {"architecture": arch, "d_sae": d_sae, "k": k, "dead_tokens": window, **({"fc_zipf": zipf, "fc_max_share": cap} if arch == "featurechoice" else {}),
-                   "l0_over_d_in": ev["l0"] / sae.cfg.d_in,
-                   **{m: ev[m] for m in ("explained_variance", "l0", "dead_fraction", "dense_fraction", "ce_loss_recovered", "train_seconds")},
-                   "decoder_cosine_to_init": decoder_cosine_to_init(sae), "best_abs_r": best_reward_features(model, sae, tok, paths["test"], limit=500)}
+            row = {
+                "architecture": arch,
+                "d_sae": d_sae,
+                "k": k,
+                "dead_tokens": window,
+                **({"fc_zipf": zipf, "fc_max_share": cap} if arch == "featurechoice" else {}),
+                "l0_over_d_in": ev["l0"] / sae.cfg.d_in,
+                **{
+                    m: ev[m]
+                    for m in (
+                        "explained_variance",
+                        "l0",
+                        "dead_fraction",
+                        "dense_fraction",
+                        "ce_loss_recovered",
+                        "train_seconds",
+                    )
+                },
+                "decoder_cosine_to_init": decoder_cosine_to_init(sae),
+                "best_abs_r": best_reward_features(model, sae, tok, paths["test"], limit=500),
+            }
             row["targets_met"] = {
-                "l0": row["l0_over_d_in"] <= 0.05, "explained_variance": row["explained_variance"] >= 0.9,
-                "dead": row["dead_fraction"] < 0.05, "dense": row["dense_fraction"] < 0.05,
+                "l0": row["l0_over_d_in"] <= 0.05,
+                "explained_variance": row["explained_variance"] >= 0.9,
+                "dead": row["dead_fraction"] < 0.05,
+                "dense": row["dense_fraction"] < 0.05,
                 "decoder_cosine_to_init": row["decoder_cosine_to_init"] < 0.5,
-                "topic": row["best_abs_r"]["topic"]["r"] >= 0.5, "sentiment": row["best_abs_r"]["sentiment"]["r"] >= 0.5}
+                "topic": row["best_abs_r"]["topic"]["r"] >= 0.5,
+                "sentiment": row["best_abs_r"]["sentiment"]["r"] >= 0.5,
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
     write_result("world_sae", {"world_version": manifest["config"]["version"], "tokens": args.tokens, "rows": rows})

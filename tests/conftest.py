@@ -12,7 +12,6 @@ import os
 import shutil
 
 import pytest
-
 import quick_world
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,7 +30,9 @@ SEED = int(os.environ.get("FEATALIGN_TEST_SEED", "0"))
 def margin(name: str, value: float, bound: float, above: bool = True) -> None:
     """Print a trained figure beside its bound (``pytest -rP`` shows it), then assert it."""
     print(f"margin: {name} = {value:.4g} ({'>' if above else '<'} {bound:g})")
-    assert (value > bound) if above else (value < bound), f"{name} = {value} is not {'above' if above else 'below'} {bound}"
+    assert (value > bound) if above else (value < bound), (
+        f"{name} = {value} is not {'above' if above else 'below'} {bound}"
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,8 +29,18 @@ def world_settings(seed: int = 0) -> dict:
 def sae_config(world_dir: str, out: str, seed: int = 0):
     from featalign.sae.train import SAETrainConfig
 
-    return SAETrainConfig(model=os.path.join(world_dir, "sft"), data=os.path.join(world_dir, "sft_text.jsonl"), layer=SAE_LAYER,
-                          out=out, d_sae=256, k=32, tokens=150_000, eval_tokens=20_000, seed=seed, progress=False)
+    return SAETrainConfig(
+        model=os.path.join(world_dir, "sft"),
+        data=os.path.join(world_dir, "sft_text.jsonl"),
+        layer=SAE_LAYER,
+        out=out,
+        d_sae=256,
+        k=32,
+        tokens=150_000,
+        eval_tokens=20_000,
+        seed=seed,
+        progress=False,
+    )
 
 
 def sae_settings(seed: int = 0) -> dict:
@@ -40,13 +50,20 @@ def sae_settings(seed: int = 0) -> dict:
     from featalign.sae.train import SAE_TRAIN_VERSION
 
     cfg = dataclasses.asdict(sae_config("", "", seed))
-    return {"version": SAE_TRAIN_VERSION, **{k: v for k, v in cfg.items() if k not in ("model", "data", "out", "progress")}}
+    return {
+        "version": SAE_TRAIN_VERSION,
+        **{k: v for k, v in cfg.items() if k not in ("model", "data", "out", "progress")},
+    }
 
 
 def committed_is_current() -> bool:
     """Whether the committed copy was built with today's world and SAE settings (seed 0)."""
     world = _read_json(os.path.join(ROOT, "world.json"))
-    return bool(world) and world["config"] == world_settings(0) and _read_json(os.path.join(ROOT, SAE, "settings.json")) == sae_settings(0)
+    return (
+        bool(world)
+        and world["config"] == world_settings(0)
+        and _read_json(os.path.join(ROOT, SAE, "settings.json")) == sae_settings(0)
+    )
 
 
 def _read_json(path: str):

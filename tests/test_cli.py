@@ -3,18 +3,19 @@ import re
 
 import pytest
 import yaml
+from conftest import margin
 
 from featalign import cli
-
-from conftest import margin
 
 
 def test_train_from_yaml_with_flag_override(world, tmp_path, capsys):
     """YAML values are read by each field's type: PyYAML gives `5e-6` as a string and `on` as a boolean."""
     cfg = tmp_path / "dpo.yaml"
-    cfg.write_text(f"method: dpo\nmodel: {world['sft']}\ndata: {world['train']}\nout: {tmp_path / 'run'}\nbatch_size: 4\n"
-                   "max_steps: 5\nlimit: 40\nmax_length: 96\nmax_prompt_length: 24\nbeta: 0.2\nlr: 5e-6\npack: off\n"
-                   "tensorboard: no\nlog_every: 1\n")
+    cfg.write_text(
+        f"method: dpo\nmodel: {world['sft']}\ndata: {world['train']}\nout: {tmp_path / 'run'}\nbatch_size: 4\n"
+        "max_steps: 5\nlimit: 40\nmax_length: 96\nmax_prompt_length: 24\nbeta: 0.2\nlr: 5e-6\npack: off\n"
+        "tensorboard: no\nlog_every: 1\n"
+    )
     assert cli.main(["train", "--config", str(cfg), "--max-steps", "2", "--no-progress"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and not summary["packed"]
@@ -30,14 +31,31 @@ def test_settings_are_decoded_by_type_and_checked_in_one_line():
     from featalign.errors import ConfigError
     from featalign.train import TrainConfig
 
-    cfg = TrainConfig.from_dict({"method": "dpo", "model": "m", "data": "d", "lr": "5e-6", "limit": "1e3", "pack": True,
-                                 "bf16": "off", "beta": 1})
+    cfg = TrainConfig.from_dict(
+        {
+            "method": "dpo",
+            "model": "m",
+            "data": "d",
+            "lr": "5e-6",
+            "limit": "1e3",
+            "pack": True,
+            "bf16": "off",
+            "beta": 1,
+        }
+    )
     assert (cfg.lr, cfg.limit, cfg.pack, cfg.bf16, cfg.beta) == (5e-6, 1000, "on", False, 1.0)
     assert decode("4,8", list[int], "layers") == [4, 8] and decode(None, int | None, "limit") is None
-    bad = [({"beta": -1}, "beta: must be > 0, got -1"), ({"alpha": -0.5}, "alpha: must be >= 0, got -0.5"),
-           ({"k": 0}, "k: must be >= 1, got 0"), ({"lr": 0}, "lr: must be > 0, got 0"), ({"limit": -3}, "limit: must be >= 1"),
-           ({"max_length": -1}, "max_length: must be >= 2"), ({"lr": "fast"}, "lr: expected a number, got 'fast'"),
-           ({"limit": 2.5}, "limit: expected an integer, got 2.5"), ({"method": "ppo"}, "method: 'ppo' is not one of dpo")]
+    bad = [
+        ({"beta": -1}, "beta: must be > 0, got -1"),
+        ({"alpha": -0.5}, "alpha: must be >= 0, got -0.5"),
+        ({"k": 0}, "k: must be >= 1, got 0"),
+        ({"lr": 0}, "lr: must be > 0, got 0"),
+        ({"limit": -3}, "limit: must be >= 1"),
+        ({"max_length": -1}, "max_length: must be >= 2"),
+        ({"lr": "fast"}, "lr: expected a number, got 'fast'"),
+        ({"limit": 2.5}, "limit: expected an integer, got 2.5"),
+        ({"method": "ppo"}, "method: 'ppo' is not one of dpo"),
+    ]
     for change, message in bad:
         with pytest.raises(ConfigError, match=re.escape(message)):
             TrainConfig.from_dict({"method": "dpo", "model": "m", "data": "d", **change}).validate()
@@ -52,19 +70,54 @@ def test_every_command_takes_a_config_file(tmp_path, capsys):
         bad.write_text("no_such_setting: 1\n")
         assert cli.main([*c.words, "--config", str(bad)]) == 2, c.words
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"featalign: error: {bad}: unknown setting(s) ['no_such_setting']") and "\n" not in err, err
+        assert err.startswith(f"featalign: error: {bad}: unknown setting(s) ['no_such_setting']") and "\n" not in err, (
+            err
+        )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--method", "dpo", "--model", "MODEL", "--data", "/nonexistent/x.jsonl"], "/nonexistent/x.jsonl: no such file"),
-    (["train", "--method", "fpo", "--model", "MODEL", "--data", "DATA", "--sae", "SAE", "--layer", "7"], "layer 7 is out of range"),
-    (["cache", "--model", "MODEL", "--data", "DATA", "--out", "OUT", "--sae", "SAE", "--layer", "2", "--max-length", "8",
-      "--max-prompt-length", "16"], "max_prompt_length (16) must be below max_length (8)"),
-    (["train", "--method", "dpo", "--model", "MODEL", "--data", "DATA", "--beta", "-1"], "beta: must be > 0, got -1"),
-    (["train", "--method", "dpo", "--model", "/nope", "--data", "DATA"], "model /nope: no such file or folder"),
-    (["eval", "--model", "./missing-policy", "--data", "DATA"], "model ./missing-policy: no such file or folder"),
-    (["sae", "eval", "--sae", "SAE", "--model", "MODEL", "--data", "/nonexistent/docs.jsonl"], "/nonexistent/docs.jsonl: no such file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--method", "dpo", "--model", "MODEL", "--data", "/nonexistent/x.jsonl"],
+            "/nonexistent/x.jsonl: no such file",
+        ),
+        (
+            ["train", "--method", "fpo", "--model", "MODEL", "--data", "DATA", "--sae", "SAE", "--layer", "7"],
+            "layer 7 is out of range",
+        ),
+        (
+            [
+                "cache",
+                "--model",
+                "MODEL",
+                "--data",
+                "DATA",
+                "--out",
+                "OUT",
+                "--sae",
+                "SAE",
+                "--layer",
+                "2",
+                "--max-length",
+                "8",
+                "--max-prompt-length",
+                "16",
+            ],
+            "max_prompt_length (16) must be below max_length (8)",
+        ),
+        (
+            ["train", "--method", "dpo", "--model", "MODEL", "--data", "DATA", "--beta", "-1"],
+            "beta: must be > 0, got -1",
+        ),
+        (["train", "--method", "dpo", "--model", "/nope", "--data", "DATA"], "model /nope: no such file or folder"),
+        (["eval", "--model", "./missing-policy", "--data", "DATA"], "model ./missing-policy: no such file or folder"),
+        (
+            ["sae", "eval", "--sae", "SAE", "--model", "MODEL", "--data", "/nonexistent/docs.jsonl"],
+            "/nonexistent/docs.jsonl: no such file",
+        ),
+    ],
+)
 def test_errors_are_one_line(world, world_sae, tmp_path, capsys, argv, message):
     subs = {"MODEL": world["sft"], "DATA": world["train"], "SAE": world_sae["path"], "OUT": str(tmp_path / "o")}
     argv = [subs.get(a, a) for a in argv]
@@ -79,7 +132,10 @@ def test_an_unknown_choice_is_refused_with_the_choices(world, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--method", "ppo", "--model", world["sft"], "--data", world["train"]])
     assert e.value.code == 2
-    assert "argument --method: 'ppo' is not one of dpo, ipo, simpo, dpo_ln, tdpo1, tdpo2, trdpo, fpo" in capsys.readouterr().err
+    assert (
+        "argument --method: 'ppo' is not one of dpo, ipo, simpo, dpo_ln, tdpo1, tdpo2, trdpo, fpo"
+        in capsys.readouterr().err
+    )
     cfg = tmp_path / "c.yaml"  # the same setting from a YAML file goes through the same decoding
     cfg.write_text(yaml.safe_dump({"method": "ppo", "model": world["sft"], "data": world["train"]}))
     assert cli.main(["train", "--config", str(cfg)]) == 2
@@ -96,8 +152,28 @@ def test_world_build_command_reuses_the_cache(world, capsys):
 
 def test_sae_eval_with_frontier(world, world_sae, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["sae", "eval", "--sae", world_sae["path"], "--model", world["sft"], "--data", world["test"],
-                     "--out", str(out), "--max-tokens", "3000", "--frontier", "--frontier-values", "2,4,8,16"]) == 0
+    assert (
+        cli.main(
+            [
+                "sae",
+                "eval",
+                "--sae",
+                world_sae["path"],
+                "--model",
+                world["sft"],
+                "--data",
+                world["test"],
+                "--out",
+                str(out),
+                "--max-tokens",
+                "3000",
+                "--frontier",
+                "--frontier-values",
+                "2,4,8,16",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "eval.json").read_text())
     l0s = [r["l0"] for r in res["frontier"]]
     mses = [r["normalized_mse"] for r in res["frontier"]]
@@ -141,7 +217,23 @@ def test_every_flag_of_every_command_has_help():
 
 def test_cache_takes_max_length_alone(world, tmp_path, capsys):
     """A default must not break a valid flag: --max-length 64 alone (the prompt budget follows it)."""
-    assert cli.main(["cache", "--model", world["sft"], "--data", world["train"], "--out", str(tmp_path / "c"), "--max-length", "64",
-                     "--limit", "16"]) == 0
+    assert (
+        cli.main(
+            [
+                "cache",
+                "--model",
+                world["sft"],
+                "--data",
+                world["train"],
+                "--out",
+                str(tmp_path / "c"),
+                "--max-length",
+                "64",
+                "--limit",
+                "16",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["settings"]["max_prompt_length"] == 32 and manifest["n_pairs"] <= 16

@@ -2,7 +2,6 @@ import json
 import math
 
 import pytest
-
 from conftest import SEED
 
 from featalign.compare import CompareConfig, frontier, verdict
@@ -38,7 +37,11 @@ def test_frontier_interpolates_at_matched_kl_and_names_the_best_only_outside_the
     assert row["best"] == "b" and verdict(row) == "**b**"
     runs = [{**r, "method": {"a": "dpo", "b": "fpo"}[r["method"]]} for r in runs]
     d = frontier(runs, levels=[2.0])["levels"][0]["minus_dpo"]["fpo"]
-    assert d["diff"] == pytest.approx(0.5) and d["se"] == pytest.approx(math.sqrt(2 * 0.01**2 / 2)) and not d["within_noise"]
+    assert (
+        d["diff"] == pytest.approx(0.5)
+        and d["se"] == pytest.approx(math.sqrt(2 * 0.01**2 / 2))
+        and not d["within_noise"]
+    )
 
 
 def test_default_levels_lie_where_two_methods_can_be_compared():
@@ -48,7 +51,9 @@ def test_default_levels_lie_where_two_methods_can_be_compared():
     per = {"a": {0: [(0.5,), (2.5,)], 1: [(1.5,), (5.0,)]}, "b": {0: [(1.0,), (2.0,)]}}
     assert default_levels(per, 4) == pytest.approx([1.125, 1.375, 1.625, 1.875], abs=0.01)  # 3 significant digits
     # no overlap, or one method: the whole span
-    assert default_levels({"a": {0: [(0.5,), (1.0,)]}, "b": {0: [(2.0,), (3.0,)]}}, 5) == pytest.approx([0.75, 1.25, 1.75, 2.25, 2.75])
+    assert default_levels({"a": {0: [(0.5,), (1.0,)]}, "b": {0: [(2.0,), (3.0,)]}}, 5) == pytest.approx(
+        [0.75, 1.25, 1.75, 2.25, 2.75]
+    )
     assert default_levels({"a": {0: [(1.0,), (3.0,)]}}, 2) == pytest.approx([1.5, 2.5])
     assert default_levels({}, 3) == []
 
@@ -70,8 +75,15 @@ def test_tiers_and_grid_override():
         CompareConfig(methods="dpo,vibes").budget()
     # a real model gets its own budget (small lr and batch, the sentiment preset's four methods, one knob value)
     r = CompareConfig(model="m.gguf", data="pairs.jsonl").budget()
-    assert r["lr"] == 1e-4 and r["steps"] == 12 and r["batch_size"] == 8 and set(r["grid"]) == {"dpo", "simpo", "tdpo2", "fpo"}
-    assert r["grid"]["dpo"] == [0.1] and r["grid"]["fpo"] == [0.5] and r["grid"]["simpo"] == [2.0]  # the published defaults
+    assert (
+        r["lr"] == 1e-4
+        and r["steps"] == 12
+        and r["batch_size"] == 8
+        and set(r["grid"]) == {"dpo", "simpo", "tdpo2", "fpo"}
+    )
+    assert (
+        r["grid"]["dpo"] == [0.1] and r["grid"]["fpo"] == [0.5] and r["grid"]["simpo"] == [2.0]
+    )  # the published defaults
     assert CompareConfig(preset="sentiment", lr=1e-6).budget()["lr"] == 1e-6
     # FPO's world grid sits below its real-model grid (the world SAE's feature term binds harder)
     rf = CompareConfig(model="m.gguf", data="pairs.jsonl", full=True).budget()["grid"]["fpo"]
@@ -104,13 +116,24 @@ def test_quick_sweep_writes_frontiers_and_reuses_finished_runs(world, tmp_path):
 
     out = tmp_path / "report"
     # in this process (the subprocess path is the SmolLM2 compare test's)
-    cfg = CompareConfig(out=str(out), world=world["root"], world_seed=SEED, quick=True, steps=20, n_prompts=32, sae_tokens=60_000,
-                        sae_d=256, isolate_runs=False)
+    cfg = CompareConfig(
+        out=str(out),
+        world=world["root"],
+        world_seed=SEED,
+        quick=True,
+        steps=20,
+        n_prompts=32,
+        sae_tokens=60_000,
+        sae_d=256,
+        isolate_runs=False,
+    )
     res = run_compare(cfg)
     assert res["source"]["info"]["world"] == world["manifest"]  # the session's world, reused, not rebuilt
     grid = res["budget"]["grid"]
     trained = [r for r in res["runs"] if r["method"] != "sft"]
-    assert sorted((r["method"], r["value"]) for r in trained) == sorted((m, v) for m, vals in grid.items() for v in vals)
+    assert sorted((r["method"], r["value"]) for r in trained) == sorted(
+        (m, v) for m, vals in grid.items() for v in vals
+    )
     assert not any(r["reused"] for r in res["runs"])
     for r in trained:
         assert {"gt_reward", "kl_to_ref", "feature_mse", "win_rate_vs_sft"} <= set(r), r["method"]

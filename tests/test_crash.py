@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 
 def _kill_when(cmd, ready, timeout=120):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     t0 = time.time()
     while not ready() and proc.poll() is None and time.time() - t0 < timeout:
         time.sleep(0.05)
@@ -24,9 +26,36 @@ def _kill_when(cmd, ready, timeout=120):
 
 @pytest.mark.slow
 def test_killed_training_resumes_to_the_same_weights(world, tmp_path):
-    base = [sys.executable, "-m", "featalign", "train", "--method", "dpo", "--model", world["sft"], "--data", world["train"],
-            "--lr", "1e-4", "--batch-size", "4", "--max-steps", "30", "--save-every", "5", "--log-every", "5",
-            "--max-length", "96", "--max-prompt-length", "32", "--no-progress", "--no-tensorboard", "--seed", "3"]
+    base = [
+        sys.executable,
+        "-m",
+        "featalign",
+        "train",
+        "--method",
+        "dpo",
+        "--model",
+        world["sft"],
+        "--data",
+        world["train"],
+        "--lr",
+        "1e-4",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "30",
+        "--save-every",
+        "5",
+        "--log-every",
+        "5",
+        "--max-length",
+        "96",
+        "--max-prompt-length",
+        "32",
+        "--no-progress",
+        "--no-tensorboard",
+        "--seed",
+        "3",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(base + ["--out", str(tmp_path / "full")], check=True, capture_output=True, env=env)
     out = tmp_path / "killed"
@@ -46,8 +75,26 @@ def test_killed_training_resumes_to_the_same_weights(world, tmp_path):
 @pytest.mark.slow
 def test_killed_cache_build_resumes_without_redoing_shards(world, world_sae, tmp_path):
     out = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "featalign", "cache", "--model", world["sft"], "--data", world["train"], "--sae", world_sae["path"],
-           "--layer", "2", "--out", str(out), "--shard-size", "40", "--batch-size", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "featalign",
+        "cache",
+        "--model",
+        world["sft"],
+        "--data",
+        world["train"],
+        "--sae",
+        world_sae["path"],
+        "--layer",
+        "2",
+        "--out",
+        str(out),
+        "--shard-size",
+        "40",
+        "--batch-size",
+        "8",
+    ]
     rc = _kill_when(cmd, lambda: len(list(out.glob("shard-*.safetensors"))) >= 2)
     assert rc == -signal.SIGKILL
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}

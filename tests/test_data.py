@@ -22,8 +22,15 @@ def test_prompt_chosen_rejected(tmp_path):
 
 def test_chat_messages(tmp_path):
     conv = [{"role": "user", "content": "hi"}]
-    path = _write(tmp_path, [{"chosen": conv + [{"role": "assistant", "content": "good"}],
-                              "rejected": conv + [{"role": "assistant", "content": "bad"}]}])
+    path = _write(
+        tmp_path,
+        [
+            {
+                "chosen": conv + [{"role": "assistant", "content": "good"}],
+                "rejected": conv + [{"role": "assistant", "content": "bad"}],
+            }
+        ],
+    )
     (pair,) = D.load_pairs(path)
     assert pair.prompt == conv and (pair.chosen, pair.rejected) == ("good", "bad")
 
@@ -32,19 +39,25 @@ def test_anthropic_hh_becomes_turns_and_keeps_its_text(tmp_path):
     base = "\n\nHuman: how are you?\n\nAssistant: fine\n\nHuman: and now?\n\nAssistant:"
     path = _write(tmp_path, [{"chosen": base + " great", "rejected": base + " awful"}])
     (pair,) = D.load_pairs(path)
-    assert pair.prompt == [{"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine"},
-                           {"role": "user", "content": "and now?"}]
+    assert pair.prompt == [
+        {"role": "user", "content": "how are you?"},
+        {"role": "assistant", "content": "fine"},
+        {"role": "user", "content": "and now?"},
+    ]
     assert pair.raw_prompt + pair.chosen == base + " great" and pair.raw_prompt + pair.rejected == base + " awful"
 
 
-@pytest.mark.parametrize("row, match", [
-    ('{"prompt": "a", "chosen": ', r"d\.jsonl:2: invalid JSON"),
-    ({"prompt": "a", "rejected": "b"}, r"d\.jsonl:2: field 'chosen': is missing"),
-    ({"prompt": "", "chosen": "x", "rejected": "b"}, r"d\.jsonl:2: field 'prompt': is empty"),
-    ({"prompt": "a", "chosen": 3, "rejected": "b"}, r"field 'chosen': expected a string, got int"),
-    ({"chosen": "x", "rejected": "b"}, r"field 'prompt': is missing"),
-    ([1, 2], r"d\.jsonl:2: a record must be an object"),
-])
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ('{"prompt": "a", "chosen": ', r"d\.jsonl:2: invalid JSON"),
+        ({"prompt": "a", "rejected": "b"}, r"d\.jsonl:2: field 'chosen': is missing"),
+        ({"prompt": "", "chosen": "x", "rejected": "b"}, r"d\.jsonl:2: field 'prompt': is empty"),
+        ({"prompt": "a", "chosen": 3, "rejected": "b"}, r"field 'chosen': expected a string, got int"),
+        ({"chosen": "x", "rejected": "b"}, r"field 'prompt': is missing"),
+        ([1, 2], r"d\.jsonl:2: a record must be an object"),
+    ],
+)
 def test_bad_records_name_file_line_field(tmp_path, row, match):
     path = _write(tmp_path, [{"prompt": "ok", "chosen": "x", "rejected": "y"}, row])
     with pytest.raises(DataError, match=match):
@@ -52,11 +65,19 @@ def test_bad_records_name_file_line_field(tmp_path, row, match):
 
 
 def test_identical_pairs_are_dropped_and_counted(tmp_path):
-    path = _write(tmp_path, [{"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "p", "chosen": "a", "rejected": "b"},
-                             {"prompt": "p", "chosen": "c", "rejected": "d"}])
+    path = _write(
+        tmp_path,
+        [
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "c", "rejected": "d"},
+        ],
+    )
     stats = D.DataStats()
     pairs = D.load_pairs(path, stats=stats)
-    assert len(pairs) == 2 and stats.dropped == {"identical": 1} and stats.first_dropped["identical"].endswith("d.jsonl:1")
+    assert (
+        len(pairs) == 2 and stats.dropped == {"identical": 1} and stats.first_dropped["identical"].endswith("d.jsonl:1")
+    )
     with pytest.raises(DataError, match=r"d\.jsonl:1: chosen equals rejected \(dropped as identical"):
         D.load_pairs(path, strict=True)
 
@@ -135,11 +156,15 @@ def test_fuzz_records_load_or_raise_data_error():
     from hypothesis import strategies as st
 
     scalar = st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12), st.booleans())
-    message = st.fixed_dictionaries({}, optional={"role": st.one_of(st.sampled_from(["user", "assistant", "system"]), scalar),
-                                                  "content": scalar})
+    message = st.fixed_dictionaries(
+        {}, optional={"role": st.one_of(st.sampled_from(["user", "assistant", "system"]), scalar), "content": scalar}
+    )
     value = st.one_of(scalar, st.lists(st.one_of(message, scalar), max_size=3))
-    record = st.one_of(scalar, st.lists(scalar, max_size=2),
-                       st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "other"]), value, max_size=4))
+    record = st.one_of(
+        scalar,
+        st.lists(scalar, max_size=2),
+        st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "other"]), value, max_size=4),
+    )
 
     @settings(max_examples=400, deadline=None)
     @given(record)
@@ -163,33 +188,53 @@ A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
 SYS = {"role": "system", "content": "be brief"}
 
 
-@pytest.mark.parametrize("record, prompt, chosen", [
-    # UltraFeedback-binarized: a prompt string and conversations that repeat the user turn
-    ({"prompt": "hi", "chosen": [U("hi"), A("good")], "rejected": [U("hi"), A("bad")]}, [U("hi")], "good"),
-    # ... with a system message: the conversation is used, not the bare prompt string
-    ({"prompt": "hi", "chosen": [SYS, U("hi"), A("good")], "rejected": [SYS, U("hi"), A("bad")]}, [SYS, U("hi")], "good"),
-    # TRL's conversational format: the prompt as messages, the answers alone
-    ({"prompt": [SYS, U("hi")], "chosen": [A("good")], "rejected": [A("bad")]}, [SYS, U("hi")], "good"),
-    # multi-turn with no prompt field
-    ({"chosen": [U("a"), A("b"), U("c"), A("good")], "rejected": [U("a"), A("b"), U("c"), A("bad")]},
-     [U("a"), A("b"), U("c")], "good"),
-])
+@pytest.mark.parametrize(
+    "record, prompt, chosen",
+    [
+        # UltraFeedback-binarized: a prompt string and conversations that repeat the user turn
+        ({"prompt": "hi", "chosen": [U("hi"), A("good")], "rejected": [U("hi"), A("bad")]}, [U("hi")], "good"),
+        # ... with a system message: the conversation is used, not the bare prompt string
+        (
+            {"prompt": "hi", "chosen": [SYS, U("hi"), A("good")], "rejected": [SYS, U("hi"), A("bad")]},
+            [SYS, U("hi")],
+            "good",
+        ),
+        # TRL's conversational format: the prompt as messages, the answers alone
+        ({"prompt": [SYS, U("hi")], "chosen": [A("good")], "rejected": [A("bad")]}, [SYS, U("hi")], "good"),
+        # multi-turn with no prompt field
+        (
+            {"chosen": [U("a"), A("b"), U("c"), A("good")], "rejected": [U("a"), A("b"), U("c"), A("bad")]},
+            [U("a"), A("b"), U("c")],
+            "good",
+        ),
+    ],
+)
 def test_conversation_formats(tmp_path, record, prompt, chosen):
     (pair,) = D.load_pairs(_write(tmp_path, [record]))
     assert pair.prompt == prompt and pair.chosen == chosen and pair.rejected == "bad"
 
 
-@pytest.mark.parametrize("record", [
-    {"chosen": [U("a"), A("x"), U("c"), A("good")], "rejected": [U("a"), A("y"), U("c"), A("bad")]},  # histories differ
-    {"prompt": "other", "chosen": [U("hi"), A("good")], "rejected": [U("hi"), A("bad")]},  # prompt disagrees
-    {"prompt": [U("other")], "chosen": [U("hi"), A("good")], "rejected": [U("hi"), A("bad")]},
-    {"chosen": "\n\nHuman: a\n\nAssistant: good", "rejected": "\n\nHuman: b\n\nAssistant: bad"},  # HH
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {
+            "chosen": [U("a"), A("x"), U("c"), A("good")],
+            "rejected": [U("a"), A("y"), U("c"), A("bad")],
+        },  # histories differ
+        {"prompt": "other", "chosen": [U("hi"), A("good")], "rejected": [U("hi"), A("bad")]},  # prompt disagrees
+        {"prompt": [U("other")], "chosen": [U("hi"), A("good")], "rejected": [U("hi"), A("bad")]},
+        {"chosen": "\n\nHuman: a\n\nAssistant: good", "rejected": "\n\nHuman: b\n\nAssistant: bad"},  # HH
+    ],
+)
 def test_mispaired_records_are_dropped_never_reassembled(tmp_path, record):
     ok = {"prompt": "p", "chosen": "a", "rejected": "b"}
     stats = D.DataStats()
     pairs = D.load_pairs(_write(tmp_path, [ok, record, ok]), stats=stats)
-    assert len(pairs) == 2 and stats.dropped == {"prompt_mismatch": 1} and stats.first_dropped["prompt_mismatch"].endswith(":2")
+    assert (
+        len(pairs) == 2
+        and stats.dropped == {"prompt_mismatch": 1}
+        and stats.first_dropped["prompt_mismatch"].endswith(":2")
+    )
 
 
 def _hh_file(tmp_path, n=2000, per_defect=10, seed=0):
@@ -215,7 +260,7 @@ def _hh_file(tmp_path, n=2000, per_defect=10, seed=0):
         if kind == "empty_response":
             chosen = prompt
         elif kind == "prompt_mismatch":
-            rejected = f"\n\nHuman: {say()[0]}\n\nAssistant: {bad}" + rejected[len(prompt):]
+            rejected = f"\n\nHuman: {say()[0]}\n\nAssistant: {bad}" + rejected[len(prompt) :]
         elif kind == "identical":
             rejected = chosen
         elif kind == "no_tokens":
@@ -248,7 +293,7 @@ def test_hh_file_with_every_defect_loads_with_exact_counts(tmp_path, tok, templa
         assert p.raw_prompt + p.chosen == rec["chosen"] and p.raw_prompt + p.rejected == rec["rejected"]
         seen.add(line)
         full = D.renderer(t).prompt_ids(p.prompt, p.raw_prompt)
-        assert x.prompt_ids == full[-len(x.prompt_ids):]  # the prompt, left-truncated when it had to be
+        assert x.prompt_ids == full[-len(x.prompt_ids) :]  # the prompt, left-truncated when it had to be
     assert len(seen) == stats.kept
     assert stats.rendering.startswith("chat template" if template else "raw text")
     summary = stats.summary()
@@ -256,11 +301,16 @@ def test_hh_file_with_every_defect_loads_with_exact_counts(tmp_path, tok, templa
 
 
 def test_hh_rendering_with_and_without_a_chat_template(tok):
-    base = "\n\nHuman: tell me about the bread\n\nAssistant: the soup is lovely .\n\nHuman: and the cake ?\n\nAssistant:"
+    base = (
+        "\n\nHuman: tell me about the bread\n\nAssistant: the soup is lovely .\n\nHuman: and the cake ?\n\nAssistant:"
+    )
     (pair,) = [D.to_pair({"chosen": base + " it is a sweet cake .", "rejected": base + " it is awful ."}, "x", 1)]
     (with_t,) = D.tokenize_pairs([pair], tok)
     # the conversation, turn by turn, through the template; the answer ends with the template's end-of-turn
-    assert tok.decode(with_t.prompt_ids) == "<user> tell me about the bread <assistant> the soup is lovely . <eos> <user> and the cake ? <assistant>"
+    assert (
+        tok.decode(with_t.prompt_ids)
+        == "<user> tell me about the bread <assistant> the soup is lovely . <eos> <user> and the cake ? <assistant>"
+    )
     assert tok.decode(with_t.chosen_ids) == "it is a sweet cake . <eos>"
     import copy
 
@@ -271,9 +321,16 @@ def test_hh_rendering_with_and_without_a_chat_template(tok):
 
 
 def test_too_many_drops_fail_with_the_counts(tmp_path):
-    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 3 + [{"prompt": "p", "chosen": "a", "rejected": "b"}]
-    with pytest.raises(DataError, match=r"more than half of the records cannot be used \(3 of 4 dropped: \{'identical': 3\}\)"):
-        D.prepare_pairs(D.DataOptions(data=_write(tmp_path, rows)), D.prepare_tokenizer(__import__("featalign.world.build", fromlist=["x"]).build_tokenizer()))
+    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 3 + [
+        {"prompt": "p", "chosen": "a", "rejected": "b"}
+    ]
+    with pytest.raises(
+        DataError, match=r"more than half of the records cannot be used \(3 of 4 dropped: \{'identical': 3\}\)"
+    ):
+        D.prepare_pairs(
+            D.DataOptions(data=_write(tmp_path, rows)),
+            D.prepare_tokenizer(__import__("featalign.world.build", fromlist=["x"]).build_tokenizer()),
+        )
 
 
 def test_file_formats_and_splits(tmp_path, tok):
@@ -283,8 +340,12 @@ def test_file_formats_and_splits(tmp_path, tok):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:2])})
     dd.save_to_disk(str(tmp_path / "saved"))
-    for path, split, n in ((tmp_path / "d.json", "train", 5), (tmp_path / "d.parquet", "train", 5),
-                           (tmp_path / "saved", "train", 5), (tmp_path / "saved", "test", 2)):
+    for path, split, n in (
+        (tmp_path / "d.json", "train", 5),
+        (tmp_path / "d.parquet", "train", 5),
+        (tmp_path / "saved", "train", 5),
+        (tmp_path / "saved", "test", 2),
+    ):
         pairs = D.load_pairs(str(path), split=split)
         assert [p.prompt for p in pairs] == [f"p{i}" for i in range(n)], (path, split)
     with pytest.raises(DataError, match=r"has no split 'valid'; it has \['test', 'train'\]"):
@@ -297,15 +358,20 @@ def test_file_formats_and_splits(tmp_path, tok):
 def test_documents_from_every_format(tmp_path, tok):
     """`sae train --data` takes what `train` takes: a preference file gives prompt + chosen and prompt + rejected."""
     conv = [U("tell me about the bread")]
-    path = _write(tmp_path, [
-        {"text": "the soup is lovely ."},
-        {"messages": conv + [A("the cake is sweet .")]},
-        {"prompt": "tell me about the bread", "response": "the soup tastes ."},
-        {"chosen": conv + [A("lovely .")], "rejected": conv + [A("awful .")]},
-        {"chosen": "\n\nHuman: tell me about the bread\n\nAssistant: it is lovely .",
-         "rejected": "\n\nHuman: tell me about the bread\n\nAssistant: it is awful ."},
-        {"chosen": conv + [A("same")], "rejected": conv + [A("same")]},  # dropped, counted
-    ])
+    path = _write(
+        tmp_path,
+        [
+            {"text": "the soup is lovely ."},
+            {"messages": conv + [A("the cake is sweet .")]},
+            {"prompt": "tell me about the bread", "response": "the soup tastes ."},
+            {"chosen": conv + [A("lovely .")], "rejected": conv + [A("awful .")]},
+            {
+                "chosen": "\n\nHuman: tell me about the bread\n\nAssistant: it is lovely .",
+                "rejected": "\n\nHuman: tell me about the bread\n\nAssistant: it is awful .",
+            },
+            {"chosen": conv + [A("same")], "rejected": conv + [A("same")]},  # dropped, counted
+        ],
+    )
     stats = D.DataStats()
     docs = D.read_documents(path, tok, stats=stats)
     text = [tok.decode(d) for d in docs]

@@ -14,15 +14,32 @@ PAGES = sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=Tru
 
 
 def test_generated_pages_are_current():
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gen_docs.py"), "--check"], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "gen_docs.py"), "--check"], capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr
 
 
 def test_site_builds_strictly(tmp_path):
     """No broken link or anchor, no page outside the nav (mkdocs.yml's validation settings, made errors by --strict)."""
     pytest.importorskip("mkdocs", reason="mkdocs (docs extra) is not installed")
-    p = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", os.path.join(ROOT, "mkdocs.yml"),
-                        "-d", str(tmp_path / "site")], capture_output=True, text=True, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "-q",
+            "-f",
+            os.path.join(ROOT, "mkdocs.yml"),
+            "-d",
+            str(tmp_path / "site"),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert (tmp_path / "site" / "index.html").exists()
 
@@ -62,8 +79,11 @@ def test_every_command_in_the_docs_parses():
 def test_no_history_in_code_or_manual():
     """Issue numbers and session history belong in CHANGELOG.md, not in the code, the README or the manual."""
     files = PAGES + glob.glob(os.path.join(ROOT, "src", "**", "*.py"), recursive=True)
-    found = [f"{os.path.relpath(f, ROOT)}: {m.group(0)}" for f in files
-             for m in re.finditer(r"(?i)\bissues? #?\d+\b", open(f).read())]
+    found = [
+        f"{os.path.relpath(f, ROOT)}: {m.group(0)}"
+        for f in files
+        for m in re.finditer(r"(?i)\bissues? #?\d+\b", open(f).read())
+    ]
     assert not found, found
 
 

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import margin
 
 from featalign.errors import ConfigError
 from featalign.explain import AttributeConfig, ExplainConfig, run_attribute, run_explain, spliced_score
 from featalign.models import decoder_layers, load_model, load_tokenizer
-
-from conftest import margin
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +48,17 @@ def test_planted_feature_is_found_at_the_top(world, world_sae, ref_model, tmp_pa
     sae = load_sae(world_sae["path"])
     feature = specific_features(sae)[0]
     policy = plant(model, 2, 3.0 * sae.W_dec[feature].detach())
-    cfg = ExplainConfig(reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "e"), limit=40, top=5)
+    cfg = ExplainConfig(
+        reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "e"), limit=40, top=5
+    )
     res = run_explain(cfg, policy=policy, reference=model, tokenizer=tok)
     assert res["up"][0]["feature"] == feature
     # measured 5.3-8.8 and t 22-53 over world seeds 0-2 and three thread/kernel settings
-    margin("planted feature's shift / runner-up's", res["up"][0]["shift"] / max(abs(r["shift"]) for r in res["up"][1:] + res["down"]), 2)
+    margin(
+        "planted feature's shift / runner-up's",
+        res["up"][0]["shift"] / max(abs(r["shift"]) for r in res["up"][1:] + res["down"]),
+        2,
+    )
     margin("planted feature's t", res["up"][0]["t"], 10)
     assert res["up"][0]["top_tokens"] and res["up"][0]["contexts"]
     assert "world_reward" in res and set(res["up"][0]["reward_corr"]) == {"topic", "sentiment", "length", "reward"}
@@ -69,9 +74,13 @@ def test_planted_feature_is_found_at_the_top(world, world_sae, ref_model, tmp_pa
     parts = [reward_parts(p.prompt, p.chosen) for p in raw] + [reward_parts(p.prompt, p.rejected) for p in raw]
     for part, rows in res["world_reward"]["tracking"].items():
         y = np.array([q[part] for q in parts])
-        r_all = [abs(np.corrcoef(pooled[:, f], y)[0, 1]) if pooled[:, f].std() > 0 else 0.0 for f in range(pooled.shape[1])]
+        r_all = [
+            abs(np.corrcoef(pooled[:, f], y)[0, 1]) if pooled[:, f].std() > 0 else 0.0 for f in range(pooled.shape[1])
+        ]
         assert len(rows) == 3 and abs(rows[0]["reward_corr"][part]) == pytest.approx(max(r_all), abs=1e-4), part
-        assert rows[0]["reward_corr"][part] == pytest.approx(np.corrcoef(pooled[:, rows[0]["feature"]], y)[0, 1], abs=1e-4)
+        assert rows[0]["reward_corr"][part] == pytest.approx(
+            np.corrcoef(pooled[:, rows[0]["feature"]], y)[0, 1], abs=1e-4
+        )
     assert "features that track each reward part" in (tmp_path / "e" / "explain.md").read_text()
     for name in ("explain.json", "explain.md", "explain.png"):
         assert (tmp_path / "e" / name).exists()
@@ -84,18 +93,49 @@ def test_explain_on_generated_text_finds_the_planted_feature(world, world_sae, r
     sae = load_sae(world_sae["path"])
     feature = specific_features(sae)[1]
     policy = plant(model, 2, 3.0 * sae.W_dec[feature].detach())
-    cfg = ExplainConfig(reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "g"), limit=40,
-                        top=5, texts="generated", max_new_tokens=16)
+    cfg = ExplainConfig(
+        reference=world["sft"],
+        sae=world_sae["path"],
+        data=world["test"],
+        out=str(tmp_path / "g"),
+        limit=40,
+        top=5,
+        texts="generated",
+        max_new_tokens=16,
+    )
     res = run_explain(cfg, policy=policy, reference=model, tokenizer=tok)
     assert res["up"][0]["feature"] == feature and res["texts"] == "generated"
-    margin("planted feature's shift / runner-up's", res["up"][0]["shift"] / max(abs(r["shift"]) for r in res["up"][1:] + res["down"]), 2)
+    margin(
+        "planted feature's shift / runner-up's",
+        res["up"][0]["shift"] / max(abs(r["shift"]) for r in res["up"][1:] + res["down"]),
+        2,
+    )
 
 
 def test_cli_explain_policy_equal_to_reference_moves_nothing(world, world_sae, tmp_path):
     out = tmp_path / "same"
-    p = subprocess.run([sys.executable, "-m", "featalign", "explain", "--policy", world["sft"], "--reference", world["sft"],
-                        "--sae", world_sae["path"], "--data", world["test"], "--out", str(out), "--limit", "20"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featalign",
+            "explain",
+            "--policy",
+            world["sft"],
+            "--reference",
+            world["sft"],
+            "--sae",
+            world_sae["path"],
+            "--data",
+            world["test"],
+            "--out",
+            str(out),
+            "--limit",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     res = json.loads((out / "explain.json").read_text())
     # the same weights: nothing listed, and what shift there is lies within float32 rounding (0 when run alone; 1e-8 per
@@ -117,15 +157,21 @@ def test_spliced_pass_is_exact_and_attribution_predicts_ablation(world, world_sa
     spliced, _ = spliced_score(model, sae, 2, t, "margin")
     assert torch.allclose(plain, spliced, atol=1e-4)  # the error term keeps the forward pass exact
 
-    res = run_attribute(AttributeConfig(sae=world_sae["path"], data=world["test"], out=str(tmp_path / "a"), limit=48, ablate=8, top=5),
-                    model=model, tokenizer=tok)
+    res = run_attribute(
+        AttributeConfig(sae=world_sae["path"], data=world["test"], out=str(tmp_path / "a"), limit=48, ablate=8, top=5),
+        model=model,
+        tokenizer=tok,
+    )
     v = res["validation"]
     # the first-order prediction is near exact for most features; one strongly nonlinear feature is enough to pull
     # Pearson from 0.99 to 0.41 (seen with OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default: 15 of 16 within 10%), so
     # the bound is on the share of ablated features the prediction gets right, not on a correlation
     print(f"pearson(predicted, ablation) = {v['pearson_predicted_vs_ablation']:.3g}")
-    close = [abs(r["ablation_change"] - r["predicted_change"]) <= 0.3 * max(abs(r["ablation_change"]), abs(r["predicted_change"]))
-             for r in v["ablated"]]
+    close = [
+        abs(r["ablation_change"] - r["predicted_change"])
+        <= 0.3 * max(abs(r["ablation_change"]), abs(r["predicted_change"]))
+        for r in v["ablated"]
+    ]
     margin("share of ablated features whose change is within 30% of the prediction", sum(close) / len(close), 0.6)
     # that top features move the score more than random active ones, as a rank statistic: the share of (top, random)
     # pairs where the top feature's real change is larger. The ratio of means swung 3.4-10.6 between thread/kernel
@@ -135,8 +181,14 @@ def test_spliced_pass_is_exact_and_attribution_predicts_ablation(world, world_sa
     beats = sum((abs(t["ablation_change"]) > q) + 0.5 * (abs(t["ablation_change"]) == q) for t in top for q in rand)
     print(f"top / random mean |change| = {v['mean_abs_change_top'] / v['mean_abs_change_random']:.3g}")
     margin("share of (top, random) pairs where top changes the score more", beats / (len(top) * len(rand)), 0.75)
-    margin("top features whose sign agrees (of 8)", sum((r["predicted_change"] > 0) == (r["ablation_change"] > 0) for r in top), 5)
-    assert (tmp_path / "a" / "attribution.png").exists() and len(torch.load(tmp_path / "a" / "attribution.pt")) == sae.d_sae
+    margin(
+        "top features whose sign agrees (of 8)",
+        sum((r["predicted_change"] > 0) == (r["ablation_change"] > 0) for r in top),
+        5,
+    )
+    assert (tmp_path / "a" / "attribution.png").exists() and len(
+        torch.load(tmp_path / "a" / "attribution.pt")
+    ) == sae.d_sae
 
 
 def test_attribute_to_a_reward_model(world, world_sae, tmp_path):
@@ -149,19 +201,60 @@ def test_attribute_to_a_reward_model(world, world_sae, tmp_path):
     rm.config.pad_token_id = load_tokenizer(world["sft"]).pad_token_id
     rm.save_pretrained(rm_dir)
     load_tokenizer(world["sft"]).save_pretrained(rm_dir)
-    p = subprocess.run([sys.executable, "-m", "featalign", "attribute", "--model", str(rm_dir), "--sae", world_sae["path"],
-                        "--data", world["test"], "--score", "reward_margin", "--limit", "24", "--ablate", "6",
-                        "--out", str(tmp_path / "ra")], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featalign",
+            "attribute",
+            "--model",
+            str(rm_dir),
+            "--sae",
+            world_sae["path"],
+            "--data",
+            world["test"],
+            "--score",
+            "reward_margin",
+            "--limit",
+            "24",
+            "--ablate",
+            "6",
+            "--out",
+            str(tmp_path / "ra"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "ra" / "attribution.json").read_text())
     assert res["score"] == "reward_margin"
-    margin("pearson(predicted, ablation), reward model", res["validation"]["pearson_predicted_vs_ablation"], 0.5)  # 0.977-0.999
+    margin(
+        "pearson(predicted, ablation), reward model", res["validation"]["pearson_predicted_vs_ablation"], 0.5
+    )  # 0.977-0.999
 
 
 def test_attribute_errors(world, world_sae, ref_model):
     model, tok = ref_model
     with pytest.raises(ConfigError, match="score: .vibes. is not one of margin"):
-        run_attribute(AttributeConfig(sae=world_sae["path"], data=world["test"], score="vibes"), model=model, tokenizer=tok)
-    p = subprocess.run([sys.executable, "-m", "featalign", "attribute", "--model", world["sft"], "--sae", world_sae["path"],
-                        "--data", world["test"], "--layer", "9"], capture_output=True, text=True)
+        run_attribute(
+            AttributeConfig(sae=world_sae["path"], data=world["test"], score="vibes"), model=model, tokenizer=tok
+        )
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featalign",
+            "attribute",
+            "--model",
+            world["sft"],
+            "--sae",
+            world_sae["path"],
+            "--data",
+            world["test"],
+            "--layer",
+            "9",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and "layer 9 is out of range" in p.stderr

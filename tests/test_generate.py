@@ -7,7 +7,7 @@ import pytest
 from featalign import cli
 from featalign import data as D
 from featalign.errors import ConfigError
-from featalign.generate import GenerateConfig, read_prompts, run_generate, sample, stop_ids
+from featalign.generate import read_prompts, sample, stop_ids
 from featalign.models import load_model, load_tokenizer
 
 
@@ -18,8 +18,11 @@ def test_read_prompts_takes_every_prompt_format(tmp_path):
     alpaca = tmp_path / "eval.json"
     alpaca.write_text(json.dumps([{"instruction": "Say hi", "dataset": "x"}, {"instruction": "Say bye"}]))
     assert read_prompts(str(alpaca)) == ["Say hi", "Say bye"]
-    rows = [{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
-            {"prompt": "q", "chosen": "x", "rejected": "y"}]
+    rows = [
+        {"prompt": "a"},
+        {"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
+        {"prompt": "q", "chosen": "x", "rejected": "y"},
+    ]
     jl = tmp_path / "p.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert read_prompts(str(jl)) == ["a", [{"role": "user", "content": "b"}], "q"]
@@ -38,8 +41,24 @@ def test_generate_writes_alpacaeval_outputs(world, tmp_path):
     test_rows = [json.loads(line) for line in open(world["test"])][:6]
     prompts.write_text("\n".join(json.dumps({"instruction": r["prompt"]}) for r in test_rows) + "\n")
     out = tmp_path / "gen"
-    assert cli.main(["generate", "--model", world["sft"], "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "12",
-                     "--generator", "world-sft"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                world["sft"],
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "12",
+                "--generator",
+                "world-sft",
+            ]
+        )
+        == 0
+    )
     outputs = json.loads((out / "model_outputs.json").read_text())
     distinct = list(dict.fromkeys(r["prompt"] for r in test_rows))
     assert [o["instruction"] for o in outputs] == distinct

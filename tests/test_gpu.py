@@ -24,8 +24,20 @@ def gpu_world(tmp_path_factory):
     build_world(path, WorldConfig.quick(), progress=False)
     wp = world_paths(path)
     sae_dir = str(tmp_path_factory.mktemp("sae") / "topk")
-    sae, report = train_sae(SAETrainConfig(model=wp["sft"], data=wp["sft_text"], layer=2, out=sae_dir, d_sae=256, k=32,
-                                           tokens=100_000, eval_tokens=10_000, progress=False, device="cuda"))
+    sae, report = train_sae(
+        SAETrainConfig(
+            model=wp["sft"],
+            data=wp["sft_text"],
+            layer=2,
+            out=sae_dir,
+            d_sae=256,
+            k=32,
+            tokens=100_000,
+            eval_tokens=10_000,
+            progress=False,
+            device="cuda",
+        )
+    )
     return {**wp, "sae": sae_dir, "sae_report": report}
 
 
@@ -37,9 +49,35 @@ def test_sae_trains_on_the_gpu(gpu_world):
 @pytest.mark.parametrize("method", ["dpo", "ipo", "dpo_ln", "simpo", "tdpo1", "tdpo2", "trdpo", "fpo"])
 def test_every_method_trains_on_cuda(gpu_world, tmp_path, method):
     out = tmp_path / method
-    cmd = [sys.executable, "-m", "featalign", "train", "--method", method, "--model", gpu_world["sft"], "--data", gpu_world["train"],
-           "--out", str(out), "--max-steps", "4", "--batch-size", "8", "--lr", "1e-4", "--no-progress", "--log-every", "2",
-           "--max-length", "96", "--max-prompt-length", "32", "--trdpo-tau", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "featalign",
+        "train",
+        "--method",
+        method,
+        "--model",
+        gpu_world["sft"],
+        "--data",
+        gpu_world["train"],
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-4",
+        "--no-progress",
+        "--log-every",
+        "2",
+        "--max-length",
+        "96",
+        "--max-prompt-length",
+        "32",
+        "--trdpo-tau",
+        "2",
+    ]
     if method == "fpo":
         cmd += ["--sae", gpu_world["sae"], "--layer", "2"]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -50,8 +88,28 @@ def test_every_method_trains_on_cuda(gpu_world, tmp_path, method):
 
 
 def test_sae_tools_on_cuda(gpu_world, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "featalign", "sae", "match", gpu_world["sae"], gpu_world["sae"], "--device", "cuda",
-                        "--model", gpu_world["sft"], "--data", gpu_world["sft_text"], "--out", str(tmp_path / "m"), "--max-tokens", "2000"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featalign",
+            "sae",
+            "match",
+            gpu_world["sae"],
+            gpu_world["sae"],
+            "--device",
+            "cuda",
+            "--model",
+            gpu_world["sft"],
+            "--data",
+            gpu_world["sft_text"],
+            "--out",
+            str(tmp_path / "m"),
+            "--max-tokens",
+            "2000",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "m" / "match.json").read_text())["confident_fraction"] == 1.0

@@ -5,8 +5,7 @@ import math
 import pytest
 
 from featalign.errors import ConfigError
-from featalign.judges import (RewardFunction, distinct_n, length_controlled_win_rate, make_judge, mean_se, win_rate,
-                              wins)
+from featalign.judges import RewardFunction, distinct_n, length_controlled_win_rate, make_judge, mean_se, win_rate, wins
 
 
 def logit(p):
@@ -34,9 +33,15 @@ def test_length_controlled_win_rate_is_the_intercept_of_a_two_group_logistic_fit
     n = 50
     a, b, la, lb = [], [], [], []
     for i in range(n):  # longer answers: 40 wins of 50
-        a.append(1.0 if i < 40 else 0.0); b.append(0.5); la.append(30); lb.append(10)
+        a.append(1.0 if i < 40 else 0.0)
+        b.append(0.5)
+        la.append(30)
+        lb.append(10)
     for i in range(n):  # shorter answers: 20 wins of 50
-        a.append(1.0 if i < 20 else 0.0); b.append(0.5); la.append(10); lb.append(30)
+        a.append(1.0 if i < 20 else 0.0)
+        b.append(0.5)
+        la.append(10)
+        lb.append(30)
     rate, se = length_controlled_win_rate(a, b, la, lb)
     s = sigmoid((logit(0.8) + logit(0.4)) / 2)
     var_a = (1 / (n * 0.8 * 0.2) + 1 / (n * 0.4 * 0.6)) / 4
@@ -73,8 +78,12 @@ def test_reward_function_takes_floats_or_dicts_and_errors_name_the_spec():
     j = RewardFunction("tests.test_judges:wordy")
     assert j(["p", "q"], ["one two", "three"]) == [{"reward": 2.0, "words": 2.0}, {"reward": 1.0, "words": 1.0}]
     assert RewardFunction("math:hypot")([3.0], [4.0]) == [{"reward": 5.0}]
-    for spec, msg in [("nocolon", "module:function"), ("no_such_mod_x:f", "cannot import"), ("math:nope", "has no 'nope'"),
-                      ("math:pi", "not callable")]:
+    for spec, msg in [
+        ("nocolon", "module:function"),
+        ("no_such_mod_x:f", "cannot import"),
+        ("math:nope", "has no 'nope'"),
+        ("math:pi", "not callable"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             RewardFunction(spec)
     with pytest.raises(ConfigError, match="not a number"):
@@ -85,9 +94,9 @@ def test_reward_function_takes_floats_or_dicts_and_errors_name_the_spec():
 
 
 def test_world_reward_is_a_judge_like_any_other():
-    from featalign.world import lang
-
     import random
+
+    from featalign.world import lang
 
     j = make_judge("featalign.world.judge:reward")
     prompt = lang.sample_prompt(random.Random(0)).prompt
@@ -102,16 +111,24 @@ def test_world_reward_is_a_judge_like_any_other():
 def test_reward_model_scores_with_the_last_logit(tmp_path):
     """A tiny seed-built sequence-classification model: the judge's scores equal its own forward's last logit."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "good", "bad", "movie", "the", "[UNK]"])}
     t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="[UNK]")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=0,
+    )
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     j = make_judge(reward_model=str(tmp_path))

@@ -14,8 +14,15 @@ def tiny(kind: str, vocab: int = 300, **kw):
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, **kw)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **kw,
+    )
     if kind == "gemma2":  # final logit soft-capping at a small cap, so the tanh bends the logits
         return Gemma2ForCausalLM(Gemma2Config(head_dim=8, final_logit_softcapping=2.0, **common))
     return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
@@ -48,8 +55,12 @@ def plain_terms(model, ref, ids, att, resp):
     with torch.no_grad():
         ref_logits = ref(input_ids=ids, attention_mask=att).logits
     lp, length = response_logps(logits, ids, resp)
-    return {"logps": lp, "length": length, "ref_logps": response_logps(ref_logits, ids, resp)[0],
-            "kl": sequential_kl(logits, ref_logits, resp)}
+    return {
+        "logps": lp,
+        "length": length,
+        "ref_logps": response_logps(ref_logits, ids, resp)[0],
+        "kl": sequential_kl(logits, ref_logits, resp),
+    }
 
 
 def grads_of(model, terms):
@@ -140,14 +151,27 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off():
 def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_path, monkeypatch):
     """The trainer's loss and gradients for each method, chunked (a few positions per chunk) vs full logits."""
     from featalign.losses import METHODS
-    from featalign.train import Trainer, TrainConfig
+    from featalign.train import TrainConfig, Trainer
 
     monkeypatch.setattr(L, "CHUNK_ELEMENTS", 3 * 1024)
     for method in METHODS:
         extra = {"sae": world_sae["path"], "layer": world_sae["layer"], "k": 20} if method == "fpo" else {}
-        t = Trainer(TrainConfig(method=method, model=world["sft"], data=world["train"], out=str(tmp_path / method),
-                                batch_size=4, max_steps=1, limit=8, max_length=96, max_prompt_length=24, progress=False,
-                                tensorboard=False, **extra))
+        t = Trainer(
+            TrainConfig(
+                method=method,
+                model=world["sft"],
+                data=world["train"],
+                out=str(tmp_path / method),
+                batch_size=4,
+                max_steps=1,
+                limit=8,
+                max_length=96,
+                max_prompt_length=24,
+                progress=False,
+                tensorboard=False,
+                **extra,
+            )
+        )
         assert t.packed is False  # --pack auto on a CPU model without flash attention: padded
         idx = list(range(4))
         results = {}
@@ -163,7 +187,11 @@ def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_pa
                 assert fw.can_fuse() and (fw.packing is not None) == (path == "packed")
             loss, metrics = t.loss(t.model, b)
             loss.backward()
-            results[path] = (loss.detach(), metrics, {k: p.grad.clone() for k, p in t.model.named_parameters() if p.grad is not None})
+            results[path] = (
+                loss.detach(),
+                metrics,
+                {k: p.grad.clone() for k, p in t.model.named_parameters() if p.grad is not None},
+            )
         l_full, m_full, g_full = results["full"]
         for path in ("fused", "packed", "chunked"):
             l1, m1, g1 = results[path]
@@ -196,7 +224,7 @@ def test_fused_pair_loss_equals_the_plain_path(kind, chunk):
 
     fw = L.forward(model, ids, att, resp, ref=ref, kl=True, chunk=chunk)
     plain = fw.terms()
-    want = sum(pair_loss({k: v[[i, 3 + i]] for k, v in plain.items()}, {"w": w[i:i + 1]}) for i in range(3)) / 3
+    want = sum(pair_loss({k: v[[i, 3 + i]] for k, v in plain.items()}, {"w": w[i : i + 1]}) for i in range(3)) / 3
     (2.5 * want).backward()  # a scaled loss, as gradient accumulation gives: the fused backward must scale too
     g_want = grads()
     fw = L.forward(model, ids, att, resp, ref=ref, kl=True, chunk=chunk)
@@ -235,7 +263,9 @@ def test_a_model_that_cannot_pack_keeps_the_padded_batch(caplog):
     model = tiny("llama")
     real = model.forward
 
-    def ignores_position_ids(*a, position_ids=None, logits_to_keep=0, **kw):  # a model whose attention does not read them
+    def ignores_position_ids(
+        *a, position_ids=None, logits_to_keep=0, **kw
+    ):  # a model whose attention does not read them
         return real(*a, logits_to_keep=logits_to_keep, **kw)
 
     model.forward = ignores_position_ids

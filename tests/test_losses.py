@@ -29,8 +29,16 @@ def test_dpo_closed_form():
 
 def test_policy_equals_reference_is_log2():
     for name in ("dpo", "dpo_ln", "tdpo1", "tdpo2"):
-        terms = dict(policy_chosen_logps=PC, policy_rejected_logps=PR, ref_chosen_logps=PC, ref_rejected_logps=PR,
-                     chosen_len=CL, rejected_len=RL, kl_chosen=torch.zeros(2), kl_rejected=torch.zeros(2))
+        terms = dict(
+            policy_chosen_logps=PC,
+            policy_rejected_logps=PR,
+            ref_chosen_logps=PC,
+            ref_rejected_logps=PR,
+            chosen_len=CL,
+            rejected_len=RL,
+            kl_chosen=torch.zeros(2),
+            kl_rejected=torch.zeros(2),
+        )
         loss, _ = L.compute_loss(name, terms)
         assert loss.item() == pytest.approx(math.log(2))
 
@@ -107,7 +115,9 @@ def test_registry_and_defaults():
     assert dict(L.METHODS["fpo"].defaults) == {"beta": 0.1, "alpha": 0.5}
     assert L.METHODS["tdpo2"].live_reference and L.METHODS["fpo"].features
     with pytest.raises(KeyError, match="kl_chosen"):
-        L.compute_loss("tdpo2", dict(policy_chosen_logps=PC, policy_rejected_logps=PR, ref_chosen_logps=RC, ref_rejected_logps=RR))
+        L.compute_loss(
+            "tdpo2", dict(policy_chosen_logps=PC, policy_rejected_logps=PR, ref_chosen_logps=RC, ref_rejected_logps=RR)
+        )
     with pytest.raises(ValueError, match="unknown method"):
         L.compute_loss("nope", {})
 
@@ -116,9 +126,19 @@ def _seeded_llama(tok, seed: int):
     """A tiny Llama built from a seed, no training: its weights do not depend on the CPU that runs the test."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=128, initializer_range=0.3,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 
@@ -147,23 +167,46 @@ def test_matches_trl_dpo_losses():
     model, ref = _seeded_llama(tok, 0), _seeded_llama(tok, 1)
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in sample_pairs(random.Random(0), 8, 0.15)]
     for loss_type, ours in (("sigmoid", "dpo"), ("sigmoid_norm", "dpo_ln")):
-        args = DPOConfig(output_dir="/tmp/featalign-trl", loss_type=[loss_type], beta=0.1, per_device_train_batch_size=8,
-                         report_to="none", max_length=128, use_cpu=True, bf16=False)
+        args = DPOConfig(
+            output_dir="/tmp/featalign-trl",
+            loss_type=[loss_type],
+            beta=0.1,
+            per_device_train_batch_size=8,
+            report_to="none",
+            max_length=128,
+            use_cpu=True,
+            bf16=False,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=ref,
+                args=args,
+                train_dataset=datasets.Dataset.from_list(rows),
+                processing_class=tok,
+            )
         batch = next(iter(trainer.get_train_dataloader()))
         n = batch["input_ids"].shape[0] // 2
         with torch.no_grad():
             trl_loss = trainer.compute_loss(trainer.model, batch).item()
             trl_metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
             # TRL's loss of each pair alone: its batch rows i (chosen) and n + i (rejected)
-            trl_pair = [trainer.compute_loss(trainer.model, {k: v[[i, n + i]] for k, v in batch.items()}).item() for i in range(n)]
+            trl_pair = [
+                trainer.compute_loss(trainer.model, {k: v[[i, n + i]] for k, v in batch.items()}).item()
+                for i in range(n)
+            ]
             ids, att, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
             lp, ln = response_logps(model(input_ids=ids, attention_mask=att).logits, ids, cm)
             rlp, _ = response_logps(ref(input_ids=ids, attention_mask=att).logits, ids, cm)
-        terms = dict(policy_chosen_logps=lp[:n], policy_rejected_logps=lp[n:], ref_chosen_logps=rlp[:n], ref_rejected_logps=rlp[n:],
-                     chosen_len=ln[:n], rejected_len=ln[n:])
+        terms = dict(
+            policy_chosen_logps=lp[:n],
+            policy_rejected_logps=lp[n:],
+            ref_chosen_logps=rlp[:n],
+            ref_rejected_logps=rlp[n:],
+            chosen_len=ln[:n],
+            rejected_len=ln[n:],
+        )
         loss, m = L.compute_loss(ours, terms, beta=0.1)
         mean_abs_u = m["logits"].abs().mean().item()
         print(f"{ours}: |loss - log 2| = {abs(loss.item() - math.log(2)):.4f}, mean |logit| = {mean_abs_u:.4f}")

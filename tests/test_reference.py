@@ -31,7 +31,11 @@ def test_cache_holds_reference_logps(world, setup, tmp_path):
 
     b = collate_pairs(pairs[20:23], tok.pad_token_id)
     with torch.no_grad():
-        lp, ln = response_logps(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["input_ids"], b["response_mask"])
+        lp, ln = response_logps(
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+            b["input_ids"],
+            b["response_mask"],
+        )
     c = cache.batch(b["index"])
     assert torch.allclose(c["chosen_logps"], lp[:3], atol=1e-4) and torch.allclose(c["rejected_len"], ln[3:])
 
@@ -60,7 +64,9 @@ def test_stale_cache_is_refused_naming_the_part(world, setup, tmp_path, world_sa
         next(m2.parameters()).add_(1.0)
     m2.save_pretrained(other)
     with pytest.raises(CacheMismatchError, match="the reference model's weights changed"):
-        ReferenceCache(out, expected_manifest(other, world["train"], world_sae["path"], settings) | {"data": man["data"]})
+        ReferenceCache(
+            out, expected_manifest(other, world["train"], world_sae["path"], settings) | {"data": man["data"]}
+        )
     other_sae = str(tmp_path / "other_sae")
     sae2 = load_sae(world_sae["path"])
     with torch.no_grad():

@@ -4,12 +4,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import margin
 
 from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig, check_fits, load_sae
 from featalign.sae.metrics import evaluate_sae, typical_tokens
-
-from conftest import margin
 
 
 def random_sae(arch, d_in=16, d_sae=48, k=6, centre=True, seed=0):
@@ -43,9 +42,13 @@ def test_encode_decode_equal_saelens(arch, tmp_path):
 
 def test_gemma_scope_npz_round_trip(tmp_path):
     g = np.random.default_rng(0)
-    params = {"W_enc": g.normal(size=(16, 40)).astype(np.float32), "W_dec": g.normal(size=(40, 16)).astype(np.float32),
-              "b_enc": g.normal(size=40).astype(np.float32), "b_dec": g.normal(size=16).astype(np.float32),
-              "threshold": np.abs(g.normal(size=40)).astype(np.float32)}
+    params = {
+        "W_enc": g.normal(size=(16, 40)).astype(np.float32),
+        "W_dec": g.normal(size=(40, 16)).astype(np.float32),
+        "b_enc": g.normal(size=40).astype(np.float32),
+        "b_dec": g.normal(size=16).astype(np.float32),
+        "threshold": np.abs(g.normal(size=40)).astype(np.float32),
+    }
     np.savez(tmp_path / "params.npz", **params)
     sae = load_sae(str(tmp_path / "params.npz"), layer=3)
     assert sae.cfg.architecture == "jumprelu" and not sae.cfg.apply_b_dec_to_input and sae.cfg.layer == 3
@@ -69,8 +72,14 @@ def test_errors_name_the_problem(tmp_path, world):
     np.savez(tmp_path / "missing.npz", W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 4), np.float32))
     with pytest.raises(ConfigError, match="missing tensor 'b_enc'"):
         load_sae(str(tmp_path / "missing.npz"))
-    np.savez(tmp_path / "shape.npz", W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 5), np.float32),
-             b_enc=np.zeros(8, np.float32), b_dec=np.zeros(4, np.float32), threshold=np.zeros(8, np.float32))
+    np.savez(
+        tmp_path / "shape.npz",
+        W_enc=np.zeros((4, 8), np.float32),
+        W_dec=np.zeros((8, 5), np.float32),
+        b_enc=np.zeros(8, np.float32),
+        b_dec=np.zeros(4, np.float32),
+        threshold=np.zeros(8, np.float32),
+    )
     with pytest.raises(ConfigError, match=r"'W_dec' has shape \(8, 5\), expected \(8, 4\)"):
         load_sae(str(tmp_path / "shape.npz"))
     path = random_sae("relu").save(str(tmp_path / "relu"))
@@ -101,8 +110,8 @@ def _identity_and_zero(d):
 
 
 def test_metrics_identity_recovers_all_zero_none(world):
-    from featalign.models import load_model, load_tokenizer
     from featalign.data import read_documents
+    from featalign.models import load_model, load_tokenizer
 
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
     docs = read_documents(world["test"], tok)[:40]
@@ -131,8 +140,8 @@ def test_typical_tokens_closed_form():
 def test_massive_activations_are_left_out(world):
     """A first position at 200x the median norm (as SmolLM2's, at 145x) is dropped from the activations SAE training
     reads and from every metric: neither spliced nor zero-ablated, and the explained variance is the kept tokens'."""
-    from featalign.models import decoder_layers, load_model, load_tokenizer
     from featalign.data import read_documents
+    from featalign.models import decoder_layers, load_model, load_tokenizer
     from featalign.sae.train import iter_activations
 
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
@@ -156,7 +165,9 @@ def test_massive_activations_are_left_out(world):
             ev = 1 - (kept - sae(kept)).pow(2).sum() / (kept - kept.mean(0)).pow(2).sum()
         assert r["explained_variance"] == pytest.approx(float(ev), rel=1e-4)
         ident, zero = _identity_and_zero(kept.shape[1])
-        assert evaluate_sae(ident, model, tok, docs, layer=1, outlier_norm=10)["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+        assert evaluate_sae(ident, model, tok, docs, layer=1, outlier_norm=10)["ce_loss_recovered"] == pytest.approx(
+            1.0, abs=1e-4
+        )
         z = evaluate_sae(zero, model, tok, docs, layer=1, outlier_norm=10)
         assert z["ce_spliced"] == pytest.approx(z["ce_zero_ablation"])
         assert evaluate_sae(sae, model, tok, docs, layer=1, outlier_norm=0)["outlier_tokens"] == 0
@@ -167,9 +178,9 @@ def test_massive_activations_are_left_out(world):
 def test_topk_training_reaches_targets(world, tmp_path):
     """The TopK SAE the other tests share (committed with the quick world), trained again here on this CPU."""
     import quick_world
-    from featalign.sae.train import train_sae
-
     from conftest import SEED
+
+    from featalign.sae.train import train_sae
 
     out = str(tmp_path / "topk")
     _, r = train_sae(quick_world.sae_config(world["root"], out, SEED))
@@ -183,15 +194,31 @@ def test_topk_training_reaches_targets(world, tmp_path):
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(sae.d_sae), atol=1e-4)
 
 
-@pytest.mark.parametrize("arch, extra", [("jumprelu", {"l0_coeff": 2e-3}), ("relu", {"l1_coeff": 0.02}), ("batchtopk", {})])
+@pytest.mark.parametrize(
+    "arch, extra", [("jumprelu", {"l0_coeff": 2e-3}), ("relu", {"l1_coeff": 0.02}), ("batchtopk", {})]
+)
 def test_other_architectures_train(world, tmp_path, arch, extra):
     from featalign.sae.train import SAETrainConfig, train_sae
 
-    sae, r = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=str(tmp_path / arch),
-                                      architecture=arch, d_sae=256, tokens=60_000, eval_tokens=5000, progress=False, **extra))
+    sae, r = train_sae(
+        SAETrainConfig(
+            model=world["sft"],
+            data=world["sft_text"],
+            layer=2,
+            out=str(tmp_path / arch),
+            architecture=arch,
+            d_sae=256,
+            tokens=60_000,
+            eval_tokens=5000,
+            progress=False,
+            **extra,
+        )
+    )
     margin(f"{arch} explained variance", r["explained_variance"], 0.5)  # measured 0.980-0.986, seeds 0-2, 3 settings
     assert 0 < r["l0"] < 256
-    if arch == "batchtopk":  # a JumpReLU at inference; its threshold keeps about k=32 per token (measured 31.4, seed 0; bounds 4x off)
+    if (
+        arch == "batchtopk"
+    ):  # a JumpReLU at inference; its threshold keeps about k=32 per token (measured 31.4, seed 0; bounds 4x off)
         margin("batchtopk L0 at inference", r["l0"], 8)
         margin("batchtopk L0 at inference", r["l0"], 128, above=False)
     if arch in ("jumprelu", "batchtopk"):

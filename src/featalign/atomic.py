@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 
 def replace_dir(tmp: str, final: str) -> None:
@@ -29,6 +29,7 @@ def atomic_file(final: str, write: Callable[[str], None]) -> None:
 
 def write_json(path: str, obj, indent: int | None = 2) -> None:
     """``obj`` as JSON at ``path``, written atomically."""
+
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=indent, ensure_ascii=False)

@@ -11,8 +11,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .config import ConfigError, base_type, choices, decode, hints
 from .errors import FeatalignError
@@ -84,28 +84,83 @@ class Command:
 
 
 COMMANDS = [
-    Command(("world", "build"), "featalign.world.build:WorldBuildConfig", "featalign.world.build:run_world_build", _world,
-            "build the built-in world: tokenizer, a small SFT model and ranked preference pairs"),
-    Command(("train",), "featalign.train:TrainConfig", "featalign.train:run_train", _json,
-            "preference training: dpo, ipo, simpo, dpo_ln, tdpo1, tdpo2, trdpo or fpo"),
-    Command(("cache",), "featalign.reference:CacheConfig", "featalign.reference:run_cache", lambda out, cfg: f"cache written to {out}",
-            "build the offline reference cache: reference log-probs and top-k SAE activations"),
-    Command(("sae", "train"), "featalign.sae.train:SAETrainConfig", "featalign.sae.train:train_sae", _sae_table,
-            "train an SAE on a model's layer"),
-    Command(("sae", "eval"), "featalign.sae.evaluate:SAEEvalConfig", "featalign.sae.evaluate:run_sae_eval", _sae_eval,
-            "evaluate an SAE: reconstruction, sparsity, CE loss recovered, and the MSE-vs-L0 frontier"),
-    Command(("sae", "match"), "featalign.sae.match:SAEMatchConfig", "featalign.sae.match:run_sae_match", _sae_match,
-            "match the latents of two SAEs one to one (SAE Match)"),
-    Command(("explain",), "featalign.explain:ExplainConfig", "featalign.explain:run_explain", _explain,
-            "the SAE features whose activation alignment changed most, with their tokens"),
-    Command(("attribute",), "featalign.explain:AttributeConfig", "featalign.explain:run_attribute", _attribute,
-            "attribute a margin or reward to SAE features, checked by ablation"),
-    Command(("eval",), "featalign.evaluate:EvalConfig", "featalign.evaluate:evaluate_policy", _json,
-            "evaluate a trained policy on held-out preference data and its own samples"),
-    Command(("generate",), "featalign.generate:GenerateConfig", "featalign.generate:run_generate", _generated,
-            "sample answers to a prompt file for external judges (AlpacaEval format)"),
-    Command(("compare",), "featalign.compare:CompareConfig", "featalign.compare:run_compare", _compared,
-            "train every method on one budget and report reward against KL (the main job)"),
+    Command(
+        ("world", "build"),
+        "featalign.world.build:WorldBuildConfig",
+        "featalign.world.build:run_world_build",
+        _world,
+        "build the built-in world: tokenizer, a small SFT model and ranked preference pairs",
+    ),
+    Command(
+        ("train",),
+        "featalign.train:TrainConfig",
+        "featalign.train:run_train",
+        _json,
+        "preference training: dpo, ipo, simpo, dpo_ln, tdpo1, tdpo2, trdpo or fpo",
+    ),
+    Command(
+        ("cache",),
+        "featalign.reference:CacheConfig",
+        "featalign.reference:run_cache",
+        lambda out, cfg: f"cache written to {out}",
+        "build the offline reference cache: reference log-probs and top-k SAE activations",
+    ),
+    Command(
+        ("sae", "train"),
+        "featalign.sae.train:SAETrainConfig",
+        "featalign.sae.train:train_sae",
+        _sae_table,
+        "train an SAE on a model's layer",
+    ),
+    Command(
+        ("sae", "eval"),
+        "featalign.sae.evaluate:SAEEvalConfig",
+        "featalign.sae.evaluate:run_sae_eval",
+        _sae_eval,
+        "evaluate an SAE: reconstruction, sparsity, CE loss recovered, and the MSE-vs-L0 frontier",
+    ),
+    Command(
+        ("sae", "match"),
+        "featalign.sae.match:SAEMatchConfig",
+        "featalign.sae.match:run_sae_match",
+        _sae_match,
+        "match the latents of two SAEs one to one (SAE Match)",
+    ),
+    Command(
+        ("explain",),
+        "featalign.explain:ExplainConfig",
+        "featalign.explain:run_explain",
+        _explain,
+        "the SAE features whose activation alignment changed most, with their tokens",
+    ),
+    Command(
+        ("attribute",),
+        "featalign.explain:AttributeConfig",
+        "featalign.explain:run_attribute",
+        _attribute,
+        "attribute a margin or reward to SAE features, checked by ablation",
+    ),
+    Command(
+        ("eval",),
+        "featalign.evaluate:EvalConfig",
+        "featalign.evaluate:evaluate_policy",
+        _json,
+        "evaluate a trained policy on held-out preference data and its own samples",
+    ),
+    Command(
+        ("generate",),
+        "featalign.generate:GenerateConfig",
+        "featalign.generate:run_generate",
+        _generated,
+        "sample answers to a prompt file for external judges (AlpacaEval format)",
+    ),
+    Command(
+        ("compare",),
+        "featalign.compare:CompareConfig",
+        "featalign.compare:run_compare",
+        _compared,
+        "train every method on one budget and report reward against KL (the main job)",
+    ),
 ]
 GROUPS = {"world": "the built-in synthetic world", "sae": "sparse autoencoders: train, evaluate, match"}
 
@@ -147,20 +202,39 @@ def add_config_args(p: argparse.ArgumentParser, cls) -> None:
         allowed = choices(typ)
         g = groups[f.name in data_fields]
         if f.metadata.get("positional"):
-            g.add_argument(f.name, nargs="?", type=_argtype(typ, f.name), default=argparse.SUPPRESS, help=help_,
-                           metavar=f.name.upper())
+            g.add_argument(
+                f.name,
+                nargs="?",
+                type=_argtype(typ, f.name),
+                default=argparse.SUPPRESS,
+                help=help_,
+                metavar=f.name.upper(),
+            )
         elif base_type(typ) is bool:
-            g.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=help_)
+            g.add_argument(
+                flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
+            )
         else:
-            g.add_argument(flag(f.name), dest=f.name, type=_argtype(typ, f.name), choices=allowed, default=argparse.SUPPRESS,
-                           help=help_, metavar=None if allowed else f.name.upper())
+            g.add_argument(
+                flag(f.name),
+                dest=f.name,
+                type=_argtype(typ, f.name),
+                choices=allowed,
+                default=argparse.SUPPRESS,
+                help=help_,
+                metavar=None if allowed else f.name.upper(),
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="featalign", description="Preference optimisation with SAE feature-level constraints. "
-                                "Every command reads its settings from flags and from --config FILE.yaml (flags win).")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (data drops are warned either way)")
+    p = argparse.ArgumentParser(
+        prog="featalign",
+        description="Preference optimisation with SAE feature-level constraints. "
+        "Every command reads its settings from flags and from --config FILE.yaml (flags win).",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log what each step does (data drops are warned either way)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for c in COMMANDS:
@@ -172,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
             parent = groups[c.words[0]]
         cls = c.load("config")
         cp = parent.add_parser(c.words[-1], help=c.help, description=f"featalign {' '.join(c.words)}: {c.help}.")
-        cp.add_argument("--config", metavar="FILE.yaml", help=f"YAML file of {cls.__name__} settings (flags override it)")
+        cp.add_argument(
+            "--config", metavar="FILE.yaml", help=f"YAML file of {cls.__name__} settings (flags override it)"
+        )
         add_config_args(cp, cls)
         cp.set_defaults(command_=c)
     return p

@@ -16,8 +16,12 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-BOUNDS = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="), "lt": (lambda v, b: v < b, "<"),
-          "le": (lambda v, b: v <= b, "<=")}
+BOUNDS = {
+    "gt": (lambda v, b: v > b, ">"),
+    "ge": (lambda v, b: v >= b, ">="),
+    "lt": (lambda v, b: v < b, "<"),
+    "le": (lambda v, b: v <= b, "<="),
+}
 _TRUE, _FALSE = {"true", "yes", "on", "1", "y", "t"}, {"false", "no", "off", "0", "n", "f"}
 
 
@@ -66,7 +70,9 @@ def decode(value: Any, typ, name: str) -> Any:
     if allowed is not None:
         if isinstance(value, bool) and isinstance(allowed[0], str):
             # YAML 1.1 reads on/off and yes/no as booleans: give them back as the choice they spell
-            value = next((w for w in (("on", "yes", "true") if value else ("off", "no", "false")) if w in allowed), value)
+            value = next(
+                (w for w in (("on", "yes", "true") if value else ("off", "no", "false")) if w in allowed), value
+            )
         if isinstance(value, str) and not isinstance(allowed[0], str):
             value = decode(value, type(allowed[0]), name)
         if value not in allowed:

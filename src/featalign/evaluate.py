@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import data as D
-from .data.batching import pair_length
 from .config import check_model_path, setting
+from .data.batching import pair_length
 from .generate import sample, write_outputs
 from .judges import distinct_n, length_controlled_win_rate, make_judge, mean_se, win_rate
 from .logprobs import response_positions, response_terms, sample_logps_entropy
@@ -45,10 +45,16 @@ class EvalConfig(D.DataOptions):
     top_p: float = setting(1.0, "nucleus sampling mass", gt=0, le=1)
     batch_size: int = setting(32, "sequences per forward pass and per generation batch", ge=1)
     seed: int = setting(1234, "sampling seed")
-    reward_fn: str | None = setting(None, "judge: a Python callable 'module:function' taking (prompt, response), returning a float or a dict")
-    reward_model: str | None = setting(None, "judge: a sequence-classification reward model (folder or hub id); its last logit is the reward")
+    reward_fn: str | None = setting(
+        None, "judge: a Python callable 'module:function' taking (prompt, response), returning a float or a dict"
+    )
+    reward_model: str | None = setting(
+        None, "judge: a sequence-classification reward model (folder or hub id); its last logit is the reward"
+    )
     progress: bool = setting(True, "show progress bars")
-    save_generations: str | None = setting(None, "folder to write the sampled answers to (AlpacaEval model_outputs.json and JSONL)")
+    save_generations: str | None = setting(
+        None, "folder to write the sampled answers to (AlpacaEval model_outputs.json and JSONL)"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -84,7 +90,10 @@ def _pair_logps(model, tok, pairs, batch_size, sae=None, layer=None):
             out["feat"].append(sae.encode_pooled(box["h"], t["response_mask"])[: len(b)])
         n = len(b)
         lp, ln = r["logps"], r["length"]
-        out["c"].append(lp[:n]); out["r"].append(lp[n:]); out["cl"].append(ln[:n]); out["rl"].append(ln[n:])
+        out["c"].append(lp[:n])
+        out["r"].append(lp[n:])
+        out["cl"].append(ln[:n])
+        out["rl"].append(ln[n:])
     back = torch.tensor(inverse, device=device)
     return {k: torch.cat(v)[back] if v else None for k, v in out.items()}
 
@@ -110,7 +119,9 @@ def _sample_stats(model, ref, tok, prompts, responses, batch_size):
     return kl, ents / max(n_tok, 1)
 
 
-def eval_prompts(pairs: list[D.TokenizedPair], n_prompts: int, samples_per_prompt: int = 1) -> tuple[list, list[list[int]]]:
+def eval_prompts(
+    pairs: list[D.TokenizedPair], n_prompts: int, samples_per_prompt: int = 1
+) -> tuple[list, list[list[int]]]:
     """The first ``n_prompts`` distinct prompts of the held-out pairs (as given, and as token ids), each repeated."""
     firsts: dict[str, D.TokenizedPair] = {}
     for t in pairs:
@@ -123,8 +134,18 @@ def eval_prompts(pairs: list[D.TokenizedPair], n_prompts: int, samples_per_promp
 
 
 def answer(cfg: EvalConfig, model, tok, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[str]]:
-    gens = sample(model, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.batch_size, cfg.seed, cfg.top_p,
-                  progress=cfg.progress)
+    gens = sample(
+        model,
+        tok,
+        prompt_ids,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.top_p,
+        progress=cfg.progress,
+    )
     return gens, [tok.decode(g, skip_special_tokens=True) for g in gens]
 
 
@@ -141,8 +162,14 @@ def reference_answers(cfg: EvalConfig, ref, tok, prompts: list, prompt_ids: list
     """The reference model's own samples on the evaluation prompts (same seed), judged: what win rates compare to.
     Computed once and passed to every policy's evaluation by ``compare``."""
     gens, texts = answer(cfg, ref, tok, prompt_ids)
-    out = {"gens": gens, "texts": texts, "lengths": [len(g) for g in gens], "mean_length": sum(map(len, gens)) / max(1, len(gens)),
-           "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2)}
+    out = {
+        "gens": gens,
+        "texts": texts,
+        "lengths": [len(g) for g in gens],
+        "mean_length": sum(map(len, gens)) / max(1, len(gens)),
+        "distinct1": distinct_n(texts, 1),
+        "distinct2": distinct_n(texts, 2),
+    }
     if judge is not None:
         out.update(_judged(judge, prompts, texts))
     return out
@@ -183,8 +210,15 @@ def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None, judge=None,
         gens, texts = answer(cfg, model, tok, prompt_ids)
     kl, ent = _sample_stats(model, ref, tok, prompt_ids, gens, cfg.batch_size)
     lengths = [len(g) for g in gens]
-    res.update({"n_generations": len(texts), "mean_length": sum(lengths) / len(lengths), "entropy": ent,
-                "distinct1": distinct_n(texts, 1), "distinct2": distinct_n(texts, 2)})
+    res.update(
+        {
+            "n_generations": len(texts),
+            "mean_length": sum(lengths) / len(lengths),
+            "entropy": ent,
+            "distinct1": distinct_n(texts, 1),
+            "distinct2": distinct_n(texts, 2),
+        }
+    )
     if kl is not None:
         res["kl_to_ref"] = float(kl.mean())
     if judge is not None:
@@ -193,13 +227,21 @@ def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None, judge=None,
     if ref is not None and reference is None:
         reference = reference_answers(cfg, ref, tok, prompts, prompt_ids, judge)
     if reference is not None:
-        res["reference"] = {k: v for k, v in reference.items() if k not in ("gens", "texts", "lengths", "rewards_per_prompt")}
+        res["reference"] = {
+            k: v for k, v in reference.items() if k not in ("gens", "texts", "lengths", "rewards_per_prompt")
+        }
         if judge is not None and "rewards_per_prompt" in reference:
             a, b = res["rewards_per_prompt"], reference["rewards_per_prompt"]
             res["win_rate"], res["win_rate_se"] = win_rate(a, b)
             res["lc_win_rate"], res["lc_win_rate_se"] = length_controlled_win_rate(a, b, lengths, reference["lengths"])
     if cfg.save_generations:
-        write_outputs(cfg.save_generations, os.path.basename(os.path.normpath(cfg.model or "policy")), prompts, texts,
-                      asdict(cfg), [{"reward": r} for r in res.get("rewards_per_prompt", [])] or None)
+        write_outputs(
+            cfg.save_generations,
+            os.path.basename(os.path.normpath(cfg.model or "policy")),
+            prompts,
+            texts,
+            asdict(cfg),
+            [{"reward": r} for r in res.get("rewards_per_prompt", [])] or None,
+        )
     res["samples"] = [{"prompt": str(p), "response": t} for p, t in list(zip(prompts, texts))[:5]]
     return res

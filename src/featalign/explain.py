@@ -40,8 +40,12 @@ class ExplainConfig(D.DataOptions):
     contexts: int = setting(3, "top contexts shown per feature", ge=0)
     window: int = setting(6, "tokens of context either side", ge=0)
     batch_size: int = setting(32, "sequences per forward pass", ge=1)
-    world_reward: bool | None = setting(None, "correlate features with the built-in world's reward parts (default: on world data)")
-    texts: Literal["data", "generated"] = setting("data", "data: both models read the same responses; generated: each model's own samples")
+    world_reward: bool | None = setting(
+        None, "correlate features with the built-in world's reward parts (default: on world data)"
+    )
+    texts: Literal["data", "generated"] = setting(
+        "data", "data: both models read the same responses; generated: each model's own samples"
+    )
     max_new_tokens: int = setting(48, "most tokens per sampled response (texts: generated)", ge=1)
     seed: int = setting(1234, "sampling seed")
 
@@ -72,10 +76,12 @@ class AttributeConfig(D.DataOptions):
         check_model_path(self.model)
 
 
-SCORES = {"margin": "log-prob margin chosen - rejected (causal LM)",
-          "chosen_logp": "summed log-prob of the chosen response (causal LM)",
-          "reward_margin": "reward-model score of chosen - rejected (sequence classifier)",
-          "reward": "reward-model score of the chosen response (sequence classifier)"}
+SCORES = {
+    "margin": "log-prob margin chosen - rejected (causal LM)",
+    "chosen_logp": "summed log-prob of the chosen response (causal LM)",
+    "reward_margin": "reward-model score of chosen - rejected (sequence classifier)",
+    "reward": "reward-model score of the chosen response (sequence classifier)",
+}
 
 
 def _pad(seqs, pad_id, device):
@@ -104,7 +110,9 @@ def pooled_features(model, sae, layer: int, seqs, pad_id: int, batch_size: int =
     return torch.cat(out)
 
 
-def feature_shifts(policy, reference, sae, layer: int, seqs, pad_id: int, batch_size: int = 32) -> dict[str, torch.Tensor]:
+def feature_shifts(
+    policy, reference, sae, layer: int, seqs, pad_id: int, batch_size: int = 32
+) -> dict[str, torch.Tensor]:
     """Mean pooled activation per feature under each model, their difference and its paired t statistic."""
     fp = pooled_features(policy, sae, layer, seqs, pad_id, batch_size)
     fr = pooled_features(reference, sae, layer, seqs, pad_id, batch_size)
@@ -148,7 +156,9 @@ def _columnwise_corr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, (xc * yc[:, None]).sum(0) / den.clamp(min=1e-12), torch.zeros_like(den))
 
 
-def world_reward_relation(texts: list[tuple[str, str]], pooled: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
+def world_reward_relation(
+    texts: list[tuple[str, str]], pooled: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, dict] | None:
     """On built-in-world data: each feature's correlation over the (prompt, response) ``texts`` (pooled
     activations [N, d_sae] in the same order) with each part of the ground-truth reward, and how the policy's
     ``shift`` lines up with those correlations across features. None when the prompts are not the world's."""
@@ -161,8 +171,11 @@ def world_reward_relation(texts: list[tuple[str, str]], pooled: torch.Tensor, sh
     y["reward"] = torch.tensor([reward(p, r) for p, r in texts])
     corr = torch.stack([_columnwise_corr(pooled, v) for v in y.values()], 1)  # [d_sae, 4]
     summary = {n: float(_columnwise_corr(shift[:, None], corr[:, i])[0]) for i, n in enumerate(y)}
-    return corr, {"parts": list(y), "shift_vs_feature_reward_corr": summary,
-                  "mean_reward_parts": {n: float(v.mean()) for n, v in y.items()}}
+    return corr, {
+        "parts": list(y),
+        "shift_vs_feature_reward_corr": summary,
+        "mean_reward_parts": {n: float(v.mean()) for n, v in y.items()},
+    }
 
 
 @torch.no_grad()
@@ -175,15 +188,29 @@ def best_reward_features(model, sae, tokenizer, data: str, limit: int | None = N
     pooled = pooled_features(model, sae, sae.cfg.layer, D.pair_sequences(pairs), tokenizer.pad_token_id)
     rel = world_reward_relation(texts, pooled, torch.zeros(pooled.shape[1]))
     if rel is None:
-        raise ConfigError(f"{data}: not the built-in world's prompts, so there is no ground-truth reward to correlate with")
+        raise ConfigError(
+            f"{data}: not the built-in world's prompts, so there is no ground-truth reward to correlate with"
+        )
     corr, info = rel
-    return {part: {"r": round(float(corr[:, i].abs().max()), 3), "latent": int(corr[:, i].abs().argmax())}
-            for i, part in enumerate(info["parts"])}
+    return {
+        part: {"r": round(float(corr[:, i].abs().max()), 3), "latent": int(corr[:, i].abs().argmax())}
+        for i, part in enumerate(info["parts"])
+    }
 
 
 @torch.no_grad()
-def describe_features(model, sae, layer: int, seqs, features: list[int], tokenizer, n_contexts: int = 3,
-                      window: int = 6, n_tokens: int = 5, batch_size: int = 32) -> dict[int, dict]:
+def describe_features(
+    model,
+    sae,
+    layer: int,
+    seqs,
+    features: list[int],
+    tokenizer,
+    n_contexts: int = 3,
+    window: int = 6,
+    n_tokens: int = 5,
+    batch_size: int = 32,
+) -> dict[int, dict]:
     """For each feature: the tokens carrying most of its activation mass, and its top-activating contexts."""
     if not features:
         return {}
@@ -211,7 +238,11 @@ def describe_features(model, sae, layer: int, seqs, features: list[int], tokeniz
     for j, feat in enumerate(features):
         total = mass[j].sum().item()
         tv, ti = mass[j].topk(min(n_tokens, vocab))
-        tokens = [{"token": tokenizer.decode([int(x)]), "share": float(v / total)} for v, x in zip(tv, ti) if total > 0 and v > 0]
+        tokens = [
+            {"token": tokenizer.decode([int(x)]), "share": float(v / total)}
+            for v, x in zip(tv, ti)
+            if total > 0 and v > 0
+        ]
         ctxs = []
         for v, (s, p) in zip(best_v[j].tolist(), best_pos[j].tolist()):
             if v <= 0:
@@ -264,19 +295,40 @@ def run_explain(cfg: ExplainConfig, policy=None, reference=None, tokenizer=None)
     up = [f for f in up if s["shift"][f] > noise]
     rel = world_reward_relation(texts, pooled, s["shift"]) if cfg.world_reward is not False else None
     # the features that track each reward part best (|r| over responses), whether or not alignment moved them
-    tracking = {n: rel[0][:, i].abs().topk(3).indices.tolist() for i, n in enumerate(rel[1]["parts"]) if n != "reward"} if rel else {}
+    tracking = (
+        {n: rel[0][:, i].abs().topk(3).indices.tolist() for i, n in enumerate(rel[1]["parts"]) if n != "reward"}
+        if rel
+        else {}
+    )
     described = list(dict.fromkeys(up + down + [f for fs in tracking.values() for f in fs]))
-    desc = describe_features(reference, sae, layer, seqs, described, tok, cfg.contexts, cfg.window, batch_size=cfg.batch_size)
+    desc = describe_features(
+        reference, sae, layer, seqs, described, tok, cfg.contexts, cfg.window, batch_size=cfg.batch_size
+    )
 
     def row(f):
-        r = {"feature": f, "shift": float(s["shift"][f]), "t": float(s["t"][f]),
-             "reference_mean": float(s["reference_mean"][f]), "policy_mean": float(s["policy_mean"][f]), **desc[f]}
+        r = {
+            "feature": f,
+            "shift": float(s["shift"][f]),
+            "t": float(s["t"][f]),
+            "reference_mean": float(s["reference_mean"][f]),
+            "policy_mean": float(s["policy_mean"][f]),
+            **desc[f],
+        }
         if rel is not None:
             r["reward_corr"] = {n: float(rel[0][f, i]) for i, n in enumerate(rel[1]["parts"])}
         return r
 
-    result = {"policy": cfg.policy, "reference": cfg.reference, "sae": cfg.sae, "layer": layer, "texts": cfg.texts, "responses": len(seqs),
-              "total_abs_shift": float(s["shift"].abs().sum()), "up": [row(f) for f in up], "down": [row(f) for f in down]}
+    result = {
+        "policy": cfg.policy,
+        "reference": cfg.reference,
+        "sae": cfg.sae,
+        "layer": layer,
+        "texts": cfg.texts,
+        "responses": len(seqs),
+        "total_abs_shift": float(s["shift"].abs().sum()),
+        "up": [row(f) for f in up],
+        "down": [row(f) for f in down],
+    }
     if rel is not None:
         result["world_reward"] = {**rel[1], "tracking": {n: [row(f) for f in fs] for n, fs in tracking.items()}}
     os.makedirs(cfg.out, exist_ok=True)
@@ -290,31 +342,51 @@ def run_explain(cfg: ExplainConfig, policy=None, reference=None, tokenizer=None)
 
 
 def explain_table(result: dict) -> str:
-    how = ("on the same responses, paired t" if result["texts"] == "data" else
-           "each model on its own sampled responses, Welch t")
-    lines = [f"Features at layer {result['layer']} whose pooled response activation changed most "
-             f"({result['responses']} responses; shift = policy - reference, {how}).", ""]
+    how = (
+        "on the same responses, paired t"
+        if result["texts"] == "data"
+        else "each model on its own sampled responses, Welch t"
+    )
+    lines = [
+        f"Features at layer {result['layer']} whose pooled response activation changed most "
+        f"({result['responses']} responses; shift = policy - reference, {how}).",
+        "",
+    ]
     world = "world_reward" in result
     extra = " r(topic) | r(sentiment) |" if world else ""
     for direction in ("up", "down"):
-        lines += [f"**{direction}**", "", f"| feature | shift | t | ref. mean |{extra} top tokens (share of activation) | top context |",
-                  "|---|---|---|---|" + "---|" * (2 * world) + "---|---|"]
+        lines += [
+            f"**{direction}**",
+            "",
+            f"| feature | shift | t | ref. mean |{extra} top tokens (share of activation) | top context |",
+            "|---|---|---|---|" + "---|" * (2 * world) + "---|---|",
+        ]
         for r in result[direction]:
             toks, ctx = _table_cells(r)
             rc = f" {r['reward_corr']['topic']:+.2f} | {r['reward_corr']['sentiment']:+.2f} |" if world else ""
-            lines.append(f"| {r['feature']} | {r['shift']:+.4f} | {r['t']:+.1f} | {r['reference_mean']:.4f} |{rc} {toks} | {ctx} |")
+            lines.append(
+                f"| {r['feature']} | {r['shift']:+.4f} | {r['t']:+.1f} | {r['reference_mean']:.4f} |{rc} {toks} | {ctx} |"
+            )
         lines.append("")
     if world:
-        lines += ["**features that track each reward part** (largest |r| over the responses)", "",
-                  "| part | feature | r | shift | t | top tokens (share of activation) | top context |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "**features that track each reward part** (largest |r| over the responses)",
+            "",
+            "| part | feature | r | shift | t | top tokens (share of activation) | top context |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for part, rows in result["world_reward"].get("tracking", {}).items():
             for r in rows:
                 toks, ctx = _table_cells(r)
-                lines.append(f"| {part} | {r['feature']} | {r['reward_corr'][part]:+.2f} | {r['shift']:+.4f} | {r['t']:+.1f} | {toks} | {ctx} |")
+                lines.append(
+                    f"| {part} | {r['feature']} | {r['reward_corr'][part]:+.2f} | {r['shift']:+.4f} | {r['t']:+.1f} | {toks} | {ctx} |"
+                )
         lines.append("")
         c = result["world_reward"]["shift_vs_feature_reward_corr"]
-        lines.append("Across all features, correlation of the policy's shift with the feature's correlation to each reward "
-                     "part (built-in world): " + ", ".join(f"{k} {v:+.2f}" for k, v in c.items()))
+        lines.append(
+            "Across all features, correlation of the policy's shift with the feature's correlation to each reward "
+            "part (built-in world): " + ", ".join(f"{k} {v:+.2f}" for k, v in c.items())
+        )
     return "\n".join(lines)
 
 
@@ -355,8 +427,9 @@ def _score(model, t: dict, kind: str) -> torch.Tensor:
     return r[:n] - r[n:] if kind == "reward_margin" else r[:n]
 
 
-def spliced_score(model, sae, layer: int, t: dict, kind: str, drop: torch.Tensor | None = None,
-                  grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def spliced_score(
+    model, sae, layer: int, t: dict, kind: str, drop: torch.Tensor | None = None, grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Score with the SAE spliced in at ``layer`` (error term kept, so an un-ablated pass is exact).
 
     ``drop``: boolean [d_sae] of features zero-ablated at every position. With ``grad`` the score's
@@ -403,7 +476,10 @@ def run_attribute(cfg: AttributeConfig, model=None, tokenizer=None) -> dict:
     device = next(model.parameters()).device
     sae = sae.to(device).requires_grad_(False)
     _, pairs, _ = D.prepare_pairs(cfg, tok)
-    batches = [{k: v.to(device) for k, v in D.collate_pairs(b, tok.pad_token_id).items()} for b in D.batches(pairs, cfg.batch_size)]
+    batches = [
+        {k: v.to(device) for k, v in D.collate_pairs(b, tok.pad_token_id).items()}
+        for b in D.batches(pairs, cfg.batch_size)
+    ]
     n = len(pairs)
 
     attr = torch.zeros(sae.d_sae, device=device)
@@ -432,8 +508,15 @@ def run_attribute(cfg: AttributeConfig, model=None, tokenizer=None) -> dict:
     for feat in top + rand:
         drop = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
         drop[feat] = True
-        rows.append({"feature": feat, "group": "top" if feat in top else "random", "attribution": float(attr[feat]),
-                     "predicted_change": -float(attr[feat]), "ablation_change": ablated(drop) - clean})
+        rows.append(
+            {
+                "feature": feat,
+                "group": "top" if feat in top else "random",
+                "attribution": float(attr[feat]),
+                "predicted_change": -float(attr[feat]),
+                "ablation_change": ablated(drop) - clean,
+            }
+        )
     pred = torch.tensor([r["predicted_change"] for r in rows])
     real = torch.tensor([r["ablation_change"] for r in rows])
     corr = float(torch.corrcoef(torch.stack([pred, real]))[0, 1]) if len(rows) > 2 else float("nan")
@@ -447,14 +530,24 @@ def run_attribute(cfg: AttributeConfig, model=None, tokenizer=None) -> dict:
     seqs = D.pair_sequences(pairs)
     desc = describe_features(model, sae, layer, seqs, order[: cfg.top].tolist(), tok, batch_size=cfg.batch_size)
     result = {
-        "model": cfg.model, "sae": cfg.sae, "layer": layer, "score": cfg.score, "pairs": n, "mean_score": clean,
+        "model": cfg.model,
+        "sae": cfg.sae,
+        "layer": layer,
+        "score": cfg.score,
+        "pairs": n,
+        "mean_score": clean,
         "attribution_sum": float(attr.sum()),
         "top": [{"feature": f, "attribution": float(attr[f]), **desc[f]} for f in order[: cfg.top].tolist()],
         "validation": {
-            "ablated": rows, "pearson_predicted_vs_ablation": corr,
+            "ablated": rows,
+            "pearson_predicted_vs_ablation": corr,
             "mean_abs_change_top": sum(real_top) / max(len(real_top), 1),
             "mean_abs_change_random": sum(real_rand) / max(len(real_rand), 1),
-            "joint_ablation_of_positive_top": {"features": pos, "predicted": -float(attr[pos].sum()) if pos else 0.0, "change": joint},
+            "joint_ablation_of_positive_top": {
+                "features": pos,
+                "predicted": -float(attr[pos].sum()) if pos else 0.0,
+                "change": joint,
+            },
         },
     }
     os.makedirs(cfg.out, exist_ok=True)
@@ -467,16 +560,23 @@ def run_attribute(cfg: AttributeConfig, model=None, tokenizer=None) -> dict:
 
 def attribute_table(result: dict) -> str:
     v = result["validation"]
-    lines = [f"score: {result['score']} ({SCORES[result['score']]}), mean {result['mean_score']:.4f} over {result['pairs']} pairs; "
-             f"layer {result['layer']}", "",
-             "| feature | attribution | top tokens (share of activation) | top context |", "|---|---|---|---|"]
+    lines = [
+        f"score: {result['score']} ({SCORES[result['score']]}), mean {result['mean_score']:.4f} over {result['pairs']} pairs; "
+        f"layer {result['layer']}",
+        "",
+        "| feature | attribution | top tokens (share of activation) | top context |",
+        "|---|---|---|---|",
+    ]
     for r in result["top"]:
         toks, ctx = _table_cells(r)
         lines.append(f"| {r['feature']} | {r['attribution']:+.4f} | {toks} | {ctx} |")
-    lines += ["", f"validation by zero-ablation: Pearson r(predicted, real change) = {v['pearson_predicted_vs_ablation']:.3f}; "
-              f"mean |change| top {v['mean_abs_change_top']:.4f} vs random active {v['mean_abs_change_random']:.4f}; "
-              f"joint ablation of the positive top features: predicted {v['joint_ablation_of_positive_top']['predicted']:+.4f}, "
-              f"real {v['joint_ablation_of_positive_top']['change']:+.4f}"]
+    lines += [
+        "",
+        f"validation by zero-ablation: Pearson r(predicted, real change) = {v['pearson_predicted_vs_ablation']:.3f}; "
+        f"mean |change| top {v['mean_abs_change_top']:.4f} vs random active {v['mean_abs_change_random']:.4f}; "
+        f"joint ablation of the positive top features: predicted {v['joint_ablation_of_positive_top']['predicted']:+.4f}, "
+        f"real {v['joint_ablation_of_positive_top']['change']:+.4f}",
+    ]
     return "\n".join(lines)
 
 
@@ -489,7 +589,13 @@ def _plot_validation(rows: list[dict], path: str, corr: float) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4))
     for group, color in (("top", "tab:red"), ("random", "tab:gray")):
         rs = [r for r in rows if r["group"] == group]
-        ax.scatter([r["predicted_change"] for r in rs], [r["ablation_change"] for r in rs], c=color, label=f"{group} features", s=18)
+        ax.scatter(
+            [r["predicted_change"] for r in rs],
+            [r["ablation_change"] for r in rs],
+            c=color,
+            label=f"{group} features",
+            s=18,
+        )
     lim = max([abs(r["predicted_change"]) for r in rows] + [abs(r["ablation_change"]) for r in rows] + [1e-6])
     ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.6)
     ax.set_xlabel("predicted change (- attribution)")

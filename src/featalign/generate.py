@@ -32,8 +32,18 @@ def stop_ids(tok) -> list[int]:
 
 
 @torch.no_grad()
-def sample(model, tok, prompts: list[list[int]], max_new_tokens: int = 48, temperature: float = 1.0, top_k: int = 0,
-           batch_size: int = 32, seed: int = 1234, top_p: float = 1.0, progress: bool = False) -> list[list[int]]:
+def sample(
+    model,
+    tok,
+    prompts: list[list[int]],
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 32,
+    seed: int = 1234,
+    top_p: float = 1.0,
+    progress: bool = False,
+) -> list[list[int]]:
     """One answer per prompt (token ids up to and including the stop token). Prompts are batched by length so
     little of a batch is padding; temperature 0 is greedy."""
     torch.manual_seed(seed)
@@ -53,8 +63,8 @@ def sample(model, tok, prompts: list[list[int]], max_new_tokens: int = 48, tempe
         att = torch.zeros_like(ids)
         for row, i in enumerate(idx):
             p = prompts[i]
-            ids[row, width - len(p):] = torch.tensor(p)
-            att[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = torch.tensor(p)
+            att[row, width - len(p) :] = 1
         gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kw)
         for row, i in enumerate(idx):
             toks = gen[row, width:].tolist()
@@ -75,7 +85,9 @@ def _prompt_of(rec, path: str, line: int):
             return msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs
         if "chosen" in rec:
             return D.to_pair(rec, path, line).prompt
-    raise ConfigError(f"{path}:{line}: a prompt record needs 'instruction', 'prompt' or 'messages' (got {str(rec)[:80]!r})")
+    raise ConfigError(
+        f"{path}:{line}: a prompt record needs 'instruction', 'prompt' or 'messages' (got {str(rec)[:80]!r})"
+    )
 
 
 def read_prompts(path: str, limit: int | None = None, split: str = "train") -> list:
@@ -112,14 +124,20 @@ def instruction_text(prompt) -> str:
     return users[-1] if users else prompt[-1]["content"]
 
 
-def write_outputs(out: str, generator: str, prompts: list, answers: list[str], settings: dict, extra: list[dict] | None = None) -> None:
+def write_outputs(
+    out: str, generator: str, prompts: list, answers: list[str], settings: dict, extra: list[dict] | None = None
+) -> None:
     """model_outputs.json (AlpacaEval), generations.jsonl and settings.json, each written atomically."""
     from .atomic import write_json
 
     os.makedirs(out, exist_ok=True)
-    alpaca = [{"instruction": instruction_text(p), "output": a, "generator": generator} for p, a in zip(prompts, answers)]
-    rows = [{"prompt": p, "output": a, "generator": generator, **(extra[i] if extra else {})}
-            for i, (p, a) in enumerate(zip(prompts, answers))]
+    alpaca = [
+        {"instruction": instruction_text(p), "output": a, "generator": generator} for p, a in zip(prompts, answers)
+    ]
+    rows = [
+        {"prompt": p, "output": a, "generator": generator, **(extra[i] if extra else {})}
+        for i, (p, a) in enumerate(zip(prompts, answers))
+    ]
 
     write_json(os.path.join(out, "model_outputs.json"), alpaca, indent=1)
     D.write_jsonl(os.path.join(out, "generations.jsonl"), rows)
@@ -131,7 +149,9 @@ class GenerateConfig(Config):
     """`featalign generate`: answers to a prompt file for external judges (AlpacaEval 2, Arena-Hard, MT-Bench)."""
 
     model: str = setting("", "model to sample from: HF folder, hub id, or .gguf file")
-    prompts: str = setting("", "prompts: .txt (one per line), AlpacaEval .json, or records with instruction, prompt or messages")
+    prompts: str = setting(
+        "", "prompts: .txt (one per line), AlpacaEval .json, or records with instruction, prompt or messages"
+    )
     out: str = setting("generations", "output folder (model_outputs.json, generations.jsonl, settings.json)")
     split: str = setting("train", "split to read from a `datasets` folder or name")
     limit: int | None = setting(None, "answer only the first N distinct prompts", ge=1)
@@ -159,11 +179,26 @@ def run_generate(cfg: GenerateConfig) -> str:
     model = load_model(cfg.model).eval()
     r = D.renderer(tok)
     ids = [r.prompt_ids(p) for p in prompts]
-    gens = sample(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.batch_size, cfg.seed, cfg.top_p,
-                  progress=True)
+    gens = sample(
+        model,
+        tok,
+        ids,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.top_p,
+        progress=True,
+    )
     answers = [tok.decode(g, skip_special_tokens=True).strip() for g in gens]
     generator = cfg.generator or os.path.basename(os.path.normpath(cfg.model)) or "model"
-    settings = {**asdict(cfg), "rendering": r.name, "chat_template": getattr(tok, "chat_template", None),
-                "stop_token_ids": stop_ids(tok), "n_prompts": len(prompts)}
+    settings = {
+        **asdict(cfg),
+        "rendering": r.name,
+        "chat_template": getattr(tok, "chat_template", None),
+        "stop_token_ids": stop_ids(tok),
+        "n_prompts": len(prompts),
+    }
     write_outputs(cfg.out, generator, prompts, answers, settings, [{"n_tokens": len(g)} for g in gens])
     return cfg.out

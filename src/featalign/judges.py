@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -43,13 +44,17 @@ class RewardFunction:
             r = self.fn(p, a)
             if isinstance(r, dict):
                 if "reward" not in r:
-                    raise ConfigError(f"reward function {self.name} returned a dict without a 'reward' key: {sorted(r)}")
+                    raise ConfigError(
+                        f"reward function {self.name} returned a dict without a 'reward' key: {sorted(r)}"
+                    )
                 out.append({k: float(v) for k, v in r.items()})
             else:
                 try:
                     out.append({"reward": float(r)})
                 except (TypeError, ValueError):
-                    raise ConfigError(f"reward function {self.name} returned {type(r).__name__}, not a number") from None
+                    raise ConfigError(
+                        f"reward function {self.name} returned {type(r).__name__}, not a number"
+                    ) from None
         return out
 
 
@@ -101,8 +106,14 @@ class RewardModel:
         scores: list[float] = []
         device = next(self.model.parameters()).device
         for i in range(0, len(texts), self.batch_size):
-            t = self.tok(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                         max_length=self.max_length, add_special_tokens=not getattr(self.tok, "chat_template", None))
+            t = self.tok(
+                texts[i : i + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=not getattr(self.tok, "chat_template", None),
+            )
             logits = self.model(**{k: v.to(device) for k, v in t.items()}).logits
             scores += logits[:, -1].float().tolist()
         return [{"reward": s} for s in scores]
@@ -158,7 +169,9 @@ def _logistic_fit(x: list[float], y: list[float], iters: int = 50) -> tuple[torc
     return w, torch.linalg.inv(H)
 
 
-def length_controlled_win_rate(a: list[float], b: list[float], len_a: list[int], len_b: list[int]) -> tuple[float, float]:
+def length_controlled_win_rate(
+    a: list[float], b: list[float], len_a: list[int], len_b: list[int]
+) -> tuple[float, float]:
     """AlpacaEval-2-style win rate of a over b at zero length difference, with its delta-method standard error.
 
     Falls back to the plain win rate when the lengths never differ or the outcomes are all equal (no slope to

@@ -38,7 +38,9 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
 
 
-def response_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-prob and response length per row (prompt and padding masked)."""
     mask = response_mask[:, 1:].to(torch.float32)
     lp = token_logps(logits, input_ids)
@@ -65,10 +67,15 @@ class Head:
     softcap: float | None = None
     dtype: torch.dtype = torch.float32  # the matmul's dtype (the autocast dtype under mixed precision)
 
-    def detached(self) -> "Head":
+    def detached(self) -> Head:
         """The same head outside autograd (a reference's head: no gradient reaches it)."""
-        return Head(self.weight.detach(), None if self.bias is None else self.bias.detach(), self.scale, self.softcap,
-                    self.dtype)
+        return Head(
+            self.weight.detach(),
+            None if self.bias is None else self.bias.detach(),
+            self.scale,
+            self.softcap,
+            self.dtype,
+        )
 
     def cast_weight(self) -> torch.Tensor:
         """The weight in the matmul dtype, cast once per head (not once per chunk)."""
@@ -107,8 +114,13 @@ def output_head(model, dtype: torch.dtype | None = None) -> Head:
     scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
     if getattr(cfg, "logits_scaling", None):  # Granite divides
         scale /= float(cfg.logits_scaling)
-    return Head(out.weight, getattr(out, "bias", None), scale, getattr(cfg, "final_logit_softcapping", None),
-                dtype or out.weight.dtype)
+    return Head(
+        out.weight,
+        getattr(out, "bias", None),
+        scale,
+        getattr(cfg, "final_logit_softcapping", None),
+        dtype or out.weight.dtype,
+    )
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -133,8 +145,9 @@ def _chunked_ok(model) -> bool:
     return ok
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  packed: Packing | None = None) -> tuple[torch.Tensor, Head] | None:
+def hidden_states(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, packed: Packing | None = None
+) -> tuple[torch.Tensor, Head] | None:
     """(last hidden state [N, T, H], head) from one forward pass that projects only the last position;
     None for a model this module cannot split into decoder + head (the caller then uses full logits).
     With ``packed``, the batch runs as one row without padding and the hidden state is [1, M, H]."""
@@ -176,7 +189,7 @@ class Packing:
     flat: torch.Tensor  # [N * T]: a padded position's index in the packed row (where kept)
 
     @classmethod
-    def of(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> "Packing":
+    def of(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Packing:
         keep = attention_mask.bool()
         n, t = input_ids.shape
         pos = torch.arange(t, device=input_ids.device).expand(n, t)
@@ -339,12 +352,21 @@ class _Grads:
 
     def result(self):
         head = self.head
-        return (self.h_, None if self.w_ is None else self.w_.to(head.weight.dtype),
-                None if self.b_ is None else self.b_.to(head.bias.dtype))
+        return (
+            self.h_,
+            None if self.w_ is None else self.w_.to(head.weight.dtype),
+            None if self.b_ is None else self.b_.to(head.bias.dtype),
+        )
 
 
-def chunked_token_terms(h: torch.Tensor, head: Head, targets: torch.Tensor, ref_h: torch.Tensor | None = None,
-                        ref_head: Head | None = None, chunk: int = 0):
+def chunked_token_terms(
+    h: torch.Tensor,
+    head: Head,
+    targets: torch.Tensor,
+    ref_h: torch.Tensor | None = None,
+    ref_head: Head | None = None,
+    chunk: int = 0,
+):
     """(log p [M], KL(ref || policy) [M] or None, log p_ref [M] or None) for M selected positions.
 
     ``h``/``ref_h`` [M, H] are the hidden states of the positions, ``targets`` [M] the tokens they predict.
@@ -378,10 +400,31 @@ class Forward:
     ``terms()`` gives per-row sums (the plain autograd path, any loss); ``fused_loss()`` gives a preference loss
     whose head gradients are computed during the forward (no recomputed head matmul). Made by ``forward``."""
 
-    def __init__(self, n, length, h=None, head=None, targets=None, rows=None, row_counts=None, ref_h=None,
-                 ref_head=None, with_ref=False, kl=False, chunk=0, terms=None):
+    def __init__(
+        self,
+        n,
+        length,
+        h=None,
+        head=None,
+        targets=None,
+        rows=None,
+        row_counts=None,
+        ref_h=None,
+        ref_head=None,
+        with_ref=False,
+        kl=False,
+        chunk=0,
+        terms=None,
+    ):
         self.n, self.length, self.h, self.head, self.targets, self.rows = n, length, h, head, targets, rows
-        self.row_counts, self.ref_h, self.ref_head, self.with_ref, self.kl, self.chunk = row_counts, ref_h, ref_head, with_ref, kl, chunk
+        self.row_counts, self.ref_h, self.ref_head, self.with_ref, self.kl, self.chunk = (
+            row_counts,
+            ref_h,
+            ref_head,
+            with_ref,
+            kl,
+            chunk,
+        )
         self._terms = terms  # set when the model could not be split: computed from full logits already
         self.packing: Packing | None = None  # set by ``forward`` when the batch ran as one packed row
 
@@ -390,7 +433,9 @@ class Forward:
             return self._terms
         out, n, rows = {"length": self.length}, self.n, self.rows
         if self.with_ref and self.kl:
-            lp, tok_kl, ref_lp = chunked_token_terms(self.h, self.head, self.targets, self.ref_h, self.ref_head, self.chunk)
+            lp, tok_kl, ref_lp = chunked_token_terms(
+                self.h, self.head, self.targets, self.ref_h, self.ref_head, self.chunk
+            )
             out["kl"] = _row_sum(tok_kl, rows, n)
         else:
             lp, _, _ = chunked_token_terms(self.h, self.head, self.targets, chunk=self.chunk)
@@ -423,7 +468,9 @@ class Forward:
         away, so the head's gradients are known before the logits are dropped (what the plain path gets by
         recomputing every chunk's logits in backward: one vocabulary-sized matmul per token fewer)."""
         keys = [k for k, v in extras.items() if torch.is_tensor(v)]
-        out = _FusedPairLoss.apply(self.h, self.head.weight, self.head.bias, self, pair_loss, keys, *[extras[k] for k in keys])
+        out = _FusedPairLoss.apply(
+            self.h, self.head.weight, self.head.bias, self, pair_loss, keys, *[extras[k] for k in keys]
+        )
         return out[0], {"length": self.length, **dict(zip(self.row_names(), out[1:]))}
 
     def row_names(self) -> list[str]:
@@ -431,8 +478,18 @@ class Forward:
         return ["logps"] + (["ref_logps"] if self.with_ref else []) + (["kl"] if self.with_ref and self.kl else [])
 
 
-def forward(model, input_ids, attention_mask, response_mask, positions=None, ref=None, kl: bool = False,
-            chunk: int = 0, ref_adapter_off: bool = False, pack: bool = False) -> Forward:
+def forward(
+    model,
+    input_ids,
+    attention_mask,
+    response_mask,
+    positions=None,
+    ref=None,
+    kl: bool = False,
+    chunk: int = 0,
+    ref_adapter_off: bool = False,
+    pack: bool = False,
+) -> Forward:
     """Run the policy (and a live reference: a model, or ``model`` itself with its PEFT adapter disabled when
     ``ref_adapter_off``) and keep the last hidden states of the positions that predict a response token.
     ``positions``: ``response_positions`` of the mask, precomputed on the CPU (else computed here, a device
@@ -473,14 +530,35 @@ def forward(model, input_ids, attention_mask, response_mask, positions=None, ref
         sel, ref_sel = h[0, at], None if ref_split is None else ref_split[0][0, at]
     else:
         sel, ref_sel = _gather(h, rows, cols), None if ref_split is None else _gather(ref_split[0], rows, cols)
-    fw = Forward(n, length, sel, head, input_ids[:, 1:][rows, cols], rows, torch.bincount(rows_cpu, minlength=n), ref_sel,
-                 None if ref_split is None else ref_split[1], with_ref, kl, chunk)
+    fw = Forward(
+        n,
+        length,
+        sel,
+        head,
+        input_ids[:, 1:][rows, cols],
+        rows,
+        torch.bincount(rows_cpu, minlength=n),
+        ref_sel,
+        None if ref_split is None else ref_split[1],
+        with_ref,
+        kl,
+        chunk,
+    )
     fw.packing = packing
     return fw
 
 
-def response_terms(model, input_ids, attention_mask, response_mask, positions=None, ref=None, kl: bool = False,
-                   chunk: int = 0, ref_adapter_off: bool = False) -> dict[str, torch.Tensor]:
+def response_terms(
+    model,
+    input_ids,
+    attention_mask,
+    response_mask,
+    positions=None,
+    ref=None,
+    kl: bool = False,
+    chunk: int = 0,
+    ref_adapter_off: bool = False,
+) -> dict[str, torch.Tensor]:
     """Per-row summed response log-prob ``logps`` and ``length``; with a reference also ``ref_logps`` and, when
     ``kl``, TDPO's summed per-position ``kl``. Gradients flow into ``model`` only (arguments: ``forward``)."""
     return forward(model, input_ids, attention_mask, response_mask, positions, ref, kl, chunk, ref_adapter_off).terms()
@@ -531,7 +609,7 @@ class _FusedPairLoss(torch.autograd.Function):
                 leaves = {"logps": rows["logps"].clone().requires_grad_()}
                 if use_kl:
                     leaves["kl"] = rows["kl"].clone().requires_grad_()
-                ex = {k: e[i:i + 1].detach().clone().requires_grad_(e.requires_grad) for k, e in zip(keys, extras)}
+                ex = {k: e[i : i + 1].detach().clone().requires_grad_(e.requires_grad) for k, e in zip(keys, extras)}
                 with torch.enable_grad():
                     loss = pair_loss({**rows, **leaves}, ex)
                     wrt = [*leaves.values(), *[v for v in ex.values() if v.requires_grad]]
@@ -604,8 +682,9 @@ class _reference:
 
 
 @torch.no_grad()
-def sample_logps_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                         chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_logps_entropy(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, chunk: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(token) and predictive entropy (nats) of the next-token distribution, both [N, T-1]
     aligned with ``response_mask[:, 1:]`` and zero outside it: what ``eval`` needs for sampled answers."""
     rows, cols = response_positions(response_mask.cpu())

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,15 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return -F.logsigmoid(u).mean(), _metrics(beta * cr, beta * rr, policy_chosen_logps, policy_rejected_logps, u)
 
 
-def dpo_ln_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_len, rejected_len, beta: float = 0.1):
+def dpo_ln_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_len,
+    rejected_len,
+    beta: float = 0.1,
+):
     """DPO with length-normalised log-ratios (TRL ``sigmoid_norm``)."""
     cr = (policy_chosen_logps - ref_chosen_logps) / chosen_len.clamp(min=1)
     rr = (policy_rejected_logps - ref_rejected_logps) / rejected_len.clamp(min=1)
@@ -47,18 +54,32 @@ def dpo_ln_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
     return -F.logsigmoid(u).mean(), _metrics(beta * cr, beta * rr, policy_chosen_logps, policy_rejected_logps, u)
 
 
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             chosen_len, rejected_len, beta: float = 0.1):
+def ipo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_len,
+    rejected_len,
+    beta: float = 0.1,
+):
     """IPO, length-averaged as TRL ``ipo``: (r_w/|y_w| - r_l/|y_l| - 1/(2 beta))^2."""
     cr = (policy_chosen_logps - ref_chosen_logps) / chosen_len.clamp(min=1)
     rr = (policy_rejected_logps - ref_rejected_logps) / rejected_len.clamp(min=1)
     h = cr - rr
     loss = (h - 1 / (2 * beta)) ** 2
-    return loss.mean(), _metrics(beta * (policy_chosen_logps - ref_chosen_logps), beta * (policy_rejected_logps - ref_rejected_logps),
-                                 policy_chosen_logps, policy_rejected_logps, h)
+    return loss.mean(), _metrics(
+        beta * (policy_chosen_logps - ref_chosen_logps),
+        beta * (policy_rejected_logps - ref_rejected_logps),
+        policy_chosen_logps,
+        policy_rejected_logps,
+        h,
+    )
 
 
-def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_len, rejected_len, beta: float = 2.0, gamma: float = 0.5):
+def simpo_loss(
+    policy_chosen_logps, policy_rejected_logps, chosen_len, rejected_len, beta: float = 2.0, gamma: float = 0.5
+):
     """SimPO: reference-free, u = beta * (avg logp_w - avg logp_l) - gamma."""
     cr = policy_chosen_logps / chosen_len.clamp(min=1)
     rr = policy_rejected_logps / rejected_len.clamp(min=1)
@@ -66,8 +87,17 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_len, rejected_
     return -F.logsigmoid(u).mean(), _metrics(beta * cr, beta * rr, policy_chosen_logps, policy_rejected_logps, u)
 
 
-def tdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-              kl_chosen, kl_rejected, beta: float = 0.1, alpha: float = 0.5, variant: int = 2):
+def tdpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    kl_chosen,
+    kl_rejected,
+    beta: float = 0.1,
+    alpha: float = 0.5,
+    variant: int = 2,
+):
     """TDPO with sequential KL K(y) (sum over response positions of KL(ref || policy)).
 
     variant 1: u = beta * ((r_w - r_l) - (K_l - K_w));
@@ -81,13 +111,28 @@ def tdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     else:
         raise ValueError(f"TDPO variant must be 1 or 2, got {variant}")
     u = beta * ((cr - rr) - kl_term)
-    return -F.logsigmoid(u).mean(), _metrics(beta * cr, beta * rr, policy_chosen_logps, policy_rejected_logps, u,
-                                             **{"kl/chosen": kl_chosen, "kl/rejected": kl_rejected})
+    return -F.logsigmoid(u).mean(), _metrics(
+        beta * cr,
+        beta * rr,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        u,
+        **{"kl/chosen": kl_chosen, "kl/rejected": kl_rejected},
+    )
 
 
-def fpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_len, rejected_len,
-             ref_chosen_avg_logps, ref_rejected_avg_logps, feat_mse_chosen, feat_mse_rejected,
-             beta: float = 0.1, alpha: float = 0.5):
+def fpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    chosen_len,
+    rejected_len,
+    ref_chosen_avg_logps,
+    ref_rejected_avg_logps,
+    feat_mse_chosen,
+    feat_mse_rejected,
+    beta: float = 0.1,
+    alpha: float = 0.5,
+):
     """FPO: u = beta * (r_w/|y_w| - r_l/|y_l|) - alpha * (beta * D_l - sg(beta * D_w)).
 
     The reference enters only through its length-normalised log-probs (an offline cache) and the feature
@@ -96,12 +141,23 @@ def fpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_len, rejected_le
     cr = policy_chosen_logps / chosen_len.clamp(min=1) - ref_chosen_avg_logps
     rr = policy_rejected_logps / rejected_len.clamp(min=1) - ref_rejected_avg_logps
     u = beta * (cr - rr) - alpha * (beta * feat_mse_rejected - (beta * feat_mse_chosen).detach())
-    return -F.logsigmoid(u).mean(), _metrics(beta * cr, beta * rr, policy_chosen_logps, policy_rejected_logps, u,
-                                             **{"fpo/feature_mse_chosen": feat_mse_chosen, "fpo/feature_mse_rejected": feat_mse_rejected})
+    return -F.logsigmoid(u).mean(), _metrics(
+        beta * cr,
+        beta * rr,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        u,
+        **{"fpo/feature_mse_chosen": feat_mse_chosen, "fpo/feature_mse_rejected": feat_mse_rejected},
+    )
 
 
-def feature_mse(policy_feats: torch.Tensor, ref_indices: torch.Tensor, ref_values: torch.Tensor, k: int = 50,
-                topk_from: str = "union") -> torch.Tensor:
+def feature_mse(
+    policy_feats: torch.Tensor,
+    ref_indices: torch.Tensor,
+    ref_values: torch.Tensor,
+    k: int = 50,
+    topk_from: str = "union",
+) -> torch.Tensor:
     """FPO's D(y) = (1/k) * sum_{i in I_k} (c_theta,i - c_ref,i)^2, per row.
 
     ``policy_feats`` [N, d_sae] are the policy's pooled SAE activations (with gradient); the reference is
@@ -148,7 +204,7 @@ METHODS: dict[str, Method] = {
 LOSSES = {name: m.fn for name, m in METHODS.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(fn) -> dict:
     return dict(inspect.signature(fn).parameters)
 

@@ -58,7 +58,9 @@ def resolve_model(path: str) -> str:
 
     file = os.path.join(*src)
     st = os.stat(file)
-    key = hashlib.sha256(json.dumps([os.path.realpath(file), st.st_size, st.st_mtime_ns, transformers.__version__]).encode())
+    key = hashlib.sha256(
+        json.dumps([os.path.realpath(file), st.st_size, st.st_mtime_ns, transformers.__version__]).encode()
+    )
     out = os.path.join(cache_root(), "gguf", f"{os.path.splitext(src[1])[0]}-{key.hexdigest()[:12]}")
     if not os.path.exists(os.path.join(out, "config.json")):
         from .atomic import atomic_dir
@@ -148,7 +150,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 def hidden_size(model) -> int:
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
-    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+    return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
 
 def check_layer(model, layer: int) -> int:

@@ -37,7 +37,18 @@ def file_hash(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-HASHED = ("*.safetensors", "*.bin", "*.npz", "*.json", "*.model", "*.jinja", "*.gguf", "*.arrow", "*.parquet", "*.jsonl")
+HASHED = (
+    "*.safetensors",
+    "*.bin",
+    "*.npz",
+    "*.json",
+    "*.model",
+    "*.jinja",
+    "*.gguf",
+    "*.arrow",
+    "*.parquet",
+    "*.jsonl",
+)
 
 
 def path_hash(path: str, patterns=HASHED) -> str:
@@ -75,8 +86,15 @@ class CacheSettings:
 
 def cache_settings(opts: DataOptions, layer: int | None, k: int) -> CacheSettings:
     """The cache settings of a command's data options (``layer`` only when the cache holds SAE features)."""
-    return CacheSettings(layer=layer, k=k, max_length=opts.max_length, max_prompt_length=opts.max_prompt_length,
-                         truncate_responses=opts.truncate_responses, split=opts.split, limit=opts.limit)
+    return CacheSettings(
+        layer=layer,
+        k=k,
+        max_length=opts.max_length,
+        max_prompt_length=opts.max_prompt_length,
+        truncate_responses=opts.truncate_responses,
+        split=opts.split,
+        limit=opts.limit,
+    )
 
 
 @dataclass
@@ -85,7 +103,9 @@ class CacheConfig(DataOptions):
 
     model: str = setting("", "reference model: HF folder, hub id, or .gguf file (or a folder holding one)")
     out: str = setting("", "cache folder to write (a finished build is reused, an unfinished one resumed)")
-    sae: str | None = setting(None, "SAE whose top-k pooled activations FPO needs: SAELens, sparsify or Gemma Scope folder, or params.npz")
+    sae: str | None = setting(
+        None, "SAE whose top-k pooled activations FPO needs: SAELens, sparsify or Gemma Scope folder, or params.npz"
+    )
     layer: int | None = setting(None, "decoder layer the SAE reads (default: the layer the SAE records)")
     k: int = setting(50, "top-k pooled SAE activations stored per response (FPO's k)", ge=1)
     batch_size: int = setting(16, "pairs per forward pass", ge=1)
@@ -117,7 +137,9 @@ def run_cache(cfg: CacheConfig) -> str:
         sae = load_sae(cfg.sae, cfg.layer)
         layer = resolve_layer(sae, cfg.layer, model, cfg.sae)
     manifest = expected_manifest(cfg.model, cfg.data, cfg.sae, cfg.settings(layer))
-    build_cache(model, tok, pairs, cfg.out, manifest, sae, layer, cfg.k, batch_size=cfg.batch_size, shard_size=cfg.shard_size)
+    build_cache(
+        model, tok, pairs, cfg.out, manifest, sae, layer, cfg.k, batch_size=cfg.batch_size, shard_size=cfg.shard_size
+    )
     return cfg.out
 
 
@@ -133,7 +155,9 @@ def expected_manifest(model: str, data: str, sae: str | None, settings: CacheSet
 def check_manifest(cache_dir: str, expected: dict) -> dict:
     path = os.path.join(cache_dir, MANIFEST)
     if not os.path.exists(path):
-        raise CacheMismatchError(f"{cache_dir}: no {MANIFEST}; not a featalign reference cache (or its build never finished)")
+        raise CacheMismatchError(
+            f"{cache_dir}: no {MANIFEST}; not a featalign reference cache (or its build never finished)"
+        )
     with open(path) as f:
         found = json.load(f)
     names = {"model": "the reference model's weights", "data": "the data file", "sae": "the SAE"}
@@ -141,22 +165,39 @@ def check_manifest(cache_dir: str, expected: dict) -> dict:
         if part == "sae" and expected.get("sae") is None:
             continue
         if found.get(part) != expected.get(part):
-            raise CacheMismatchError(f"{cache_dir}: stale cache, {what} changed since it was built "
-                                     f"({part} hash {found.get(part)} != {expected.get(part)}); rebuild with `featalign cache`")
+            raise CacheMismatchError(
+                f"{cache_dir}: stale cache, {what} changed since it was built "
+                f"({part} hash {found.get(part)} != {expected.get(part)}); rebuild with `featalign cache`"
+            )
     for key, val in expected["settings"].items():
         if key == "layer" and expected.get("sae") is None:
             continue
         if found["settings"].get(key) != val:
-            raise CacheMismatchError(f"{cache_dir}: stale cache, setting '{key}' was {found['settings'].get(key)} "
-                                     f"at build time, now {val}; rebuild with `featalign cache`")
+            raise CacheMismatchError(
+                f"{cache_dir}: stale cache, setting '{key}' was {found['settings'].get(key)} "
+                f"at build time, now {val}; rebuild with `featalign cache`"
+            )
     if not found.get("complete"):
-        raise CacheMismatchError(f"{cache_dir}: the cache build did not finish; run `featalign cache` again to resume it")
+        raise CacheMismatchError(
+            f"{cache_dir}: the cache build did not finish; run `featalign cache` again to resume it"
+        )
     return found
 
 
 @torch.no_grad()
-def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, layer: int | None = None, k: int = 50,
-                batch_size: int = 16, shard_size: int = 512, progress: bool = True) -> str:
+def build_cache(
+    model,
+    tokenizer,
+    pairs,
+    out: str,
+    manifest: dict,
+    sae=None,
+    layer: int | None = None,
+    k: int = 50,
+    batch_size: int = 16,
+    shard_size: int = 512,
+    progress: bool = True,
+) -> str:
     """Compute the reference's log-probs (and top-k pooled SAE activations) for every pair, in shards."""
     from .data import collate_pairs
     from .logprobs import response_positions, response_terms
@@ -203,21 +244,38 @@ def build_cache(model, tokenizer, pairs, out: str, manifest: dict, sae=None, lay
                 vals, idx = pooled.topk(min(k, pooled.shape[-1]), dim=-1)
             lp, length = r["logps"], r["length"]
             n = len(mb)
-            new = {"index": b["index"], "chosen_logps": lp[:n], "rejected_logps": lp[n:],
-                   "chosen_len": length[:n], "rejected_len": length[n:]}
+            new = {
+                "index": b["index"],
+                "chosen_logps": lp[:n],
+                "rejected_logps": lp[n:],
+                "chosen_len": length[:n],
+                "rejected_len": length[n:],
+            }
             if sae is not None:
-                new.update({"chosen_feat_idx": idx[:n].int(), "chosen_feat_val": vals[:n],
-                            "rejected_feat_idx": idx[n:].int(), "rejected_feat_val": vals[n:]})
+                new.update(
+                    {
+                        "chosen_feat_idx": idx[:n].int(),
+                        "chosen_feat_val": vals[:n],
+                        "rejected_feat_idx": idx[n:].int(),
+                        "rejected_feat_val": vals[n:],
+                    }
+                )
             for kk, v in new.items():
                 parts.setdefault(kk, []).append(v.cpu())
             bar.update(n)
         atomic_file(shard_path, lambda tmp: save_file({kk: torch.cat(v).contiguous() for kk, v in parts.items()}, tmp))
     bar.close()
-    write_json(mpath, {**manifest, "complete": True, "n_pairs": len(pairs), "n_shards": n_shards,
-                        "build_seconds": round(time.time() - t0, 2)})
+    write_json(
+        mpath,
+        {
+            **manifest,
+            "complete": True,
+            "n_pairs": len(pairs),
+            "n_shards": n_shards,
+            "build_seconds": round(time.time() - t0, 2),
+        },
+    )
     return out
-
-
 
 
 class ReferenceCache:
@@ -226,10 +284,16 @@ class ReferenceCache:
     def __init__(self, cache_dir: str, expected: dict | None = None, n_pairs: int | None = None):
         from safetensors.torch import load_file
 
-        self.manifest = check_manifest(cache_dir, expected) if expected is not None else json.load(open(os.path.join(cache_dir, MANIFEST)))
+        self.manifest = (
+            check_manifest(cache_dir, expected)
+            if expected is not None
+            else json.load(open(os.path.join(cache_dir, MANIFEST)))
+        )
         shards = sorted(glob.glob(os.path.join(cache_dir, "shard-*.safetensors")))
         if len(shards) != self.manifest.get("n_shards"):
-            raise CacheMismatchError(f"{cache_dir}: expected {self.manifest.get('n_shards')} shards, found {len(shards)}")
+            raise CacheMismatchError(
+                f"{cache_dir}: expected {self.manifest.get('n_shards')} shards, found {len(shards)}"
+            )
         parts: dict[str, list[torch.Tensor]] = {}
         for s in shards:
             for kk, v in load_file(s).items():
@@ -246,7 +310,10 @@ class ReferenceCache:
         """The rows of ``index`` (on any device; the cache itself stays in CPU memory), moved to ``device``."""
         index = index.cpu()
         gpu = torch.device(device or "cpu").type == "cuda"
-        return {kk: (v[index].pin_memory() if gpu else v[index]).to(device, non_blocking=gpu) for kk, v in self.tensors.items()}
+        return {
+            kk: (v[index].pin_memory() if gpu else v[index]).to(device, non_blocking=gpu)
+            for kk, v in self.tensors.items()
+        }
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.tensors.values())

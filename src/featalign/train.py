@@ -30,16 +30,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as D
+from . import logprobs as L
 from .atomic import atomic_dir
 from .config import check_model_path, setting
 from .data.batching import group_by_length, pair_length
 from .errors import ConfigError, TrainingDivergedError
-from .losses import METHODS, compute_loss, feature_mse
-from . import logprobs as L
 from .logprobs import response_positions
+from .losses import METHODS, compute_loss, feature_mse
 from .mlp import lean_mlp
 from .models import capture_layer, load_model, load_tokenizer
-
 
 METHOD = Literal[tuple(METHODS)]
 
@@ -49,18 +48,30 @@ class TrainConfig(D.DataOptions):
     """`featalign train`. Loss settings left unset take the method's published default (``losses.METHODS``)."""
 
     method: METHOD = setting("fpo", "preference method (formulas and papers: the docs' Methods page)")
-    model: str = setting("", "policy to train, and the reference unless ref_model is set: HF folder, hub id or .gguf file")
-    out: str = setting("runs/train", "run folder: checkpoint/, final/ (a save_pretrained model), metrics.jsonl, summary.json")
+    model: str = setting(
+        "", "policy to train, and the reference unless ref_model is set: HF folder, hub id or .gguf file"
+    )
+    out: str = setting(
+        "runs/train", "run folder: checkpoint/, final/ (a save_pretrained model), metrics.jsonl, summary.json"
+    )
     ref_model: str | None = setting(None, "reference model (default: the policy's starting point, --model)")
-    sae: str | None = setting(None, "SAE for FPO's feature term: SAELens, sparsify or Gemma Scope folder, or params.npz")
+    sae: str | None = setting(
+        None, "SAE for FPO's feature term: SAELens, sparsify or Gemma Scope folder, or params.npz"
+    )
     layer: int | None = setting(None, "decoder layer the SAE reads (default: the layer the SAE records)")
-    cache: str | None = setting(None, "offline reference cache from `featalign cache` (default: built in <out>/ref_cache)")
+    cache: str | None = setting(
+        None, "offline reference cache from `featalign cache` (default: built in <out>/ref_cache)"
+    )
     beta: float | None = setting(None, "KL strength beta (default: the method's, 0.1; SimPO 2.0)", gt=0)
     alpha: float | None = setting(None, "weight of TDPO-2's KL term or FPO's feature term (default 0.5)", ge=0)
     gamma: float | None = setting(None, "SimPO's target reward margin gamma (default 0.5)", ge=0)
     k: int = setting(50, "FPO: top SAE features compared per response (the paper's k)", ge=1)
-    topk_from: Literal["union", "policy"] = setting("union", "FPO: features compared, the top-k of policy and reference (paper) or of the policy")
-    trdpo_alpha: float = setting(0.6, "TR-DPO: weight of the policy when the reference is updated (1: hard copy)", gt=0, le=1)
+    topk_from: Literal["union", "policy"] = setting(
+        "union", "FPO: features compared, the top-k of policy and reference (paper) or of the policy"
+    )
+    trdpo_alpha: float = setting(
+        0.6, "TR-DPO: weight of the policy when the reference is updated (1: hard copy)", gt=0, le=1
+    )
     trdpo_tau: int = setting(512, "TR-DPO: update the reference every tau steps", ge=1)
     lr: float = setting(5e-6, "peak learning rate (AdamW, linear warm-up, then cosine decay)", gt=0)
     batch_size: int = setting(8, "pairs per micro-batch per process", ge=1)
@@ -71,12 +82,20 @@ class TrainConfig(D.DataOptions):
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = setting(1.0, "gradient-norm clip (0: off)", ge=0)
     seed: int = setting(0, "seed of the data order and of any sampling")
-    group_by_length: bool = setting(True, "batch pairs of similar length together, in a seeded order (less padding, exact resume)")
+    group_by_length: bool = setting(
+        True, "batch pairs of similar length together, in a seeded order (less padding, exact resume)"
+    )
     bf16: bool = setting(True, "bf16 autocast on GPUs that support it (CPU runs stay float32)")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
-    pack: Literal["auto", "on", "off"] = setting("auto", "padding-free batches, one row per micro-batch (auto: on with flash attention only)")
-    fused_head: bool = setting(True, "compute each pair's logits once, with the LM head's gradients (off: recompute them in backward)")
-    lean_mlp: bool = setting(True, "gated MLPs keep 2 of their 4 activations for backward and recompute the rest (same results)")
+    pack: Literal["auto", "on", "off"] = setting(
+        "auto", "padding-free batches, one row per micro-batch (auto: on with flash attention only)"
+    )
+    fused_head: bool = setting(
+        True, "compute each pair's logits once, with the LM head's gradients (off: recompute them in backward)"
+    )
+    lean_mlp: bool = setting(
+        True, "gated MLPs keep 2 of their 4 activations for backward and recompute the rest (same results)"
+    )
     lora_r: int = setting(0, "LoRA rank (0: train all weights); the saved model has the adapter merged", ge=0)
     lora_alpha: int = setting(16, "LoRA alpha", ge=1)
     log_every: int = setting(10, "log metrics every N steps", ge=1)
@@ -120,9 +139,11 @@ def _check_fsdp_on_cpu() -> None:
     on = [k for k in ("FSDP_SYNC_MODULE_STATES", "FSDP_CPU_RAM_EFFICIENT_LOADING") if _env_true(k)]
     if on:
         settings = " and ".join(f"fsdp_{k[5:].lower()}" for k in on)
-        raise ConfigError(f"FSDP1 on CPU cannot use {settings} (it broadcasts weights from a GPU): set "
-                          "fsdp_sync_module_states: false and fsdp_cpu_ram_efficient_loading: false in the accelerate "
-                          "config, or use fsdp_version: 2")
+        raise ConfigError(
+            f"FSDP1 on CPU cannot use {settings} (it broadcasts weights from a GPU): set "
+            "fsdp_sync_module_states: false and fsdp_cpu_ram_efficient_loading: false in the accelerate "
+            "config, or use fsdp_version: 2"
+        )
 
 
 def _fsdp_on_cpu(acc) -> None:
@@ -156,8 +177,12 @@ def _lr_lambda(total: int, warmup: int):
 def pair_terms(r: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-row terms (chosen rows first, then rejected) as the losses' per-pair arguments."""
     n = r["logps"].shape[0] // 2
-    t = {"policy_chosen_logps": r["logps"][:n], "policy_rejected_logps": r["logps"][n:],
-         "chosen_len": r["length"][:n], "rejected_len": r["length"][n:]}
+    t = {
+        "policy_chosen_logps": r["logps"][:n],
+        "policy_rejected_logps": r["logps"][n:],
+        "chosen_len": r["length"][:n],
+        "rejected_len": r["length"][n:],
+    }
     if "ref_logps" in r:
         t.update(ref_chosen_logps=r["ref_logps"][:n], ref_rejected_logps=r["ref_logps"][n:])
     if "kl" in r:
@@ -176,18 +201,29 @@ class Trainer:
         use_bf16 = cfg.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         _check_fsdp_on_cpu()
         # cpu=True on CPU-only machines: without it accelerate ignores a torchrun/gloo process group
-        self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if use_bf16 else "no",
-                               cpu=not torch.cuda.is_available())
+        self.acc = Accelerator(
+            gradient_accumulation_steps=cfg.grad_accum,
+            mixed_precision="bf16" if use_bf16 else "no",
+            cpu=not torch.cuda.is_available(),
+        )
         _fsdp_on_cpu(self.acc)
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         if self.fsdp and (cfg.lora_r or cfg.method == "trdpo" or cfg.save_every):
-            raise ConfigError("under FSDP, --lora-r, trdpo and --save-every are not supported (untested: the weights are "
-                              "sharded where they are merged, mixed or checkpointed); run them with DDP")
-        if self.fsdp and self.spec.live_reference and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() == "true":
+            raise ConfigError(
+                "under FSDP, --lora-r, trdpo and --save-every are not supported (untested: the weights are "
+                "sharded where they are merged, mixed or checkpointed); run them with DDP"
+            )
+        if (
+            self.fsdp
+            and self.spec.live_reference
+            and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() == "true"
+        ):
             # transformers then loads real weights on the first process only; FSDP broadcasts the policy's, but the
             # live reference is not wrapped and would stay empty elsewhere
-            raise ConfigError(f"{cfg.method} under FSDP needs fsdp_cpu_ram_efficient_loading: false (its reference "
-                              "model is loaded in every process)")
+            raise ConfigError(
+                f"{cfg.method} under FSDP needs fsdp_cpu_ram_efficient_loading: false (its reference "
+                "model is loaded in every process)"
+            )
         self.device = self.acc.device
         os.makedirs(cfg.out, exist_ok=True)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -216,13 +252,20 @@ class Trainer:
         if cfg.lora_r:
             from peft import LoraConfig, get_peft_model
 
-            self.model = get_peft_model(self.model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear"))
+            self.model = get_peft_model(
+                self.model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear")
+            )
         # padding-free rows where asked and where the model gives the padded batch's outputs that way (checked here,
         # once: the check's own forward pass must not run inside a layer capture); FSDP runs take full logits, unpacked
         attn = str(getattr(self.model.config, "_attn_implementation", "") or "")
         want = cfg.pack == "on" or (cfg.pack == "auto" and attn.startswith("flash_attention"))
-        self.packed = bool(want and not self.fsdp and L._chunked_ok(self.model) and L.packing_ok(self.model)
-                           and (self.ref_model is None or L.packing_ok(self.ref_model)))
+        self.packed = bool(
+            want
+            and not self.fsdp
+            and L._chunked_ok(self.model)
+            and L.packing_ok(self.model)
+            and (self.ref_model is None or L.packing_ok(self.ref_model))
+        )
         per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         self.steps_per_epoch = max(1, len(self.pairs) // per_step)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * self.steps_per_epoch))
@@ -235,7 +278,9 @@ class Trainer:
         # fused AdamW on GPU: no parameter-sized temporaries at the step (what HF Trainer uses there too)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total_steps, int(cfg.warmup_ratio * self.total_steps)))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, _lr_lambda(self.total_steps, int(cfg.warmup_ratio * self.total_steps))
+        )
         # the scheduler is stepped by hand once per optimiser step, so the schedule is the same for any process count
         if fsdp1:
             self.opt = self.acc.prepare(self.opt)
@@ -259,8 +304,17 @@ class Trainer:
                 # the policy before its first step is the reference: no second model unless --ref-model differs
                 own = cfg.ref_model in (None, cfg.model)
                 ref = self.model if own else load_model(ref_path).to(self.device)
-                build_cache(ref, self.tokenizer, self.pairs, cache_dir, expected, self.sae, cfg.layer, cfg.k,
-                            progress=cfg.progress)
+                build_cache(
+                    ref,
+                    self.tokenizer,
+                    self.pairs,
+                    cache_dir,
+                    expected,
+                    self.sae,
+                    cfg.layer,
+                    cfg.k,
+                    progress=cfg.progress,
+                )
                 del ref
             self.acc.wait_for_everyone()
         cache = ReferenceCache(cache_dir, expected, n_pairs=len(self.pairs))
@@ -282,7 +336,9 @@ class Trainer:
                 if isinstance(m, LoraLayer):
                     for name in m.active_adapters:
                         if name in m.lora_A:
-                            m.get_base_layer().weight.add_(m.get_delta_weight(name).to(m.get_base_layer().weight.dtype), alpha=a)
+                            m.get_base_layer().weight.add_(
+                                m.get_delta_weight(name).to(m.get_base_layer().weight.dtype), alpha=a
+                            )
                             m.lora_B[name].weight.mul_(1 - a)
             return
         pol = self.acc.unwrap_model(self.model).state_dict()
@@ -299,14 +355,26 @@ class Trainer:
         n = ids.shape[0] // 2
         positions = (batch["response_rows"], batch["response_cols"]) if "response_rows" in batch else None
         with capture_layer(model, cfg.layer, first=True) if self.sae is not None else contextlib.nullcontext() as box:
-            fw = L.forward(model, ids, att, resp, positions, ref=self.ref_model, kl=cfg.method.startswith("tdpo"),
-                           ref_adapter_off=self.ref_adapter_off, pack=self.packed)
+            fw = L.forward(
+                model,
+                ids,
+                att,
+                resp,
+                positions,
+                ref=self.ref_model,
+                kl=cfg.method.startswith("tdpo"),
+                ref_adapter_off=self.ref_adapter_off,
+                pack=self.packed,
+            )
         other: dict[str, torch.Tensor] = {}
         if self.ref_model is None and not self.ref_adapter_off and self.cache is not None:
             c = self.cache.batch(batch["index"], self.device)
-            other.update(ref_chosen_logps=c["chosen_logps"], ref_rejected_logps=c["rejected_logps"],
-                         ref_chosen_avg_logps=c["chosen_logps"] / c["chosen_len"].clamp(min=1),
-                         ref_rejected_avg_logps=c["rejected_logps"] / c["rejected_len"].clamp(min=1))
+            other.update(
+                ref_chosen_logps=c["chosen_logps"],
+                ref_rejected_logps=c["rejected_logps"],
+                ref_chosen_avg_logps=c["chosen_logps"] / c["chosen_len"].clamp(min=1),
+                ref_rejected_avg_logps=c["rejected_logps"] / c["rejected_len"].clamp(min=1),
+            )
             if self.sae is not None:
                 h = box["h"] if fw.packing is None else fw.packing.unpack(box["h"])
                 pooled = self.sae.encode_pooled(h, resp)
@@ -339,7 +407,11 @@ class Trainer:
         batch = D.collate_pairs([self.pairs[i] for i in idx], self.tokenizer.pad_token_id)
         batch["response_rows"], batch["response_cols"] = response_positions(batch["response_mask"])
         n_tokens = int(batch["attention_mask"].sum())
-        out = {"n_tokens": n_tokens, "n_positions": n_tokens if self.packed else batch["attention_mask"].numel(), "index": batch.pop("index")}
+        out = {
+            "n_tokens": n_tokens,
+            "n_positions": n_tokens if self.packed else batch["attention_mask"].numel(),
+            "index": batch.pop("index"),
+        }
         gpu = self.device.type == "cuda"
         out.update({k: (v.pin_memory() if gpu else v).to(self.device, non_blocking=gpu) for k, v in batch.items()})
         return out
@@ -348,14 +420,15 @@ class Trainer:
         """Raise on the first non-finite loss among the unchecked micro-batches (one host sync for all of them)."""
         if not losses or not seen:
             return
-        recent = torch.stack(losses[-len(seen):])
+        recent = torch.stack(losses[-len(seen) :])
         bad = (~torch.isfinite(recent)).nonzero()
         if len(bad):
             i = int(bad[0])
             step, idx = seen[i]
             raise TrainingDivergedError(
                 f"loss is {recent[i].item()} at step {step} on pairs {idx[:8]}{'...' if len(idx) > 8 else ''}; "
-                f"last checkpoint kept in {self.ckpt_dir()}")
+                f"last checkpoint kept in {self.ckpt_dir()}"
+            )
 
     # ------------------------------------------------------------------ data order
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -398,8 +471,12 @@ class Trainer:
             from safetensors.torch import save_model
 
             save_model(self.acc.unwrap_model(self.model), os.path.join(tmp, "model.safetensors"))
-            state = {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "py_rng": random.getstate()}
+            state = {
+                "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "py_rng": random.getstate(),
+            }
             if self.ref_model is not None:
                 state["ref"] = self.ref_model.state_dict()
             torch.save(state, os.path.join(tmp, "state.pt"))
@@ -413,8 +490,10 @@ class Trainer:
         if not (self.cfg.resume and os.path.exists(os.path.join(d, "trainer_state.json"))):
             return False
         if self.fsdp:
-            raise ConfigError(f"{d}: resuming under FSDP is not supported (the checkpoint holds whole weights); "
-                              "resume with DDP or pass --no-resume")
+            raise ConfigError(
+                f"{d}: resuming under FSDP is not supported (the checkpoint holds whole weights); "
+                "resume with DDP or pass --no-resume"
+            )
         from safetensors.torch import load_model as load_weights
 
         with open(os.path.join(d, "trainer_state.json")) as f:
@@ -449,8 +528,12 @@ class Trainer:
             with open(log_path, "w") as f:
                 for rec in self.history if resumed else []:
                     f.write(json.dumps(rec) + "\n")
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
-                   disable=not (cfg.progress and self.acc.is_main_process))
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"train {cfg.method}",
+            disable=not (cfg.progress and self.acc.is_main_process),
+        )
         t0 = time.time()
         tokens = positions = 0
         self.model.train()
@@ -488,11 +571,20 @@ class Trainer:
                 self._check_finite(window.get("loss", []), seen)
                 seen = []
             if logged:
-                rec = {"step": self.step, "lr": self.sched.get_last_lr()[0],
-                       **{k: torch.stack(v).float().mean().item() for k, v in window.items()}}
+                rec = {
+                    "step": self.step,
+                    "lr": self.sched.get_last_lr()[0],
+                    **{k: torch.stack(v).float().mean().item() for k, v in window.items()},
+                }
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec.get('rewards/accuracies', float('nan')):.2f}")
-                rec = {k: (self.acc.reduce(torch.tensor(v, device=self.device), "mean").item() if isinstance(v, float) and k != "lr" else v)
-                       for k, v in rec.items()}
+                rec = {
+                    k: (
+                        self.acc.reduce(torch.tensor(v, device=self.device), "mean").item()
+                        if isinstance(v, float) and k != "lr"
+                        else v
+                    )
+                    for k, v in rec.items()
+                }
                 window = {}
                 self.history.append(rec)
                 if self.acc.is_main_process:
@@ -509,14 +601,21 @@ class Trainer:
             writer.close()
         wall = time.time() - t0
         summary = {
-            "method": cfg.method, "steps": self.step, "wall_seconds": round(wall, 2),
+            "method": cfg.method,
+            "steps": self.step,
+            "wall_seconds": round(wall, 2),
             "tokens_per_second": round(tokens * self.acc.num_processes / max(wall, 1e-9), 1),
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
-            "padded_share": round(1 - tokens / max(positions, 1), 4), "packed": self.packed,
+            "padded_share": round(1 - tokens / max(positions, 1), 4),
+            "packed": self.packed,
             "reference_model_loaded": self.ref_model is not None,
-            "distributed": {"type": self.acc.distributed_type.value, "processes": self.acc.num_processes,
-                            "fsdp_version": self.acc.state.fsdp_plugin.fsdp_version if self.fsdp else None},
-            "final": self.history[-1] if self.history else {}, "data": self.stats.summary(),
+            "distributed": {
+                "type": self.acc.distributed_type.value,
+                "processes": self.acc.num_processes,
+                "fsdp_version": self.acc.state.fsdp_plugin.fsdp_version if self.fsdp else None,
+            },
+            "final": self.history[-1] if self.history else {},
+            "data": self.stats.summary(),
         }
         self.save_final()
         if self.acc.is_main_process:

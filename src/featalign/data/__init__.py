@@ -11,9 +11,16 @@ import logging
 from dataclasses import dataclass
 
 from ..config import Config, setting
-
-from .batching import (TokenizedPair, batches, collate_pairs, doc_batches, pad_sequences, pair_sequences, prompt_limit,
-                       tokenize_pairs)
+from .batching import (
+    TokenizedPair,
+    batches,
+    collate_pairs,
+    doc_batches,
+    pad_sequences,
+    pair_sequences,
+    prompt_limit,
+    tokenize_pairs,
+)
 from .chat import Renderer, encode_prompt, encode_response, prepare_tokenizer, renderer
 from .documents import read_documents
 from .records import REASONS, DataStats, Drop, PreferencePair, hh_turns, load_pairs, read_records, to_pair
@@ -26,27 +33,36 @@ log = logging.getLogger("featalign.data")
 class DataOptions(Config):
     """How a command reads and tokenises preference data (shared by train, cache, eval, explain, attribute)."""
 
-    data: str = setting("", "preference data: a .jsonl, .json or .parquet file, a `datasets` folder, or a `datasets` name")
+    data: str = setting(
+        "", "preference data: a .jsonl, .json or .parquet file, a `datasets` folder, or a `datasets` name"
+    )
     split: str = setting("train", "split to read from a `datasets` folder or name")
     limit: int | None = setting(None, "use only the first N clean pairs", ge=1)
     max_length: int = setting(512, "most tokens of prompt plus answer", ge=2)
-    max_prompt_length: int | None = setting(None, "most prompt tokens kept (cut on the left) when a pair is too long; default: half of max_length", ge=1)
+    max_prompt_length: int | None = setting(
+        None, "most prompt tokens kept (cut on the left) when a pair is too long; default: half of max_length", ge=1
+    )
     truncate_responses: bool = setting(False, "cut over-long answers on the right instead of dropping the pair")
-    strict: bool = setting(False, "fail on the first record that cannot be a clean pair, instead of dropping and counting it")
+    strict: bool = setting(
+        False, "fail on the first record that cannot be a clean pair, instead of dropping and counting it"
+    )
 
     def validate(self) -> None:
         super().validate()
         prompt_limit(self.max_length, self.max_prompt_length)
 
 
-def prepare_pairs(opts: DataOptions, tokenizer, path: str | None = None, stats: DataStats | None = None
-                  ) -> tuple[list[PreferencePair], list[TokenizedPair], DataStats]:
+def prepare_pairs(
+    opts: DataOptions, tokenizer, path: str | None = None, stats: DataStats | None = None
+) -> tuple[list[PreferencePair], list[TokenizedPair], DataStats]:
     """Read, validate and tokenise ``path`` (default ``opts.data``): (kept pairs, their token ids, stats).
     ``pairs[i]`` is the record of ``tokenized[i]``."""
     path = path or opts.data
     stats = stats if stats is not None else DataStats()
     pairs = load_pairs(path, opts.split, opts.limit, stats, opts.strict)
-    tokenized = tokenize_pairs(pairs, tokenizer, opts.max_length, opts.max_prompt_length, stats, opts.strict, opts.truncate_responses)
+    tokenized = tokenize_pairs(
+        pairs, tokenizer, opts.max_length, opts.max_prompt_length, stats, opts.strict, opts.truncate_responses
+    )
     stats.report(path)
     log.info("%s: %d pairs, rendered as %s", path, len(tokenized), stats.rendering)
     return [t.record for t in tokenized], tokenized, stats
@@ -64,7 +80,31 @@ def write_jsonl(path: str, records: list[dict]) -> None:
     atomic_file(path, write)
 
 
-__all__ = ["DataOptions", "DataStats", "Drop", "PreferencePair", "REASONS", "Renderer", "TokenizedPair", "batches",
-           "collate_pairs", "doc_batches", "encode_prompt", "encode_response", "hh_turns", "load_pairs", "pad_sequences",
-           "pair_sequences", "prepare_pairs", "prepare_tokenizer", "prompt_limit", "read_documents", "read_records",
-           "renderer", "split_by_prompt", "to_pair", "tokenize_pairs", "write_jsonl"]
+__all__ = [
+    "DataOptions",
+    "DataStats",
+    "Drop",
+    "PreferencePair",
+    "REASONS",
+    "Renderer",
+    "TokenizedPair",
+    "batches",
+    "collate_pairs",
+    "doc_batches",
+    "encode_prompt",
+    "encode_response",
+    "hh_turns",
+    "load_pairs",
+    "pad_sequences",
+    "pair_sequences",
+    "prepare_pairs",
+    "prepare_tokenizer",
+    "prompt_limit",
+    "read_documents",
+    "read_records",
+    "renderer",
+    "split_by_prompt",
+    "to_pair",
+    "tokenize_pairs",
+    "write_jsonl",
+]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -30,8 +30,15 @@ def prompt_limit(max_length: int, max_prompt_length: int | None) -> int:
     return max_prompt_length
 
 
-def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int = 512, max_prompt_length: int | None = None,
-                   stats: DataStats | None = None, strict: bool = False, truncate_responses: bool = False) -> list[TokenizedPair]:
+def tokenize_pairs(
+    pairs: list[PreferencePair],
+    tokenizer,
+    max_length: int = 512,
+    max_prompt_length: int | None = None,
+    stats: DataStats | None = None,
+    strict: bool = False,
+    truncate_responses: bool = False,
+) -> list[TokenizedPair]:
     """Token ids of each pair; ``index`` numbers the kept pairs (it keys the offline cache).
 
     Length policy: when prompt + the longer answer exceed ``max_length``, the prompt keeps its last
@@ -63,8 +70,13 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int = 512
             room = max_length - len(p)
             if longest > room:
                 if not truncate_responses:
-                    stats.drop(OVER_LENGTH, pair.source, f"an answer of {longest} tokens does not fit max_length={max_length} "
-                               f"beside a {len(p)}-token prompt", strict)
+                    stats.drop(
+                        OVER_LENGTH,
+                        pair.source,
+                        f"an answer of {longest} tokens does not fit max_length={max_length} "
+                        f"beside a {len(p)}-token prompt",
+                        strict,
+                    )
                     continue
                 resp = [x[:room] for x in resp]
                 stats.response_truncated += 1
@@ -72,7 +84,9 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int = 512
     stats.kept = len(out)
     for what in ("prompt_truncated", "response_truncated"):
         if getattr(stats, what):
-            stats.notes.append(f"{getattr(stats, what)} pair(s) {what.replace('_', ' ')} to fit max_length={max_length}")
+            stats.notes.append(
+                f"{getattr(stats, what)} pair(s) {what.replace('_', ' ')} to fit max_length={max_length}"
+            )
     return out
 
 
@@ -94,7 +108,9 @@ def batches(items: list, n: int) -> Iterator[list]:
         yield items[i : i + n]
 
 
-def doc_batches(docs: list[list[int]], batch_size: int, max_length: int, pad_id: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def doc_batches(
+    docs: list[list[int]], batch_size: int, max_length: int, pad_id: int, device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(input_ids, attention_mask) on ``device`` for token-id documents cut to ``max_length``."""
     for b in batches(docs, batch_size):
         seqs = [d[:max_length] for d in b]
@@ -104,8 +120,11 @@ def doc_batches(docs: list[list[int]], batch_size: int, max_length: int, pad_id:
 
 def pair_sequences(batch: list[TokenizedPair]) -> list[tuple[list[int], list[int]]]:
     """(prompt+response ids, response mask) for every chosen response, then every rejected one."""
-    return [(ex.prompt_ids + getattr(ex, part), [0] * len(ex.prompt_ids) + [1] * len(getattr(ex, part)))
-            for part in ("chosen_ids", "rejected_ids") for ex in batch]
+    return [
+        (ex.prompt_ids + getattr(ex, part), [0] * len(ex.prompt_ids) + [1] * len(getattr(ex, part)))
+        for part in ("chosen_ids", "rejected_ids")
+        for ex in batch
+    ]
 
 
 def collate_pairs(batch: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -121,8 +140,9 @@ def pair_length(ex: TokenizedPair) -> int:
     return len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
 
 
-def group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
-                    window: int = 64) -> list[int]:
+def group_by_length(
+    order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator, window: int = 64
+) -> list[int]:
     """``order`` rearranged so that each run of ``batch_size`` items has similar lengths, so little is padded.
 
     Which items fill the complete batches is left to ``order`` (a trailing partial batch stays last, unsorted,
@@ -131,6 +151,8 @@ def group_by_length(order: list[int], lengths: list[int], batch_size: int, gener
     a pure function of its inputs, so a seeded order resumes exactly."""
     n_full = len(order) // batch_size * batch_size
     span = batch_size * window
-    ranked = [i for s in range(0, n_full, span) for i in sorted(order[s : min(s + span, n_full)], key=lambda j: -lengths[j])]
+    ranked = [
+        i for s in range(0, n_full, span) for i in sorted(order[s : min(s + span, n_full)], key=lambda j: -lengths[j])
+    ]
     chunks = [ranked[s : s + batch_size] for s in range(0, n_full, batch_size)]
     return [i for k in torch.randperm(len(chunks), generator=generator).tolist() for i in chunks[k]] + order[n_full:]

@@ -21,8 +21,12 @@ def prepare_tokenizer(tokenizer):
 
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ConfigError("the tokenizer has neither a pad token nor an eos token; set one (tokenizer.pad_token = ...)")
-        logging.getLogger("featalign.data").warning("tokenizer has no pad token; using eos token %r for padding", tokenizer.eos_token)
+            raise ConfigError(
+                "the tokenizer has neither a pad token nor an eos token; set one (tokenizer.pad_token = ...)"
+            )
+        logging.getLogger("featalign.data").warning(
+            "tokenizer has no pad token; using eos token %r for padding", tokenizer.eos_token
+        )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -37,7 +41,9 @@ class Renderer:
 
     @property
     def name(self) -> str:
-        return f"chat template (answers end with {self.end_of_turn!r})" if self.template else "raw text (no chat template)"
+        return (
+            f"chat template (answers end with {self.end_of_turn!r})" if self.template else "raw text (no chat template)"
+        )
 
     def _end_of_turn(self) -> str:
         msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
@@ -46,7 +52,7 @@ class Renderer:
         except Exception as e:  # a template that refuses this minimal conversation is unusable
             raise ConfigError(f"the tokenizer's chat template cannot render a user/assistant exchange: {e}") from None
         at = text.find(_SENTINEL)
-        suffix = text[at + len(_SENTINEL):].rstrip() if at >= 0 else ""
+        suffix = text[at + len(_SENTINEL) :].rstrip() if at >= 0 else ""
         return suffix or (self.tok.eos_token or "")
 
     def prompt_text(self, prompt: str | list[dict], raw_prompt: str | None = None) -> str:
@@ -76,7 +82,9 @@ class Renderer:
     def conversation_ids(self, messages: list[dict]) -> list[int]:
         """A whole conversation (SAE training documents)."""
         if self.template:
-            return self.tok(self.tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+            return self.tok(self.tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+                "input_ids"
+            ]
         return self.tok("\n".join(f"{m['role']}: {m['content']}" for m in messages))["input_ids"]
 
 

@@ -38,8 +38,12 @@ def read_documents(path: str, tokenizer, split: str = "train", stats: DataStats 
             p = r.prompt_ids(rec["prompt"])
             docs.append(p + r.answer_ids(rec.get("response", rec.get("completion")))[0])
         else:
-            raise DataError(f"needs 'text', 'messages', 'prompt' with 'response'/'completion', or 'chosen' and 'rejected' "
-                            f"(has {sorted(rec)})", path, line)
+            raise DataError(
+                f"needs 'text', 'messages', 'prompt' with 'response'/'completion', or 'chosen' and 'rejected' "
+                f"(has {sorted(rec)})",
+                path,
+                line,
+            )
     stats.kept = len(docs)
     if not docs:
         raise DataError("holds no documents", path)

@@ -24,8 +24,9 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import DataError
 
@@ -79,15 +80,25 @@ class DataStats:
     def drop(self, reason: str, source: str, detail: str, strict: bool) -> None:
         if strict:
             path, _, line = source.rpartition(":")
-            raise DataError(f"{detail} (dropped as {reason}; run without --strict to drop and count such records)",
-                            path or None, int(line) if line.isdigit() else None)
+            raise DataError(
+                f"{detail} (dropped as {reason}; run without --strict to drop and count such records)",
+                path or None,
+                int(line) if line.isdigit() else None,
+            )
         self.dropped[reason] += 1
         self.first_dropped.setdefault(reason, source)
 
     def summary(self) -> dict:
-        return {"records": self.records, "kept": self.kept, "dropped": dict(self.dropped),
-                "first_dropped": dict(self.first_dropped), "prompt_truncated": self.prompt_truncated,
-                "response_truncated": self.response_truncated, "rendering": self.rendering, "notes": list(self.notes)}
+        return {
+            "records": self.records,
+            "kept": self.kept,
+            "dropped": dict(self.dropped),
+            "first_dropped": dict(self.first_dropped),
+            "prompt_truncated": self.prompt_truncated,
+            "response_truncated": self.response_truncated,
+            "rendering": self.rendering,
+            "notes": list(self.notes),
+        }
 
     def report(self, path: str) -> None:
         """Warn once about what was dropped; refuse data of which more than half could not be used."""
@@ -98,8 +109,11 @@ class DataStats:
             self.notes.append(msg)
             log.warning(msg)
         if self.records and n_drop > self.records / 2:
-            raise DataError(f"more than half of the records cannot be used ({n_drop} of {self.records} dropped: "
-                            f"{dict(self.dropped)}); is this the right file and format?", path)
+            raise DataError(
+                f"more than half of the records cannot be used ({n_drop} of {self.records} dropped: "
+                f"{dict(self.dropped)}); is this the right file and format?",
+                path,
+            )
 
 
 class Drop(Exception):
@@ -165,7 +179,9 @@ def _pick_split(ds, path: str, split: str):
 
 def _read_saved_dataset(path: str, split: str):
     if not any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
-        raise DataError("is a folder but not one written by `datasets`' save_to_disk; give a .jsonl, .json or .parquet file", path)
+        raise DataError(
+            "is a folder but not one written by `datasets`' save_to_disk; give a .jsonl, .json or .parquet file", path
+        )
     ds = _pick_split(_datasets(path).load_from_disk(path), path, split)
     yield from enumerate(ds, 1)
 
@@ -175,7 +191,9 @@ def _read_hub_dataset(path: str, split: str):
     try:
         ds = datasets.load_dataset(path, split=split)
     except Exception as e:  # offline, unknown name, unknown split: one line, not a traceback from deep inside
-        raise DataError(f"not a local file, and `datasets` could not load it by name: {str(e).splitlines()[0]}", path) from None
+        raise DataError(
+            f"not a local file, and `datasets` could not load it by name: {str(e).splitlines()[0]}", path
+        ) from None
     yield from enumerate(ds, 1)
 
 
@@ -188,7 +206,9 @@ def _text(value: Any, path: str, line: int, name: str) -> str:
 
 def _messages(value: Any, path: str, line: int, name: str) -> list[dict]:
     if not isinstance(value, list):
-        raise DataError(f"expected a list of messages (the other response is one), got {type(value).__name__}", path, line, name)
+        raise DataError(
+            f"expected a list of messages (the other response is one), got {type(value).__name__}", path, line, name
+        )
     if not value:
         raise DataError("is an empty message list", path, line, name)
     for j, m in enumerate(value):
@@ -235,10 +255,12 @@ def _hh_pair(chosen: str, rejected: str, src: str) -> PreferencePair:
     prompt_c, prompt_r = chosen[: cut_c + len(HH_ASSISTANT)], rejected[: cut_r + len(HH_ASSISTANT)]
     if prompt_c != prompt_r:
         raise Drop(MISMATCH, "the chosen and rejected dialogues differ before their last Assistant turn")
-    resp_c, resp_r = chosen[len(prompt_c):], rejected[len(prompt_r):]
+    resp_c, resp_r = chosen[len(prompt_c) :], rejected[len(prompt_r) :]
     turns = hh_turns(prompt_c[: -len(HH_ASSISTANT)])
     if not turns or turns[0]["role"] != "user" or turns[-1]["role"] != "user" or not all(t["content"] for t in turns):
-        raise Drop(MALFORMED_DIALOGUE, "the dialogue is not Human/Assistant turns starting with Human and ending in an answer")
+        raise Drop(
+            MALFORMED_DIALOGUE, "the dialogue is not Human/Assistant turns starting with Human and ending in an answer"
+        )
     return PreferencePair(turns, resp_c, resp_r, src, raw_prompt=prompt_c)
 
 
@@ -265,7 +287,9 @@ def to_pair(rec: Any, path: str = "<records>", line: int = 0) -> PreferencePair:
                 raise Drop(MISMATCH, "'prompt' is not the conversation before the answer")
             conv = c[:-1]
         elif p is None:
-            raise DataError("is missing and the chosen conversation has no turns before the answer", path, line, "prompt")
+            raise DataError(
+                "is missing and the chosen conversation has no turns before the answer", path, line, "prompt"
+            )
         else:
             conv = p
         pair = PreferencePair(conv, c[-1]["content"], r[-1]["content"], src)
@@ -285,8 +309,9 @@ def to_pair(rec: Any, path: str = "<records>", line: int = 0) -> PreferencePair:
     return pair
 
 
-def load_pairs(path: str, split: str = "train", limit: int | None = None, stats: DataStats | None = None,
-               strict: bool = False) -> list[PreferencePair]:
+def load_pairs(
+    path: str, split: str = "train", limit: int | None = None, stats: DataStats | None = None, strict: bool = False
+) -> list[PreferencePair]:
     """Every clean pair of a data file (up to ``limit``), the others dropped and counted in ``stats`` (or, with
     ``strict``, the first one an error)."""
     stats = stats if stats is not None else DataStats()
@@ -301,5 +326,8 @@ def load_pairs(path: str, split: str = "train", limit: int | None = None, stats:
             break
     stats.kept = len(pairs)
     if not pairs:
-        raise DataError(f"holds no usable preference pairs ({stats.records} records read, dropped: {dict(stats.dropped) or 'none'})", path)
+        raise DataError(
+            f"holds no usable preference pairs ({stats.records} records read, dropped: {dict(stats.dropped) or 'none'})",
+            path,
+        )
     return pairs

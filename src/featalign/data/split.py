@@ -14,7 +14,9 @@ def _bucket(prompt_key: str, seed: int) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def split_by_prompt(path: str, out_dir: str, test_fraction: float = 0.1, seed: int = 0, split: str = "train") -> tuple[str, str]:
+def split_by_prompt(
+    path: str, out_dir: str, test_fraction: float = 0.1, seed: int = 0, split: str = "train"
+) -> tuple[str, str]:
     """Write ``train.jsonl`` and ``test.jsonl`` in ``out_dir`` holding the records of ``path`` unchanged.
 
     A record goes to test when a seeded hash of its prompt falls below ``test_fraction``: every record of one prompt
@@ -35,7 +37,9 @@ def split_by_prompt(path: str, out_dir: str, test_fraction: float = 0.1, seed: i
         parts["test" if _bucket(key, seed) < test_fraction else "train"].append(rec)
     for name, rows in parts.items():
         if not rows:
-            raise ConfigError(f"{path}: a {test_fraction:g} held-out split by prompt leaves no {name} records; give --test-data")
+            raise ConfigError(
+                f"{path}: a {test_fraction:g} held-out split by prompt leaves no {name} records; give --test-data"
+            )
     os.makedirs(out_dir, exist_ok=True)
     paths = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "test.jsonl")
     write_jsonl(paths[0], parts["train"])

@@ -2,4 +2,13 @@
 
 from .model import SAE, SAEConfig, check_fits, load_gemma_scope, load_sae, load_saelens, load_sparsify, resolve_layer
 
-__all__ = ["SAE", "SAEConfig", "check_fits", "load_gemma_scope", "load_sae", "load_saelens", "load_sparsify", "resolve_layer"]
+__all__ = [
+    "SAE",
+    "SAEConfig",
+    "check_fits",
+    "load_gemma_scope",
+    "load_sae",
+    "load_saelens",
+    "load_sparsify",
+    "resolve_layer",
+]

@@ -32,7 +32,9 @@ def with_sparsity(sae: SAE, value: float) -> SAE:
 def frontier(sae, model, tokenizer, docs, layer, values, max_tokens, outlier_norm: float = OUTLIER_NORM) -> list[dict]:
     rows = []
     for v in values:
-        r = evaluate_sae(with_sparsity(sae, v), model, tokenizer, docs, layer, max_tokens=max_tokens, outlier_norm=outlier_norm)
+        r = evaluate_sae(
+            with_sparsity(sae, v), model, tokenizer, docs, layer, max_tokens=max_tokens, outlier_norm=outlier_norm
+        )
         rows.append({"value": v, **r})
     return rows
 
@@ -46,7 +48,9 @@ def plot_frontier(rows: list[dict], path: str, label: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot([r["l0"] for r in rows], [r["normalized_mse"] for r in rows], "o-", label=label)
     for r in rows:
-        ax.annotate(f"{r['value']:g}", (r["l0"], r["normalized_mse"]), textcoords="offset points", xytext=(3, 3), fontsize=8)
+        ax.annotate(
+            f"{r['value']:g}", (r["l0"], r["normalized_mse"]), textcoords="offset points", xytext=(3, 3), fontsize=8
+        )
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel("normalised MSE")
     ax.set_xscale("log")
@@ -68,9 +72,16 @@ class SAEEvalConfig(Config):
     layer: int | None = setting(None, "decoder layer (default: the layer the SAE records)")
     out: str | None = setting(None, "output folder (default: <sae>/eval)")
     max_tokens: int = setting(40_000, "held-out tokens to evaluate on", ge=1)
-    outlier_norm: float = setting(OUTLIER_NORM, "leave out tokens whose residual norm exceeds this multiple of the batch median (0: keep all)", ge=0)
+    outlier_norm: float = setting(
+        OUTLIER_NORM,
+        "leave out tokens whose residual norm exceeds this multiple of the batch median (0: keep all)",
+        ge=0,
+    )
     frontier: bool = setting(False, "also sweep the SAE's sparsity knob and plot MSE against L0")
-    frontier_values: list[float] = setting(factory=lambda: [4.0, 8.0, 16.0, 32.0, 64.0], help="k values (TopK) or threshold multipliers (JumpReLU) to sweep")
+    frontier_values: list[float] = setting(
+        factory=lambda: [4.0, 8.0, 16.0, 32.0, 64.0],
+        help="k values (TopK) or threshold multipliers (JumpReLU) to sweep",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -82,8 +93,8 @@ class SAEEvalConfig(Config):
 
 def run_sae_eval(cfg: SAEEvalConfig) -> dict:
     """Evaluate ``cfg.sae`` (and its frontier when asked); the result is also written to ``<out>/eval.json``."""
-    from ..models import load_model, load_tokenizer
     from ..data import read_documents
+    from ..models import load_model, load_tokenizer
 
     cfg.validate()
     sae = load_sae(cfg.sae, cfg.layer)

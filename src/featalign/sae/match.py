@@ -98,8 +98,9 @@ def _candidates(a: torch.Tensor, b: torch.Tensor, m: int, block: int) -> tuple[n
     return r[first], c[first], v[first].astype(np.float64)
 
 
-def assign(a: torch.Tensor, b: torch.Tensor, dense_limit: int = 4096, candidates: int = 32,
-           block: int = 2048) -> tuple[np.ndarray, np.ndarray, dict]:
+def assign(
+    a: torch.Tensor, b: torch.Tensor, dense_limit: int = 4096, candidates: int = 32, block: int = 2048
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Optimal one-to-one assignment of rows of ``a`` to rows of ``b`` minimising the summed MSE.
 
     Returns (rows, cols, info); every row of the smaller side is matched."""
@@ -145,8 +146,15 @@ class Matching:
         return self.cosine >= min_cosine
 
 
-def match_saes(a: SAE, b: SAE, encoder: bool = False, dense_limit: int = 4096, candidates: int = 32,
-               device: str | None = None, seed: int = 0) -> Matching:
+def match_saes(
+    a: SAE,
+    b: SAE,
+    encoder: bool = False,
+    dense_limit: int = 4096,
+    candidates: int = 32,
+    device: str | None = None,
+    seed: int = 0,
+) -> Matching:
     if a.d_in != b.d_in:
         raise ConfigError(f"cannot match SAEs of different input sizes (d_in {a.d_in} vs {b.d_in})")
     dev = torch.device(device) if device else a.W_dec.device
@@ -181,8 +189,20 @@ def summarize(m: Matching, min_cosine: float = 0.7) -> dict:
 
 
 @torch.no_grad()
-def transfer_eval(a: SAE, b: SAE, m: Matching, model, tokenizer, docs: list[list[int]], layer_a: int, layer_b: int,
-                  max_tokens: int = 20_000, batch_size: int = 32, max_length: int = 128, outlier_norm: float = OUTLIER_NORM) -> dict:
+def transfer_eval(
+    a: SAE,
+    b: SAE,
+    m: Matching,
+    model,
+    tokenizer,
+    docs: list[list[int]],
+    layer_a: int,
+    layer_b: int,
+    max_tokens: int = 20_000,
+    batch_size: int = 32,
+    max_length: int = 128,
+    outlier_norm: float = OUTLIER_NORM,
+) -> dict:
     """How well A's features at ``layer_a``, carried through the matching into B's folded decoder, explain the
     hidden state at ``layer_b``; with B's own reconstruction and the co-activation of matched latents. Tokens with
     a massive norm at either layer are left out, as in SAE training and evaluation (``metrics.typical_tokens``)."""
@@ -288,8 +308,13 @@ def run_sae_match(cfg: SAEMatchConfig) -> dict:
     cfg.validate()
     a, b = load_sae(cfg.sae_a), load_sae(cfg.sae_b)
     m = match_saes(a, b, encoder=cfg.encoder, dense_limit=cfg.dense_limit, candidates=cfg.candidates, device=cfg.device)
-    report = {"sae_a": cfg.sae_a, "sae_b": cfg.sae_b, "d_sae": [a.d_sae, b.d_sae], "encoder_in_cost": cfg.encoder,
-              **summarize(m, cfg.min_cosine)}
+    report = {
+        "sae_a": cfg.sae_a,
+        "sae_b": cfg.sae_b,
+        "d_sae": [a.d_sae, b.d_sae],
+        "encoder_in_cost": cfg.encoder,
+        **summarize(m, cfg.min_cosine),
+    }
     if cfg.model:
         from ..data import read_documents
         from ..models import load_model, load_tokenizer
@@ -315,4 +340,6 @@ def match_lines(report: dict) -> list[str]:
     import json
 
     lines = [f"{k}: {json.dumps(v)}" for k, v in report.items() if k not in ("sae_a", "sae_b", "out")]
-    return lines + [f"written to {report['out']}/match.json (perm[i] = latent of B matched to latent i of A) and match.png"]
+    return lines + [
+        f"written to {report['out']}/match.json (perm[i] = latent of B matched to latent i of A) and match.png"
+    ]

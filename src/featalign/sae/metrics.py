@@ -10,7 +10,6 @@ import torch
 from ..data import doc_batches
 from ..models import decoder_layers
 
-
 OUTLIER_NORM = 10.0
 
 
@@ -52,8 +51,18 @@ def _ce_and_logp(model, ids, att):
 
 
 @torch.no_grad()
-def evaluate_sae(sae, model, tokenizer, docs: list[list[int]], layer: int, max_tokens: int = 8192,
-                 batch_size: int = 32, max_length: int = 128, dense_threshold: float = 0.1, outlier_norm: float = OUTLIER_NORM) -> dict:
+def evaluate_sae(
+    sae,
+    model,
+    tokenizer,
+    docs: list[list[int]],
+    layer: int,
+    max_tokens: int = 8192,
+    batch_size: int = 32,
+    max_length: int = 128,
+    dense_threshold: float = 0.1,
+    outlier_norm: float = OUTLIER_NORM,
+) -> dict:
     """All metrics in one pass over ``docs`` (token id lists), stopping after ``max_tokens`` tokens. Tokens with a
     massive norm (see ``typical_tokens``) are left out of every metric: neither spliced nor zero-ablated."""
     device = next(model.parameters()).device

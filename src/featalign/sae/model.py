@@ -90,8 +90,12 @@ class SAE(nn.Module):
         """Decode from (indices, values) [..., k]: a weighted sum of only the k active decoder rows
         (``embedding_bag``: no [tokens, d_sae] matrix, and no [tokens, k, d_in] gather either)."""
         k = indices.shape[-1]
-        out = torch.nn.functional.embedding_bag(indices.reshape(-1, k), self.W_dec, per_sample_weights=values.reshape(-1, k).to(self.W_dec.dtype),
-                                                mode="sum").reshape(*indices.shape[:-1], self.d_in)
+        out = torch.nn.functional.embedding_bag(
+            indices.reshape(-1, k),
+            self.W_dec,
+            per_sample_weights=values.reshape(-1, k).to(self.W_dec.dtype),
+            mode="sum",
+        ).reshape(*indices.shape[:-1], self.d_in)
         return out + self.b_dec if bias else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,14 +117,15 @@ class SAE(nn.Module):
         pooled = torch.zeros(h.shape[0], self.d_sae, dtype=x.dtype, device=x.device)
         if self.cfg.architecture == "topk":
             vals, idx = self.encode_pre(x).topk(self.cfg.k, dim=-1, sorted=False)
-            pooled = pooled.index_put((rows[:, None].expand_as(idx).reshape(-1), idx.reshape(-1)), vals.relu().reshape(-1),
-                                      accumulate=True)
+            pooled = pooled.index_put(
+                (rows[:, None].expand_as(idx).reshape(-1), idx.reshape(-1)), vals.relu().reshape(-1), accumulate=True
+            )
         else:
             pooled = pooled.index_add(0, rows, self.encode(x))
         return pooled / sel.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
 
     @torch.no_grad()
-    def rescale_inputs(self, c: float) -> "SAE":
+    def rescale_inputs(self, c: float) -> SAE:
         """Turn this SAE for inputs ``x`` into the same SAE for inputs ``c * x``: latents scale by ``c``, the
         decoder rows are unchanged (so stay unit-norm), TopK picks the same latents. Training on normalised
         activations calls it with the scale, then with its inverse to save an SAE that reads raw activations."""
@@ -159,11 +164,18 @@ class SAE(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, os.path.join(tmp, "sae_weights.safetensors"))
         cfg = {
-            "architecture": _TO_SAELENS[self.cfg.architecture], "d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae,
-            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": self.cfg.apply_b_dec_to_input,
-            "normalize_activations": "none", "reshape_activations": "none",
-            "metadata": {"hook_name": f"layers.{self.cfg.layer}" if self.cfg.layer is not None else None,
-                         "model_name": self.cfg.model},
+            "architecture": _TO_SAELENS[self.cfg.architecture],
+            "d_in": self.cfg.d_in,
+            "d_sae": self.cfg.d_sae,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": self.cfg.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": {
+                "hook_name": f"layers.{self.cfg.layer}" if self.cfg.layer is not None else None,
+                "model_name": self.cfg.model,
+            },
             "featalign": self._featalign_block(extra),
         }
         if self.cfg.architecture == "topk":
@@ -178,13 +190,26 @@ class SAE(nn.Module):
         from safetensors.torch import save_file
 
         if self.cfg.architecture != "topk":
-            raise ConfigError(f"sparsify's format holds TopK SAEs only; this SAE is {self.cfg.architecture} (save it as saelens)")
+            raise ConfigError(
+                f"sparsify's format holds TopK SAEs only; this SAE is {self.cfg.architecture} (save it as saelens)"
+            )
         b_enc = self.b_enc if self.cfg.apply_b_dec_to_input else self.b_enc + self.b_dec @ self.W_enc
         tensors = {"encoder.weight": self.W_enc.T, "encoder.bias": b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "sae.safetensors"))
-        cfg = {"activation": "topk", "expansion_factor": max(1, self.d_sae // self.d_in), "normalize_decoder": True,
-               "num_latents": self.d_sae, "k": self.cfg.k, "multi_topk": False, "skip_connection": False, "transcode": False,
-               "d_in": self.d_in, "featalign": {**self._featalign_block(extra), "apply_b_dec_to_input": True}}
+        save_file(
+            {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "sae.safetensors")
+        )
+        cfg = {
+            "activation": "topk",
+            "expansion_factor": max(1, self.d_sae // self.d_in),
+            "normalize_decoder": True,
+            "num_latents": self.d_sae,
+            "k": self.cfg.k,
+            "multi_topk": False,
+            "skip_connection": False,
+            "transcode": False,
+            "d_in": self.d_in,
+            "featalign": {**self._featalign_block(extra), "apply_b_dec_to_input": True},
+        }
         with open(os.path.join(tmp, "cfg.json"), "w") as f:
             json.dump(cfg, f, indent=2)
 
@@ -198,8 +223,10 @@ def _check_shapes(t: dict[str, torch.Tensor], source: str, arch: str) -> tuple[i
     want = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
     for name, shape in want.items():
         if name in t and tuple(t[name].shape) != shape:
-            raise ConfigError(f"{source}: tensor '{name}' has shape {tuple(t[name].shape)}, expected {shape} "
-                              f"(from W_enc {tuple(t['W_enc'].shape)} = [d_in, d_sae])")
+            raise ConfigError(
+                f"{source}: tensor '{name}' has shape {tuple(t[name].shape)}, expected {shape} "
+                f"(from W_enc {tuple(t['W_enc'].shape)} = [d_in, d_sae])"
+            )
     return d_in, d_sae
 
 
@@ -243,10 +270,14 @@ def load_saelens(path: str) -> SAE:
     meta = raw.get("metadata") or {}
     layer = fa.get("layer", raw.get("hook_layer", meta.get("hook_layer")))
     cfg = SAEConfig(
-        d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), architecture=_SAELENS_ARCH[arch_name],
+        d_in=int(raw["d_in"]),
+        d_sae=int(raw["d_sae"]),
+        architecture=_SAELENS_ARCH[arch_name],
         k=raw.get("k") if _SAELENS_ARCH[arch_name] == "topk" else None,
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), layer=layer,
-        model=fa.get("model", meta.get("model_name", raw.get("model_name"))), extra=fa.get("extra", {}),
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        layer=layer,
+        model=fa.get("model", meta.get("model_name", raw.get("model_name"))),
+        extra=fa.get("extra", {}),
     )
     return from_tensors(load_file(w_path), cfg, w_path)
 
@@ -268,9 +299,11 @@ def load_sparsify(path: str, layer: int | None = None) -> SAE:
     cfg_path, w_path = os.path.join(path, "cfg.json"), os.path.join(path, "sae.safetensors")
     with open(cfg_path) as f:
         raw = json.load(f)
-    for key, bad, why in (("transcode", True, "a transcoder (it predicts a module's output), not an SAE"),
-                          ("skip_connection", True, "has a skip connection, which featalign's SAE does not model"),
-                          ("activation", "groupmax", "uses the groupmax activation; featalign reads topk")):
+    for key, bad, why in (
+        ("transcode", True, "a transcoder (it predicts a module's output), not an SAE"),
+        ("skip_connection", True, "has a skip connection, which featalign's SAE does not model"),
+        ("activation", "groupmax", "uses the groupmax activation; featalign reads topk"),
+    ):
         if raw.get(key, False) == bad:
             raise ConfigError(f"{cfg_path}: {key}={bad!r}: {why}")
     t = load_file(w_path)
@@ -287,8 +320,16 @@ def load_sparsify(path: str, layer: int | None = None) -> SAE:
         raise ConfigError(f"{cfg_path}: k={k} is not in 1..{d_sae} (the number of latents)")
     m = _LAYER_DIR.match(os.path.basename(os.path.normpath(path)))
     layer = layer if layer is not None else fa.get("layer", int(m.group(1)) if m else None)
-    cfg = SAEConfig(d_in, d_sae, "topk", k=k, apply_b_dec_to_input=True, layer=layer, model=fa.get("model"),
-                    extra=fa.get("extra", {}))
+    cfg = SAEConfig(
+        d_in,
+        d_sae,
+        "topk",
+        k=k,
+        apply_b_dec_to_input=True,
+        layer=layer,
+        model=fa.get("model"),
+        extra=fa.get("extra", {}),
+    )
     return from_tensors(t, cfg, w_path)
 
 
@@ -300,7 +341,9 @@ def load_sae(path: str, layer: int | None = None) -> SAE:
     elif os.path.isdir(path) and not os.path.exists(os.path.join(path, "cfg.json")):
         layers = _layer_dirs(path)
         if not layers:
-            raise ConfigError(f"{path}: not an SAE folder (no cfg.json) nor a multi-layer one (no layers.N/cfg.json inside)")
+            raise ConfigError(
+                f"{path}: not an SAE folder (no cfg.json) nor a multi-layer one (no layers.N/cfg.json inside)"
+            )
         if layer is None:
             raise ConfigError(f"{path}: holds SAEs for layers {sorted(layers)}; pass --layer to pick one")
         if layer not in layers:

@@ -10,19 +10,19 @@ import json
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, check_model_path, setting
 from ..data import doc_batches, read_documents
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..models import capture_layer, check_layer, hidden_size, run_to_layer
 from .metrics import OUTLIER_NORM, typical_tokens
 from .model import SAE, SAEConfig
-
 
 # bumped when training changes in a way the settings do not show (init, update rule), so cached SAEs
 # keyed on the settings (the comparison's) are retrained
@@ -34,35 +34,57 @@ class SAETrainConfig(Config):
     """`featalign sae train`: one SAE on one layer (or one per layer of ``layers``), saved in SAELens' layout."""
 
     model: str = setting("", "model whose residual stream the SAE reads: HF folder, hub id or .gguf file")
-    data: str = setting("", "documents: text, conversations, prompt/response or preference records (prompt + each answer)")
+    data: str = setting(
+        "", "documents: text, conversations, prompt/response or preference records (prompt + each answer)"
+    )
     layer: int = setting(2, "decoder layer whose output (the residual stream) is encoded")
-    layers: str = setting("", "several layers, e.g. 4,8,12: one SAE each from the same forward passes, saved to <out>/layers.N")
+    layers: str = setting(
+        "", "several layers, e.g. 4,8,12: one SAE each from the same forward passes, saved to <out>/layers.N"
+    )
     out: str = setting("runs/sae", "SAE folder to write (SAELens layout, plus eval.json)")
     architecture: Literal["topk", "batchtopk", "featurechoice", "jumprelu", "relu"] = setting(
-        "topk", "activation: TopK, BatchTopK, Feature Choice, JumpReLU or ReLU (the docs' SAE page says how each trains)")
+        "topk",
+        "activation: TopK, BatchTopK, Feature Choice, JumpReLU or ReLU (the docs' SAE page says how each trains)",
+    )
     d_sae: int = setting(512, "number of latents", ge=1)
     k: int = setting(32, "TopK: active latents per token (BatchTopK and Feature Choice: on average)", ge=1)
-    normalize: bool = setting(True, "train on activations scaled to mean norm sqrt(d_in); the saved SAE reads raw activations")
-    fc_zipf: float = setting(0.0, "Feature Choice: latent i takes a share of the tokens proportional to 1/(i+1)^fc_zipf (0: equal)", ge=0)
-    fc_max_share: float = setting(0.08, "Feature Choice: the largest share of a batch's tokens one latent may take", gt=0, le=1)
+    normalize: bool = setting(
+        True, "train on activations scaled to mean norm sqrt(d_in); the saved SAE reads raw activations"
+    )
+    fc_zipf: float = setting(
+        0.0, "Feature Choice: latent i takes a share of the tokens proportional to 1/(i+1)^fc_zipf (0: equal)", ge=0
+    )
+    fc_max_share: float = setting(
+        0.08, "Feature Choice: the largest share of a batch's tokens one latent may take", gt=0, le=1
+    )
     l1_coeff: float = setting(5.0, "ReLU: coefficient of the decoder-norm-weighted L1 penalty", ge=0)
     l0_coeff: float = setting(1e-3, "JumpReLU: coefficient of the L0 penalty", ge=0)
     jumprelu_bandwidth: float = setting(0.001, "JumpReLU: width of the straight-through rectangle kernel", gt=0)
     jumprelu_init_threshold: float = setting(0.001, "JumpReLU: initial threshold", gt=0)
     aux_k: int | None = setting(None, "TopK: dead latents the AuxK loss uses (default: d_in / 2)", ge=1)
     aux_coeff: float = setting(1 / 32, "TopK: coefficient of the AuxK loss", ge=0)
-    dead_tokens: int = setting(10_000_000, "a latent silent for this many tokens is dead, and AuxK trains it on the residual", ge=1)
-    resample_every: int = setting(0, "TopK/BatchTopK: every this many tokens, re-initialise long-dead latents (0: off)", ge=0)
+    dead_tokens: int = setting(
+        10_000_000, "a latent silent for this many tokens is dead, and AuxK trains it on the residual", ge=1
+    )
+    resample_every: int = setting(
+        0, "TopK/BatchTopK: every this many tokens, re-initialise long-dead latents (0: off)", ge=0
+    )
     resample_until: float = setting(0.5, "share of the training tokens after which no latent is resampled", ge=0, le=1)
     tokens: int = setting(600_000, "training tokens", ge=1)
     batch_tokens: int = setting(1024, "tokens per optimiser step", ge=1)
     lr: float = setting(3e-3, "Adam learning rate (constant, then a linear decay over the last 20%)", gt=0)
-    format: Literal["saelens", "sparsify"] = setting("saelens", "folder layout to save: SAELens, or sparsify (TopK only)")
+    format: Literal["saelens", "sparsify"] = setting(
+        "saelens", "folder layout to save: SAELens, or sparsify (TopK only)"
+    )
     buffer_tokens: int = setting(32_768, "shuffle buffer of activations (mixes tokens of many documents)", ge=1)
     model_batch_size: int = setting(32, "documents per forward pass of the model", ge=1)
     max_length: int = setting(128, "tokens kept per document", ge=2)
     eval_tokens: int = setting(40_000, "held-out tokens for the final evaluation (eval.json)", ge=1)
-    outlier_norm: float = setting(OUTLIER_NORM, "leave out tokens whose residual norm exceeds this multiple of the batch median (0: keep all)", ge=0)
+    outlier_norm: float = setting(
+        OUTLIER_NORM,
+        "leave out tokens whose residual norm exceeds this multiple of the batch median (0: keep all)",
+        ge=0,
+    )
     seed: int = setting(0, "seed of the init, the document order and the shuffle buffer")
     device: str | None = setting(None, "device to train on (default: the GPU when there is one)")
     progress: bool = setting(True, "show a progress bar")
@@ -73,7 +95,9 @@ class SAETrainConfig(Config):
             raise ConfigError("sae train needs model and data (--model, --data)")
         check_model_path(self.model)
         if self.format == "sparsify" and self.architecture != "topk":
-            raise ConfigError(f"format=sparsify holds TopK SAEs only, not architecture={self.architecture}; use format=saelens")
+            raise ConfigError(
+                f"format=sparsify holds TopK SAEs only, not architecture={self.architecture}; use format=saelens"
+            )
         _shares(self)  # a Feature Choice setting that cannot add up fails here, before the model is loaded
 
 
@@ -87,8 +111,17 @@ def run_to_layers(model, layers: list[int], **inputs) -> torch.Tensor:
 
 
 @torch.no_grad()
-def iter_activations(model, tokenizer, docs: list[list[int]], layer: int | list[int], batch_size: int = 32, max_length: int = 128,
-                     seed: int = 0, loop: bool = True, outlier_norm: float = 0.0) -> Iterator[torch.Tensor]:
+def iter_activations(
+    model,
+    tokenizer,
+    docs: list[list[int]],
+    layer: int | list[int],
+    batch_size: int = 32,
+    max_length: int = 128,
+    seed: int = 0,
+    loop: bool = True,
+    outlier_norm: float = 0.0,
+) -> Iterator[torch.Tensor]:
     """Yield [n_tokens, d] residual-stream activations at ``layer`` (padding removed), cycling over docs; for a list
     of layers, [n_tokens, layers, d] from one forward pass. ``outlier_norm > 0`` drops tokens with a massive norm
     (``metrics.typical_tokens``)."""
@@ -109,7 +142,9 @@ def iter_activations(model, tokenizer, docs: list[list[int]], layer: int | list[
             return
 
 
-def shuffle_buffer(source: Iterator[torch.Tensor], buffer_tokens: int, batch_tokens: int, seed: int = 0) -> Iterator[torch.Tensor]:
+def shuffle_buffer(
+    source: Iterator[torch.Tensor], buffer_tokens: int, batch_tokens: int, seed: int = 0
+) -> Iterator[torch.Tensor]:
     """Mix tokens from many documents: fill a buffer, hand out a random half in batches, refill."""
     g = torch.Generator().manual_seed(seed)
     buf = torch.empty(0)
@@ -162,8 +197,15 @@ class _Step(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- training
-SPARSE_ARCHS = ("topk", "batchtopk", "featurechoice")  # k-sparse by construction: unit-norm decoder rows, AuxK revives dead latents
-THRESHOLD_ARCHS = ("batchtopk", "featurechoice")  # trained by a selection rule, saved as JumpReLU with the threshold it implies
+SPARSE_ARCHS = (
+    "topk",
+    "batchtopk",
+    "featurechoice",
+)  # k-sparse by construction: unit-norm decoder rows, AuxK revives dead latents
+THRESHOLD_ARCHS = (
+    "batchtopk",
+    "featurechoice",
+)  # trained by a selection rule, saved as JumpReLU with the threshold it implies
 
 
 def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, model_name: str) -> SAE:
@@ -174,8 +216,18 @@ def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, mo
     g = torch.Generator().manual_seed(cfg.seed * 1009 + layer)
     arch = "jumprelu" if cfg.architecture in THRESHOLD_ARCHS else cfg.architecture
     extra = {"trained_as": cfg.architecture, "k": cfg.k} if cfg.architecture in THRESHOLD_ARCHS else {}
-    sae = SAE(SAEConfig(d_in, cfg.d_sae, arch, k=cfg.k if arch == "topk" else None, apply_b_dec_to_input=True, layer=layer,
-                        model=model_name, extra=extra))
+    sae = SAE(
+        SAEConfig(
+            d_in,
+            cfg.d_sae,
+            arch,
+            k=cfg.k if arch == "topk" else None,
+            apply_b_dec_to_input=True,
+            layer=layer,
+            model=model_name,
+            extra=extra,
+        )
+    )
     with torch.no_grad():
         w = torch.randn(cfg.d_sae, d_in, generator=g)
         w /= w.norm(dim=-1, keepdim=True)
@@ -200,7 +252,9 @@ def _init_encoder_scale(sae: SAE, first: torch.Tensor, cfg: SAETrainConfig) -> f
     selected latents add up to far more than the input (about 2x its norm at k = d_in / 2), an overshoot the first
     steps spend undoing, worst at large k. Scaling the encoder changes no latent's selection (TopK and BatchTopK
     are invariant to a positive scale), only the values, so the scale is read off one forward pass."""
-    c = first.to(sae.W_enc.device, sae.W_enc.dtype) - sae.b_dec  # the SAE is built on the CPU, the batch may be on a GPU
+    c = (
+        first.to(sae.W_enc.device, sae.W_enc.dtype) - sae.b_dec
+    )  # the SAE is built on the CPU, the batch may be on a GPU
     r = _sparse_codes(sae, c @ sae.W_enc, cfg.architecture, cfg.k, _shares(cfg))[0] - sae.b_dec
     return float(((c * r).sum() / r.pow(2).sum().clamp(min=1e-12)).clamp(min=1e-3, max=1.0))
 
@@ -217,7 +271,9 @@ def _rows_times(idx: torch.Tensor, vals: torch.Tensor, y: torch.Tensor, n_rows: 
     the [tokens * k, d] outer products (sparsify's)."""
     n, k = idx.shape
     tok = torch.arange(n, device=idx.device).repeat_interleave(k)
-    f_t = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), tok]), vals.reshape(-1), (n_rows, n), check_invariants=False)
+    f_t = torch.sparse_coo_tensor(
+        torch.stack([idx.reshape(-1), tok]), vals.reshape(-1), (n_rows, n), check_invariants=False
+    )
     return torch.sparse.mm(f_t, y)
 
 
@@ -236,7 +292,11 @@ class _EncodeTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _):
         x, w_enc, idx = ctx.saved_tensors
-        g_x = torch.nn.functional.embedding_bag(idx, w_enc.T, per_sample_weights=g, mode="sum") if ctx.needs_input_grad[0] else None
+        g_x = (
+            torch.nn.functional.embedding_bag(idx, w_enc.T, per_sample_weights=g, mode="sum")
+            if ctx.needs_input_grad[0]
+            else None
+        )
         g_w = _rows_times(idx, g, x, ctx.d_sae).T if ctx.needs_input_grad[1] else None
         g_b = torch.zeros(ctx.d_sae, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
         return g_x, g_w, g_b, None
@@ -251,7 +311,9 @@ def feature_choice_shares(d_sae: int, k: float, zipf: float = 0.0, max_share: fl
     if not 0 < max_share <= 1 or zipf < 0:
         raise ConfigError(f"featurechoice: fc_max_share={max_share} must lie in (0, 1] and fc_zipf={zipf} must be >= 0")
     if k / d_sae > max_share:
-        raise ConfigError(f"featurechoice: k={k} over d_sae={d_sae} latents needs a share of {k / d_sae:.3f} per latent, above fc_max_share={max_share}")
+        raise ConfigError(
+            f"featurechoice: k={k} over d_sae={d_sae} latents needs a share of {k / d_sae:.3f} per latent, above fc_max_share={max_share}"
+        )
     w = torch.arange(1, d_sae + 1, dtype=torch.float64) ** -zipf
     lo, hi = 0.0, max_share / float(w[-1])  # at hi every latent sits at the cap, which sums to d_sae * max_share >= k
     for _ in range(100):
@@ -260,11 +322,17 @@ def feature_choice_shares(d_sae: int, k: float, zipf: float = 0.0, max_share: fl
     return (hi * w).clamp(max=max_share).float()
 
 
-def _shares(cfg: "SAETrainConfig") -> torch.Tensor | None:
-    return feature_choice_shares(cfg.d_sae, cfg.k, cfg.fc_zipf, cfg.fc_max_share) if cfg.architecture == "featurechoice" else None
+def _shares(cfg: SAETrainConfig) -> torch.Tensor | None:
+    return (
+        feature_choice_shares(cfg.d_sae, cfg.k, cfg.fc_zipf, cfg.fc_max_share)
+        if cfg.architecture == "featurechoice"
+        else None
+    )
 
 
-def _sparse_codes(sae: SAE, pre: torch.Tensor, arch: str, k: int, shares: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sparse_codes(
+    sae: SAE, pre: torch.Tensor, arch: str, k: int, shares: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_hat, active latent ids, L0, smallest value kept). TopK keeps the k largest per token; BatchTopK keeps
     the k * tokens largest of the whole batch (so a token gets more or fewer); Feature Choice (Ayonrinde 2024,
     arXiv:2411.02124) keeps each latent's share of the tokens (``shares``, from ``feature_choice_shares``), its
@@ -333,8 +401,14 @@ def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor 
         loss = mse + cfg.l0_coeff * l0_ste
     else:
         loss = mse + cfg.l1_coeff * (f * sae.W_dec.norm(dim=-1)).sum(-1).mean()
-    return loss, {"mse": mse.detach(), "ev": 1 - mse.detach() / var.clamp(min=1e-8), "l0": l0.detach(), "aux": aux.detach(),
-                  "fired": fired, "low": low}
+    return loss, {
+        "mse": mse.detach(),
+        "ev": 1 - mse.detach() / var.clamp(min=1e-8),
+        "l0": l0.detach(),
+        "aux": aux.detach(),
+        "fired": fired,
+        "low": low,
+    }
 
 
 class _Fit:
@@ -352,7 +426,8 @@ class _Fit:
         steps = max(1, cfg.tokens // cfg.batch_tokens)
         self.decay_from = decay_from = int(0.8 * steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from)))
+            self.opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from))
+        )
         self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=first.device)
         self.sparse = cfg.architecture in SPARSE_ARCHS
         self.n = 0
@@ -418,8 +493,9 @@ class _Fit:
         return self.since_fired
 
 
-def fit_many(saes: list[SAE], first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAETrainConfig,
-             progress: bool = False) -> list[torch.Tensor]:
+def fit_many(
+    saes: list[SAE], first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAETrainConfig, progress: bool = False
+) -> list[torch.Tensor]:
     """Train one SAE per layer on batches [tokens, layers, d_in] (``first``, then ``stream``) for ``cfg.tokens``
     tokens: each batch feeds every SAE, so the model runs once for all layers. Returns tokens since each latent fired."""
     fits = [_Fit(sae, first[:, i], cfg) for i, sae in enumerate(saes)]
@@ -432,12 +508,18 @@ def fit_many(saes: list[SAE], first: torch.Tensor, stream: Iterator[torch.Tensor
         ms = [f.step(x[:, i]) for i, f in enumerate(fits)]
         if progress and (step % 10 == 0 or step == steps - 1):
             m, f = ms[0], fits[0]
-            bar.set_postfix(mse=f"{m['mse'].item():.4f}", ev=f"{m['ev'].item():.3f}", l0=f"{m['l0'].item():.1f}",
-                            dead=int((f.since_fired > cfg.dead_tokens).sum()))
+            bar.set_postfix(
+                mse=f"{m['mse'].item():.4f}",
+                ev=f"{m['ev'].item():.3f}",
+                l0=f"{m['l0'].item():.1f}",
+                dead=int((f.since_fired > cfg.dead_tokens).sum()),
+            )
     return [f.finish() for f in fits]
 
 
-def fit(sae: SAE, first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAETrainConfig, progress: bool = False) -> torch.Tensor:
+def fit(
+    sae: SAE, first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAETrainConfig, progress: bool = False
+) -> torch.Tensor:
     """``fit_many`` for one SAE on batches [tokens, d_in]."""
     return fit_many([sae], first[:, None], (x[:, None] for x in stream), cfg, progress)[0]
 
@@ -483,9 +565,21 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
     rng.shuffle(docs)
     n_eval_docs = max(1, len(docs) // 10)
     eval_docs, train_docs = docs[:n_eval_docs], docs[n_eval_docs:]
-    stream = shuffle_buffer(iter_activations(model, tokenizer, train_docs, layers, cfg.model_batch_size, cfg.max_length, cfg.seed,
-                                             outlier_norm=cfg.outlier_norm),
-                            _buffer_tokens(cfg), cfg.batch_tokens, cfg.seed)
+    stream = shuffle_buffer(
+        iter_activations(
+            model,
+            tokenizer,
+            train_docs,
+            layers,
+            cfg.model_batch_size,
+            cfg.max_length,
+            cfg.seed,
+            outlier_norm=cfg.outlier_norm,
+        ),
+        _buffer_tokens(cfg),
+        cfg.batch_tokens,
+        cfg.seed,
+    )
     t0 = time.perf_counter()
     first = next(stream)
     saes = [init_sae(cfg, d_in, first[:, i], layer, cfg.model).to(first.device) for i, layer in enumerate(layers)]
@@ -494,8 +588,17 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
     reports = {}
     for sae, layer, fired in zip(saes, layers, since_fired):
         sae.eval().requires_grad_(False)
-        report = evaluate_sae(sae, model, tokenizer, eval_docs, layer, max_tokens=cfg.eval_tokens, batch_size=cfg.model_batch_size,
-                              max_length=cfg.max_length, outlier_norm=cfg.outlier_norm)
+        report = evaluate_sae(
+            sae,
+            model,
+            tokenizer,
+            eval_docs,
+            layer,
+            max_tokens=cfg.eval_tokens,
+            batch_size=cfg.model_batch_size,
+            max_length=cfg.max_length,
+            outlier_norm=cfg.outlier_norm,
+        )
         report["train_dead_fraction"] = float((fired > cfg.dead_tokens).float().mean())
         report["train_seconds"] = train_s  # model forward passes and all layers' SAE steps together
         report["train_tokens_per_s"] = cfg.tokens / train_s

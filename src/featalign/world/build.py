@@ -58,10 +58,18 @@ class WorldConfig(Config):
     sft_lr: float = setting(3e-3, "SFT peak learning rate", gt=0)
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "WorldConfig":
+    def quick(cls, seed: int = 0) -> WorldConfig:
         """A smaller world for tests: same language, fewer examples and SFT steps."""
-        return cls(seed=seed, n_sft=4000, n_sft_eval=200, n_train_pairs=600, n_test_pairs=150, sft_steps=1000,
-                   hidden_size=128, intermediate_size=352)
+        return cls(
+            seed=seed,
+            n_sft=4000,
+            n_sft_eval=200,
+            n_train_pairs=600,
+            n_test_pairs=150,
+            sft_steps=1000,
+            hidden_size=128,
+            intermediate_size=352,
+        )
 
 
 @dataclass
@@ -77,7 +85,9 @@ class WorldBuildConfig(Config):
 def run_world_build(cfg: WorldBuildConfig) -> dict:
     """Build (or reuse) the world the command's settings name; returns its manifest."""
     cfg.validate()
-    return build_world(cfg.out, WorldConfig.quick(cfg.seed) if cfg.quick else WorldConfig(seed=cfg.seed), force=cfg.force)
+    return build_world(
+        cfg.out, WorldConfig.quick(cfg.seed) if cfg.quick else WorldConfig(seed=cfg.seed), force=cfg.force
+    )
 
 
 def build_tokenizer():
@@ -88,8 +98,13 @@ def build_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-        additional_special_tokens=["<user>", "<assistant>"], clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        additional_special_tokens=["<user>", "<assistant>"],
+        clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -99,10 +114,18 @@ def build_model(tokenizer, cfg: WorldConfig):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     mc = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=128, tie_word_embeddings=True, rms_norm_eps=1e-5,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM(mc)
@@ -126,7 +149,15 @@ def sample_pairs(rng: random.Random, n: int, min_gap: float) -> list[dict]:
         if abs(ra - rb) < min_gap:
             continue
         (c, rc), (r, rr) = sorted([(a, ra), (b, rb)], key=lambda t: -t[1])
-        out.append({"prompt": ex.prompt, "chosen": c, "rejected": r, "chosen_reward": round(rc, 6), "rejected_reward": round(rr, 6)})
+        out.append(
+            {
+                "prompt": ex.prompt,
+                "chosen": c,
+                "rejected": r,
+                "chosen_reward": round(rc, 6),
+                "rejected_reward": round(rr, 6),
+            }
+        )
     return out
 
 
@@ -195,13 +226,18 @@ def train_sft(model, tokenizer, encoded, cfg: WorldConfig, progress: bool = True
 
 def world_paths(out: str) -> dict[str, str]:
     return {
-        "root": out, "sft": os.path.join(out, "sft"), "train": os.path.join(out, "prefs", "train.jsonl"),
-        "test": os.path.join(out, "prefs", "test.jsonl"), "sft_text": os.path.join(out, "sft_text.jsonl"),
+        "root": out,
+        "sft": os.path.join(out, "sft"),
+        "train": os.path.join(out, "prefs", "train.jsonl"),
+        "test": os.path.join(out, "prefs", "test.jsonl"),
+        "sft_text": os.path.join(out, "sft_text.jsonl"),
         "manifest": os.path.join(out, "world.json"),
     }
 
 
-def build_world(out: str = "data/world", cfg: WorldConfig | None = None, progress: bool = True, force: bool = False) -> dict:
+def build_world(
+    out: str = "data/world", cfg: WorldConfig | None = None, progress: bool = True, force: bool = False
+) -> dict:
     """Build (or reuse) the world under ``out``; returns the manifest (settings, paths, perplexities)."""
     cfg = cfg or WorldConfig()
     paths = world_paths(out)
@@ -236,8 +272,12 @@ def build_world(out: str = "data/world", cfg: WorldConfig | None = None, progres
     steps.set_postfix_str("evaluate")
     sft_nll = response_nll(model, tokenizer, enc_eval)
     probe_set = probe_examples()
-    probes = {"mood_probe": round(mood_probe(model, tokenizer, probe_set), 4), "mood_oracle": round(mood_oracle(probe_set), 4),
-              "topic_probe": round(topic_probe(model, tokenizer, probe_set), 4), "topic_blind": round(topic_blind(probe_set), 4)}
+    probes = {
+        "mood_probe": round(mood_probe(model, tokenizer, probe_set), 4),
+        "mood_oracle": round(mood_oracle(probe_set), 4),
+        "topic_probe": round(topic_probe(model, tokenizer, probe_set), 4),
+        "topic_blind": round(topic_blind(probe_set), 4),
+    }
     uni_nll = unigram_nll(enc_train, enc_eval, len(tokenizer))
     model.save_pretrained(tpaths["sft"])
     tokenizer.save_pretrained(tpaths["sft"])

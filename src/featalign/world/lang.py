@@ -106,7 +106,8 @@ FUNCTION = (
 PUNCT = [".", ",", "!"]
 PROMPT_WORDS = (
     "tell me about what do you think describe write please talk opinion explain share few words "
-    "your thoughts how feel story give short note on".split() + ["?", ":"]
+    "your thoughts how feel story give short note on".split()
+    + ["?", ":"]
 )
 PROMPT_TEMPLATES = [
     "tell me about {topic} and the {noun}",
@@ -136,7 +137,16 @@ def vocabulary() -> list[str]:
     for parts in TOPICS.values():
         for kind in ("nouns", "verbs", "adjs"):
             words += parts[kind]
-    words += list(TOPICS) + POSITIVE + NEGATIVE + [NEGATION] + FUNCTION + [ON_TOPIC_CUE, OFF_TOPIC_CUE] + PUNCT + PROMPT_WORDS
+    words += (
+        list(TOPICS)
+        + POSITIVE
+        + NEGATIVE
+        + [NEGATION]
+        + FUNCTION
+        + [ON_TOPIC_CUE, OFF_TOPIC_CUE]
+        + PUNCT
+        + PROMPT_WORDS
+    )
     seen: dict[str, None] = {}
     for w in words:
         seen.setdefault(w, None)
