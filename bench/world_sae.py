@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2_000_000)
     args = ap.parse_args()
 
-    from featalign.explain import best_reward_features
+    from featalign.features import best_reward_features
+    from featalign.judges import make_judge
     from featalign.models import load_model, load_tokenizer
     from featalign.sae import load_sae
     from featalign.sae.metrics import decoder_cosine_to_init
@@ -107,7 +108,9 @@ def main() -> None:
                     )
                 },
                 "decoder_cosine_to_init": decoder_cosine_to_init(sae),
-                "best_abs_r": best_reward_features(model, sae, tok, paths["test"], limit=500),
+                "best_abs_r": best_reward_features(
+                    model, sae, tok, paths["test"], make_judge("featalign.world.judge:reward"), limit=500
+                ),
             }
             row["targets_met"] = {
                 "l0": row["l0_over_d_in"] <= 0.05,

@@ -10,7 +10,8 @@ import torch
 from conftest import margin
 
 from featalign.errors import ConfigError
-from featalign.explain import AttributeConfig, ExplainConfig, run_attribute, run_explain, spliced_score
+from featalign.attribute import AttributeConfig, run_attribute, spliced_score
+from featalign.explain import ExplainConfig, run_explain
 from featalign.models import decoder_layers, load_model, load_tokenizer
 
 
@@ -49,7 +50,13 @@ def test_planted_feature_is_found_at_the_top(world, world_sae, ref_model, tmp_pa
     feature = specific_features(sae)[0]
     policy = plant(model, 2, 3.0 * sae.W_dec[feature].detach())
     cfg = ExplainConfig(
-        reference=world["sft"], sae=world_sae["path"], data=world["test"], out=str(tmp_path / "e"), limit=40, top=5
+        reference=world["sft"],
+        sae=world_sae["path"],
+        data=world["test"],
+        out=str(tmp_path / "e"),
+        limit=40,
+        top=5,
+        reward_fn="featalign.world.judge:reward",
     )
     res = run_explain(cfg, policy=policy, reference=model, tokenizer=tok)
     assert res["up"][0]["feature"] == feature
@@ -61,18 +68,19 @@ def test_planted_feature_is_found_at_the_top(world, world_sae, ref_model, tmp_pa
     )
     margin("planted feature's t", res["up"][0]["t"], 10)
     assert res["up"][0]["top_tokens"] and res["up"][0]["contexts"]
-    assert "world_reward" in res and set(res["up"][0]["reward_corr"]) == {"topic", "sentiment", "length", "reward"}
+    assert res["reward"]["judge"] == "featalign.world.judge:reward"
+    assert set(res["up"][0]["reward_corr"]) == {"topic", "sentiment", "length", "reward"}
     # the features listed as tracking each reward part: their r against numpy's Pearson r of the same pooled activations
     import numpy as np
 
     from featalign import data as D
-    from featalign.explain import pooled_features
+    from featalign.features import pooled_features
     from featalign.world import reward_parts
 
     raw = D.load_pairs(world["test"], limit=40)
     pooled = pooled_features(model, sae, 2, D.pair_sequences(D.tokenize_pairs(raw, tok)), tok.pad_token_id).numpy()
     parts = [reward_parts(p.prompt, p.chosen) for p in raw] + [reward_parts(p.prompt, p.rejected) for p in raw]
-    for part, rows in res["world_reward"]["tracking"].items():
+    for part, rows in res["reward"]["tracking"].items():
         y = np.array([q[part] for q in parts])
         r_all = [
             abs(np.corrcoef(pooled[:, f], y)[0, 1]) if pooled[:, f].std() > 0 else 0.0 for f in range(pooled.shape[1])
@@ -81,7 +89,7 @@ def test_planted_feature_is_found_at_the_top(world, world_sae, ref_model, tmp_pa
         assert rows[0]["reward_corr"][part] == pytest.approx(
             np.corrcoef(pooled[:, rows[0]["feature"]], y)[0, 1], abs=1e-4
         )
-    assert "features that track each reward part" in (tmp_path / "e" / "explain.md").read_text()
+    assert "features that track each part of the reward" in (tmp_path / "e" / "explain.md").read_text()
     for name in ("explain.json", "explain.md", "explain.png"):
         assert (tmp_path / "e" / name).exists()
 
@@ -145,7 +153,7 @@ def test_cli_explain_policy_equal_to_reference_moves_nothing(world, world_sae, t
 
 def test_spliced_pass_is_exact_and_attribution_predicts_ablation(world, world_sae, ref_model, tmp_path):
     from featalign import data as D
-    from featalign.explain import _score
+    from featalign.attribute import pair_score
     from featalign.sae import load_sae
 
     model, tok = ref_model
@@ -153,7 +161,7 @@ def test_spliced_pass_is_exact_and_attribution_predicts_ablation(world, world_sa
     pairs = D.tokenize_pairs(D.load_pairs(world["test"], limit=8), tok)
     t = D.collate_pairs(pairs, tok.pad_token_id)
     with torch.no_grad():
-        plain = _score(model, t, "margin")
+        plain = pair_score(model, t, "margin")
     spliced, _ = spliced_score(model, sae, 2, t, "margin")
     assert torch.allclose(plain, spliced, atol=1e-4)  # the error term keeps the forward pass exact
 

@@ -52,7 +52,7 @@ def _explain(result, cfg) -> str:
 
 
 def _attribute(result, cfg) -> str:
-    from .explain import attribute_table
+    from .attribute import attribute_table
 
     return attribute_table(result) + f"\nwritten to {cfg.out}/attribution.{{json,pt,png}}"
 
@@ -135,8 +135,8 @@ COMMANDS = [
     ),
     Command(
         ("attribute",),
-        "featalign.explain:AttributeConfig",
-        "featalign.explain:run_attribute",
+        "featalign.attribute:AttributeConfig",
+        "featalign.attribute:run_attribute",
         _attribute,
         "attribute a margin or reward to SAE features, checked by ablation",
     ),
