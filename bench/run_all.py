@@ -3,7 +3,7 @@
 Usage: python bench/run_all.py [--only train_step,memory,...] [--smoke]
 Results: bench/results/<name>-<cpu|gpu>.json (+ scaling-<cpu|gpu>.png). `--smoke` runs tiny sizes to check
 that every script still works (a few minutes on 2 CPU cores); its results are written under the tag `smoke`
-and are not the figures the README quotes.
+and are not the figures the docs report.
 """
 
 from __future__ import annotations

@@ -62,42 +62,35 @@ def test_tiers_and_grid_override():
     from featalign.errors import ConfigError
 
     q, d, f = CompareConfig(quick=True).budget(), CompareConfig().budget(), CompareConfig(full=True).budget()
-    assert q["seeds"] == 1 and all(len(v) == 2 for v in q["grid"].values())
-    assert d["seeds"] >= 2 and all(len(v) == 3 for v in d["grid"].values()) and {"dpo", "fpo"} <= set(d["grid"])
-    assert len(f["grid"]) == 8 and all(len(v) == 5 for v in f["grid"].values())
+    assert q.seeds == 1 and all(len(v) == 2 for v in q.grid.values())
+    assert d.seeds >= 2 and all(len(v) == 3 for v in d.grid.values()) and {"dpo", "fpo"} <= set(d.grid)
+    assert len(f.grid) == 8 and all(len(v) == 5 for v in f.grid.values())
     # every tier's grid is sorted from the loosest to the tightest knob setting of the full grid
-    for m, vals in d["grid"].items():
-        assert vals == sorted(vals) and set(vals) <= set(f["grid"][m])
-    assert CompareConfig(grid="fpo=1,4").budget()["grid"]["fpo"] == [1.0, 4.0]
+    for m, vals in d.grid.items():
+        assert vals == sorted(vals) and set(vals) <= set(f.grid[m])
+    assert CompareConfig(grid="fpo=1,4").budget().grid["fpo"] == [1.0, 4.0]
     with pytest.raises(ConfigError, match="grid"):
         CompareConfig(grid="nope=1").budget()
-    with pytest.raises(ConfigError, match="methods"):
-        CompareConfig(methods="dpo,vibes").budget()
+    with pytest.raises(ConfigError, match="methods\\[1\\]: 'vibes' is not one of"):
+        CompareConfig.from_dict({"methods": "dpo,vibes"})
     # a real model gets its own budget (small lr and batch, the sentiment preset's four methods, one knob value)
     r = CompareConfig(model="m.gguf", data="pairs.jsonl").budget()
-    assert (
-        r["lr"] == 1e-4
-        and r["steps"] == 12
-        and r["batch_size"] == 8
-        and set(r["grid"]) == {"dpo", "simpo", "tdpo2", "fpo"}
-    )
-    assert (
-        r["grid"]["dpo"] == [0.1] and r["grid"]["fpo"] == [0.5] and r["grid"]["simpo"] == [2.0]
-    )  # the published defaults
-    assert CompareConfig(preset="sentiment", lr=1e-6).budget()["lr"] == 1e-6
+    assert r.lr == 1e-4 and r.steps == 12 and r.batch_size == 8 and set(r.grid) == {"dpo", "simpo", "tdpo2", "fpo"}
+    assert r.grid["dpo"] == [0.1] and r.grid["fpo"] == [0.5] and r.grid["simpo"] == [2.0]  # the published defaults
+    assert CompareConfig(preset="sentiment", lr=1e-6).budget().lr == 1e-6
     # FPO's world grid sits below its real-model grid (the world SAE's feature term binds harder)
-    rf = CompareConfig(model="m.gguf", data="pairs.jsonl", full=True).budget()["grid"]["fpo"]
-    assert rf == [0.2, 0.5, 2.0] and d["grid"]["fpo"] == [0.01, 0.03, 0.1]
+    rf = CompareConfig(model="m.gguf", data="pairs.jsonl", full=True).budget().grid["fpo"]
+    assert rf == [0.2, 0.5, 2.0] and d.grid["fpo"] == [0.01, 0.03, 0.1]
     with pytest.raises(ConfigError, match="preset"):
-        CompareConfig(preset="vibes").budget()
+        CompareConfig(preset="vibes").validate()
 
 
 def test_report_cells_show_the_seed_sd_or_one_seed_prompt_se():
-    from featalign.compare import _fmt
+    from featalign.compare.report import format_cell
 
-    assert _fmt({"mean": 0.5, "sd": 0.1, "n": 2}) == "0.500 ± 0.100"
-    assert _fmt({"mean": 0.5, "sd": 0.0, "n": 1}, 3, {"mean": 0.04, "sd": 0.0, "n": 1}) == "0.500 ± 0.040 SE"
-    assert _fmt({"mean": 0.5, "sd": 0.0, "n": 1}) == "0.500" and _fmt(None) == "-"
+    assert format_cell({"mean": 0.5, "sd": 0.1, "n": 2}) == "0.500 ± 0.100"
+    assert format_cell({"mean": 0.5, "sd": 0.0, "n": 1}, 3, {"mean": 0.04, "sd": 0.0, "n": 1}) == "0.500 ± 0.040 SE"
+    assert format_cell({"mean": 0.5, "sd": 0.0, "n": 1}) == "0.500" and format_cell(None) == "-"
 
 
 def test_compare_on_a_user_model_needs_data_and_a_judge():

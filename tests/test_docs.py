@@ -45,13 +45,21 @@ def test_site_builds_strictly(tmp_path):
 
 
 def commands(text: str) -> list[str]:
-    """The `featalign ...` command lines of a page's code blocks, continuation lines joined, comments dropped."""
-    out = []
-    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.strip().removeprefix("$ ")
-            if line.startswith("featalign "):
-                out.append(line.split(" #")[0].strip())
+    """The `featalign ...` command lines of a page's shell code blocks, continuation lines joined, comments dropped."""
+    out, lang, block = [], None, []
+    for line in text.splitlines():
+        fence = line.strip().startswith("```")
+        if fence and lang is None:
+            lang, block = line.strip()[3:].strip() or "text", []
+        elif fence:
+            if lang in ("bash", "sh", "console", "shell"):
+                for cmd in "\n".join(block).replace("\\\n", " ").splitlines():
+                    cmd = cmd.strip().removeprefix("$ ")
+                    if cmd.startswith("featalign "):
+                        out.append(cmd.split(" #")[0].strip())
+            lang = None
+        elif lang is not None:
+            block.append(line)
     return out
 
 

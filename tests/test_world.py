@@ -218,7 +218,8 @@ def test_world_sae_is_sparse_and_trained(world, tmp_path):
     from conftest import SEED, margin
 
     from featalign.compare import CompareConfig
-    from featalign.explain import best_reward_features
+    from featalign.features import best_reward_features
+    from featalign.judges import make_judge
     from featalign.models import load_model, load_tokenizer
     from featalign.sae.metrics import decoder_cosine_to_init
     from featalign.sae.train import SAETrainConfig, train_sae
@@ -232,13 +233,13 @@ def test_world_sae_is_sparse_and_trained(world, tmp_path):
             data=world["sft_text"],
             layer=2,
             out=str(tmp_path / "sae"),
-            architecture=b["sae_arch"],
-            d_sae=b["sae_d"],
-            k=b["sae_k"],
-            fc_zipf=b["sae_fc_zipf"],
-            dead_tokens=b["sae_dead_tokens"],
+            architecture=b.sae_arch,
+            d_sae=b.sae_d,
+            k=b.sae_k,
+            fc_zipf=b.sae_fc_zipf,
+            dead_tokens=b.sae_dead_tokens,
             tokens=300_000,
-            lr=b["sae_lr"],
+            lr=b.sae_lr,
             eval_tokens=20_000,
             seed=SEED,
             progress=False,
@@ -246,7 +247,7 @@ def test_world_sae_is_sparse_and_trained(world, tmp_path):
         model=model,
         tokenizer=tok,
     )
-    best = best_reward_features(model, sae, tok, world["test"], limit=150)
+    best = best_reward_features(model, sae, tok, world["test"], make_judge("featalign.world.judge:reward"), limit=150)
     print(
         f"dead {rep['dead_fraction']:.3f}, dense {rep['dense_fraction']:.3f}, best |r|: "
         + ", ".join(f"{k} {v['r']:.3f}" for k, v in best.items())
@@ -256,7 +257,7 @@ def test_world_sae_is_sparse_and_trained(world, tmp_path):
     import numpy as np
 
     from featalign import data as D
-    from featalign.explain import pooled_features
+    from featalign.features import pooled_features
 
     raw, pairs, _ = D.prepare_pairs(D.DataOptions(data=world["test"], limit=150), tok)
     rewards = np.array([reward(p.prompt, p.chosen) for p in raw] + [reward(p.prompt, p.rejected) for p in raw])

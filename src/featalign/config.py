@@ -164,6 +164,18 @@ class Config:
             raise ConfigError(f"{path}: a config file must be a mapping of settings")
         return cls.from_dict({**loaded, **overrides}, source=path)
 
+    def save(self, path: str) -> None:
+        """The settings as a YAML file that ``from_yaml`` (and ``--config``) reads back."""
+        import yaml
+
+        from .atomic import atomic_file
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                yaml.safe_dump(dataclasses.asdict(self), f, sort_keys=False)
+
+        atomic_file(path, write)
+
     def validate(self) -> None:
         """Decode every field by its type (a Python caller may pass ``"5e-6"`` too) and hold it to its bounds;
         subclasses add their cross-field checks after calling this."""
@@ -172,6 +184,14 @@ class Config:
             value = decode(getattr(self, f.name), h[f.name], f.name)
             check_bounds(f.name, value, f.metadata.get("bounds", {}))
             setattr(self, f.name, value)
+
+
+def settings_key(obj) -> str:
+    """A short hash of settings (any JSON-able value): the name of what was built or run with them."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def check_model_path(path: str, what: str = "model") -> None:

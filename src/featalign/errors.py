@@ -31,3 +31,7 @@ class CacheMismatchError(FeatalignError):
 
 class TrainingDivergedError(FeatalignError):
     """A NaN or inf loss; the message gives the step and batch, the last checkpoint is kept."""
+
+
+class RunFailedError(FeatalignError):
+    """A run that a sweep started failed; the message names the run's log, whose end says why."""

@@ -15,6 +15,9 @@ from ..errors import ConfigError
 from .metrics import OUTLIER_NORM, decoder_cosine_to_init, evaluate_sae, format_table
 from .model import SAE, load_sae, resolve_layer
 
+# the sparsity knob's sweep when none is given: k for TopK, a multiplier of the learnt thresholds for JumpReLU
+DEFAULT_FRONTIER = {"topk": [4.0, 8.0, 16.0, 32.0, 64.0], "jumprelu": [0.5, 0.75, 1.0, 1.5, 2.0]}
+
 
 def with_sparsity(sae: SAE, value: float) -> SAE:
     """A copy of ``sae`` at another point of its sparsity knob: k for TopK, threshold x value for JumpReLU."""
@@ -79,8 +82,7 @@ class SAEEvalConfig(Config):
     )
     frontier: bool = setting(False, "also sweep the SAE's sparsity knob and plot MSE against L0")
     frontier_values: list[float] = setting(
-        factory=lambda: [4.0, 8.0, 16.0, 32.0, 64.0],
-        help="k values (TopK) or threshold multipliers (JumpReLU) to sweep",
+        factory=list, help="k values (TopK) or threshold multipliers (JumpReLU) to sweep (default: 4-64, or 0.5-2)"
     )
 
     def validate(self) -> None:
@@ -110,7 +112,8 @@ def run_sae_eval(cfg: SAEEvalConfig) -> dict:
     os.makedirs(out, exist_ok=True)
     result = {"sae": cfg.sae, "layer": layer, "out": out, **report}
     if cfg.frontier:
-        rows = frontier(sae, model, tok, docs, layer, cfg.frontier_values, cfg.max_tokens, cfg.outlier_norm)
+        values = cfg.frontier_values or DEFAULT_FRONTIER.get(sae.cfg.architecture, [1.0])  # ReLU: refused below
+        rows = frontier(sae, model, tok, docs, layer, values, cfg.max_tokens, cfg.outlier_norm)
         result["frontier"] = rows
         plot_frontier(rows, os.path.join(out, "frontier.png"), os.path.basename(cfg.sae.rstrip("/")))
     write_json(os.path.join(out, "eval.json"), result)

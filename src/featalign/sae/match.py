@@ -281,7 +281,7 @@ class SAEMatchConfig(Config):
     min_cosine: float = setting(0.7, "a match is confident at or above this cosine", ge=-1, le=1)
     dense_limit: int = setting(4096, "above this many latents, solve a sparsified cost", ge=1)
     candidates: int = setting(32, "cheapest partners kept per latent when sparsified", ge=1)
-    device: str | None = setting(None, "device for the cost computation (default: the GPU when there is one)")
+    device: str | None = setting(None, "device for the cost computation (default: where the SAEs are loaded, the CPU)")
     model: str | None = setting(None, "with data: check the matched decode on this model's hidden states")
     data: str | None = setting(None, "documents for the transfer check (with model)")
     layer_a: int | None = setting(None, "layer of the first SAE (default: the layer it records)")
@@ -306,7 +306,7 @@ def run_sae_match(cfg: SAEMatchConfig) -> dict:
     from .model import load_sae
 
     cfg.validate()
-    a, b = load_sae(cfg.sae_a), load_sae(cfg.sae_b)
+    a, b = load_sae(cfg.sae_a, cfg.layer_a), load_sae(cfg.sae_b, cfg.layer_b)
     m = match_saes(a, b, encoder=cfg.encoder, dense_limit=cfg.dense_limit, candidates=cfg.candidates, device=cfg.device)
     report = {
         "sae_a": cfg.sae_a,

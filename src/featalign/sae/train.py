@@ -61,13 +61,15 @@ class SAETrainConfig(Config):
     l0_coeff: float = setting(1e-3, "JumpReLU: coefficient of the L0 penalty", ge=0)
     jumprelu_bandwidth: float = setting(0.001, "JumpReLU: width of the straight-through rectangle kernel", gt=0)
     jumprelu_init_threshold: float = setting(0.001, "JumpReLU: initial threshold", gt=0)
-    aux_k: int | None = setting(None, "TopK: dead latents the AuxK loss uses (default: d_in / 2)", ge=1)
-    aux_coeff: float = setting(1 / 32, "TopK: coefficient of the AuxK loss", ge=0)
+    aux_k: int | None = setting(
+        None, "TopK, BatchTopK, Feature Choice: dead latents the AuxK loss uses (default: d_in / 2)", ge=1
+    )
+    aux_coeff: float = setting(1 / 32, "TopK, BatchTopK, Feature Choice: coefficient of the AuxK loss", ge=0)
     dead_tokens: int = setting(
         10_000_000, "a latent silent for this many tokens is dead, and AuxK trains it on the residual", ge=1
     )
     resample_every: int = setting(
-        0, "TopK/BatchTopK: every this many tokens, re-initialise long-dead latents (0: off)", ge=0
+        0, "TopK, BatchTopK, Feature Choice: every this many tokens, re-initialise long-dead latents (0: off)", ge=0
     )
     resample_until: float = setting(0.5, "share of the training tokens after which no latent is resampled", ge=0, le=1)
     tokens: int = setting(600_000, "training tokens", ge=1)
