@@ -8,7 +8,7 @@ their gradients go through the head:
 - ``full``: the model's logits for the whole batch, then log_softmax (the earlier path, and TRL's);
 - ``chunked``: ``featalign.logprobs`` terms, only response positions projected, a chunk at a time, each
   chunk's logits recomputed in backward (any loss; eval and the cache use this path without a graph);
-- ``fused``: ``Forward.fused_loss``, the trainer's default: each pair's logits computed once, the pair's loss
+- ``fused``: ``fused.fused_loss``, the trainer's default: each pair's logits computed once, the pair's loss
   differentiated at once, the head's gradients accumulated before the logits are dropped (no recompute).
 
 Each side runs in its own process, so each peak is its own, alternating over ``--rounds`` (each keeps its
@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import median, peak_mb, reset_peak, run_worker, sync, write_result  # noqa: E402
+from common import device, median, peak_mb, reset_peak, run_worker, sync, write_result  # noqa: E402
 
 
 def current_mb() -> float:
@@ -61,27 +61,29 @@ def gemma2_shaped(vocab: int, hidden: int, layers: int):
 
 
 def worker(a) -> dict:
+    import featalign.head as H
     import featalign.logprobs as L
+    from featalign.fused import can_fuse, fused_loss
     from featalign.losses import dpo_loss
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = gemma2_shaped(a.vocab, a.hidden, a.layers).to(device)
+    dev = device()
+    model = gemma2_shaped(a.vocab, a.hidden, a.layers).to(dev)
     if a.mem_limit_gb:
         import resource
 
         lim = int(a.mem_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     if a.mode == "full":
-        L._chunked_ok = lambda m: False
+        H.splittable = lambda m: False
     g = torch.Generator().manual_seed(0)
     n = 2 * a.pairs
     ids = torch.randint(0, a.vocab, (n, a.seq), generator=g)
     resp = torch.zeros_like(ids)
     resp[:, a.prompt :] = 1
-    ids, att, resp = ids.to(device), torch.ones_like(ids).to(device), resp.to(device)
+    ids, att, resp = ids.to(dev), torch.ones_like(ids).to(dev), resp.to(dev)
     positions = L.response_positions(resp.cpu())
-    ref = torch.randn(n, generator=g).to(device) - 2.0 * (a.seq - a.prompt)
-    amp = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    ref = torch.randn(n, generator=g).to(dev) - 2.0 * (a.seq - a.prompt)
+    amp = torch.autocast("cuda", torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
 
     def pair_dpo(r, ex):
         return dpo_loss(r["logps"][:1], r["logps"][1:], ex["ref_c"], ex["ref_r"])[0]
@@ -91,8 +93,8 @@ def worker(a) -> dict:
         with amp:
             fw = L.forward(model, ids, att, resp, positions)
             if a.mode == "fused":
-                assert fw.can_fuse()
-                loss, _ = fw.fused_loss(pair_dpo, {"ref_c": ref[: a.pairs], "ref_r": ref[a.pairs :]})
+                assert can_fuse(fw)
+                loss, _ = fused_loss(fw, pair_dpo, {"ref_c": ref[: a.pairs], "ref_r": ref[a.pairs :]})
             else:
                 t = fw.terms()
                 loss, _ = dpo_loss(t["logps"][: a.pairs], t["logps"][a.pairs :], ref[: a.pairs], ref[a.pairs :])

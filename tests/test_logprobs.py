@@ -5,27 +5,19 @@ import logging
 
 import pytest
 import torch
+from tiny import tiny_lm
 
+import featalign.head as H
 import featalign.logprobs as L
+from featalign.fused import can_fuse, fused_loss
 from featalign.logprobs import response_logps, response_terms, sample_logps_entropy, sequential_kl
+from featalign.packing import packing_ok
 
 
 def tiny(kind: str, vocab: int = 300, **kw):
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **kw,
-    )
     if kind == "gemma2":  # final logit soft-capping at a small cap, so the tanh bends the logits
-        return Gemma2ForCausalLM(Gemma2Config(head_dim=8, final_logit_softcapping=2.0, **common))
-    return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
+        return tiny_lm("gemma2", vocab, final_logit_softcapping=2.0, **kw)
+    return tiny_lm("llama", vocab, tie_word_embeddings=False, **kw)
 
 
 def tiny_and_ref(kind: str):
@@ -151,7 +143,8 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off():
 def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_path, monkeypatch):
     """The trainer's loss and gradients for each method, chunked (a few positions per chunk) vs full logits."""
     from featalign.losses import METHODS
-    from featalign.train import TrainConfig, Trainer
+    from featalign.train import TrainConfig
+    from featalign.trainer import Trainer
 
     monkeypatch.setattr(L, "CHUNK_ELEMENTS", 3 * 1024)
     for method in METHODS:
@@ -176,15 +169,15 @@ def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_pa
         idx = list(range(4))
         results = {}
         for path in ("fused", "packed", "chunked", "full"):  # the default, one padding-free row, recompute, full logits
-            monkeypatch.setattr(L, "_chunked_ok", (lambda m: True) if path != "full" else (lambda m: False))
+            monkeypatch.setattr(H, "splittable", (lambda m: True) if path != "full" else (lambda m: False))
             t.cfg.fused_head = path in ("fused", "packed")
-            t.packed = path == "packed" and L.packing_ok(t.model)  # what --pack on gives (the check runs in __init__)
+            t.packed = path == "packed" and packing_ok(t.model)  # what --pack on gives (the check runs in __init__)
             b = t._device_batch(idx)
             b.pop("n_tokens"), b.pop("n_positions")
             t.model.zero_grad()
             if path in ("fused", "packed"):
                 fw = t.batch_forward(t.model, b)[0]
-                assert fw.can_fuse() and (fw.packing is not None) == (path == "packed")
+                assert can_fuse(fw) and (fw.packing is not None) == (path == "packed")
             loss, metrics = t.loss(t.model, b)
             loss.backward()
             results[path] = (
@@ -206,7 +199,7 @@ def test_every_method_loss_matches_the_full_logits_path(world, world_sae, tmp_pa
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 @pytest.mark.parametrize("chunk", [0, 4])
 def test_fused_pair_loss_equals_the_plain_path(kind, chunk):
-    """``Forward.fused_loss`` (head gradients computed in forward, pair by pair) against autograd through the
+    """``fused.fused_loss`` (head gradients computed in forward, pair by pair) against autograd through the
     chunked terms: loss, row terms, and the gradients of the weights and of an extra per-pair input."""
     model, ref = tiny_and_ref(kind)
     ids, att, resp = batch()  # 3 pairs: rows 0-2 chosen, 3-5 rejected, of unequal lengths
@@ -228,8 +221,8 @@ def test_fused_pair_loss_equals_the_plain_path(kind, chunk):
     (2.5 * want).backward()  # a scaled loss, as gradient accumulation gives: the fused backward must scale too
     g_want = grads()
     fw = L.forward(model, ids, att, resp, ref=ref, kl=True, chunk=chunk)
-    assert fw.can_fuse() and not fw.can_fuse(budget=10)  # a budget below one pair's logits: the plain path
-    got, rows = fw.fused_loss(pair_loss, {"w": w})
+    assert can_fuse(fw) and not can_fuse(fw, budget=10)  # a budget below one pair's logits: the plain path
+    got, rows = fused_loss(fw, pair_loss, {"w": w})
     (2.5 * got).backward()
     g_got = grads()
     assert abs(got.item() - want.item()) < 1e-5
@@ -245,7 +238,7 @@ def test_packed_row_equals_the_padded_batch(kind):
     """``pack=True`` runs the batch as one row without padding: same terms and gradients as the padded batch."""
     model, ref = tiny_and_ref(kind)
     ids, att, resp = batch()
-    assert L.packing_ok(model) and L.packing_ok(ref)
+    assert packing_ok(model) and packing_ok(ref)
     fw = L.forward(model, ids, att, resp, ref=ref, kl=True, pack=True)
     assert fw.packing is not None and fw.packing.input_ids.shape == (1, int(att.sum()))
     got = fw.terms()

@@ -102,8 +102,9 @@ def splittable(model) -> bool:
     return ok
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  packed: Packing | None = None) -> tuple[torch.Tensor, Head] | None:  # fmt: skip
+def hidden_states(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, packed: Packing | None = None
+) -> tuple[torch.Tensor, Head] | None:
     """(last hidden state [N, T, H], head) from one forward pass that projects only the last position;
     None for a model that cannot be split into decoder + head (the caller then uses full logits).
     With ``packed``, the batch runs as one row without padding and the hidden state is [1, M, H]."""
