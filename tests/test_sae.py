@@ -8,18 +8,12 @@ from conftest import margin
 
 from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig, check_fits, load_sae
+from featalign.sae import model as sae_model
 from featalign.sae.metrics import evaluate_sae, typical_tokens
 
 
 def random_sae(arch, d_in=16, d_sae=48, k=6, centre=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sae = SAE(SAEConfig(d_in, d_sae, arch, k=k if arch == "topk" else None, apply_b_dec_to_input=centre))
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if name != "threshold" else 0.05).__abs__())
-        if arch == "jumprelu":
-            sae.threshold.abs_()
-    return sae
+    return sae_model.random_sae(d_in, d_sae, arch, k=k, seed=seed, centre=centre)
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])

@@ -11,21 +11,12 @@ from conftest import margin
 
 from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig
+from featalign.sae import model as sae_model
 from featalign.sae.match import fold, match_saes, summarize, transfer_eval
 
 
 def random_sae(d_in=24, d_sae=64, arch="topk", seed=0) -> SAE:
-    g = torch.Generator().manual_seed(seed)
-    sae = SAE(SAEConfig(d_in, d_sae, arch, k=8 if arch == "topk" else None))
-    with torch.no_grad():
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g))
-        sae.normalize_decoder()
-        sae.W_enc.copy_(sae.W_dec.T + 0.1 * torch.randn(d_in, d_sae, generator=g))
-        sae.b_enc.copy_(0.1 * torch.randn(d_sae, generator=g))
-        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=g))
-        if arch == "jumprelu":
-            sae.threshold.copy_(torch.rand(d_sae, generator=g) + 0.1)
-    return sae
+    return sae_model.random_sae(d_in, d_sae, arch, k=8, seed=seed)
 
 
 def permuted(sae: SAE, perm: torch.Tensor, scale: torch.Tensor | None = None) -> SAE:

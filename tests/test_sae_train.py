@@ -1,4 +1,5 @@
-"""SAE training pieces checked without a language model: the input-scale fold, BatchTopK, Feature Choice, scale invariance."""
+"""SAE training pieces checked without a language model: the input-scale fold, BatchTopK, Feature Choice, scale
+invariance."""
 
 import pytest
 import torch
@@ -6,12 +7,11 @@ from conftest import SEED, margin
 
 from featalign.errors import ConfigError
 from featalign.sae import SAE, SAEConfig, load_sae
+from featalign.sae.architectures import ARCHITECTURES, feature_choice_shares
 from featalign.sae.train import (
     SAETrainConfig,
-    _init_encoder_scale,
-    _sparse_codes,
-    feature_choice_shares,
     fit,
+    init_encoder_scale,
     init_sae,
     input_scale,
     sae_loss,
@@ -96,7 +96,7 @@ def test_init_encoder_scale_is_least_squares(arch):
     plain = init_sae(cfg, 24, x, 0, "synthetic")
     with torch.no_grad():
         plain.W_enc.copy_(plain.W_dec.T)
-        assert _init_encoder_scale(sae, x, cfg) == pytest.approx(1.0, rel=1e-4)
+        assert init_encoder_scale(sae, x, cfg) == pytest.approx(1.0, rel=1e-4)
         c = x - sae.b_dec
         pa, pb = c @ sae.W_enc, c @ plain.W_enc
         assert torch.equal(pa.topk(12, -1).indices.sort(-1).values, pb.topk(12, -1).indices.sort(-1).values)
@@ -324,12 +324,12 @@ def test_resampling_reinitialises_only_the_silent_latents():
     """``resample`` gives each latent silent for ``resample_every`` tokens a unit decoder row along a badly
     reconstructed input's residual, its encoder column that direction, bias 0 and fresh Adam moments; the others
     are untouched."""
-    from featalign.sae.train import _Fit
+    from featalign.sae.train import Fit
 
     x = synthetic(8 * 256)
     cfg = SAETrainConfig(architecture="topk", d_sae=96, k=4, tokens=len(x), batch_tokens=256, resample_every=512)
     sae = init_sae(cfg, 24, x[:256], 0, "synthetic")
-    f = _Fit(sae, x[:256], cfg)
+    f = Fit(sae, x[:256], cfg)
     for i in range(4):
         f.step(x[i * 256 : (i + 1) * 256])
     before = {k: v.detach().clone() for k, v in sae.state_dict().items()}
@@ -339,7 +339,7 @@ def test_resampling_reinitialises_only_the_silent_latents():
     batch = x[1024:1280] * f.scale
     with torch.no_grad():
         b_eff = sae.b_enc - sae.b_dec @ sae.W_enc
-        err = batch - _sparse_codes(sae, torch.addmm(b_eff, batch, sae.W_enc), "topk", 4)[0]
+        err = batch - ARCHITECTURES["topk"].codes(sae, torch.addmm(b_eff, batch, sae.W_enc), cfg)[0]
     assert f.resample(batch) == 3
     others = torch.ones(96, dtype=torch.bool)
     others[silent] = False

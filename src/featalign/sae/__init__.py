@@ -1,6 +1,16 @@
 """Sparse autoencoders: architectures and formats (model), training, metrics, matching."""
 
-from .model import SAE, SAEConfig, check_fits, load_gemma_scope, load_sae, load_saelens, load_sparsify, resolve_layer
+from .model import (
+    SAE,
+    SAEConfig,
+    check_fits,
+    load_gemma_scope,
+    load_sae,
+    load_saelens,
+    load_sparsify,
+    random_sae,
+    resolve_layer,
+)
 
 __all__ = [
     "SAE",
@@ -10,5 +20,6 @@ __all__ = [
     "load_sae",
     "load_saelens",
     "load_sparsify",
+    "random_sae",
     "resolve_layer",
 ]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..atomic import write_json
 from ..config import Config, check_model_path, setting
 from ..errors import ConfigError
 from .metrics import OUTLIER_NORM, typical_tokens
@@ -300,7 +301,6 @@ class SAEMatchConfig(Config):
 def run_sae_match(cfg: SAEMatchConfig) -> dict:
     """Match ``cfg.sae_a`` to ``cfg.sae_b``: the report (also in ``<out>/match.json``, with the permutation) and a
     cosine histogram (``match.png``); with a model and data, the transfer check."""
-    import json
     import os
 
     from .model import load_sae
@@ -330,8 +330,7 @@ def run_sae_match(cfg: SAEMatchConfig) -> dict:
         report["transfer"] = transfer_eval(a, b, m, model, tok, read_documents(cfg.data, tok), la, lb, cfg.max_tokens)
     out = cfg.out or f"{cfg.sae_a.rstrip('/')}-vs-{os.path.basename(cfg.sae_b.rstrip('/'))}"
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "match.json"), "w") as f:
-        json.dump({**report, "perm": m.perm.tolist()}, f)
+    write_json(os.path.join(out, "match.json"), {**report, "perm": m.perm.tolist()}, indent=None)
     plot_costs(m, os.path.join(out, "match.png"), f"SAE Match: {m.confident(cfg.min_cosine).mean():.0%} confident")
     return {**report, "out": out}
 

@@ -91,7 +91,7 @@ def evaluate_sae(
             nll_spliced, logp_spliced = _ce_and_logp(model, ids, att)
         keep = captured["keep"]
         outliers = int((~keep & captured["att"]).sum())
-        with splice(model, layer, lambda h: torch.where(keep[..., None], torch.zeros_like(h), h)):
+        with splice(model, layer, lambda h, keep=keep: torch.where(keep[..., None], torch.zeros_like(h), h)):
             nll_zero, _ = _ce_and_logp(model, ids, att)
         ce["clean"] += nll_clean.sum().item()
         ce["spliced"] += nll_spliced.sum().item()

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..atomic import replace_dir
+from ..atomic import replace_dir, write_json
 from ..errors import ConfigError
 
 ARCHITECTURES = ("relu", "topk", "jumprelu")
@@ -181,8 +181,7 @@ class SAE(nn.Module):
         if self.cfg.architecture == "topk":
             cfg["k"] = self.cfg.k
             cfg["rescale_acts_by_decoder_norm"] = False
-        with open(os.path.join(tmp, "cfg.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+        write_json(os.path.join(tmp, "cfg.json"), cfg, indent=2)
 
     def _write_sparsify(self, tmp: str, extra: dict | None) -> None:
         """sparsify's SparseCoder always centres on b_dec (``relu((x - b_dec) W^T + b)``, top k): an SAE that does
@@ -210,8 +209,35 @@ class SAE(nn.Module):
             "d_in": self.d_in,
             "featalign": {**self._featalign_block(extra), "apply_b_dec_to_input": True},
         }
-        with open(os.path.join(tmp, "cfg.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+        write_json(os.path.join(tmp, "cfg.json"), cfg, indent=2)
+
+
+def random_sae(
+    d_in: int,
+    d_sae: int,
+    architecture: str = "topk",
+    k: int | None = 8,
+    seed: int = 0,
+    noise: float = 0.1,
+    centre: bool = True,
+    layer: int | None = None,
+) -> SAE:
+    """An untrained SAE for tests and benchmarks: random unit-norm decoder rows, the encoder their transpose plus
+    ``noise``, biases of scale ``noise``, JumpReLU thresholds in [0.1, 1.1)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = SAEConfig(
+        d_in, d_sae, architecture, k=k if architecture == "topk" else None, apply_b_dec_to_input=centre, layer=layer
+    )
+    sae = SAE(cfg)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g))
+        sae.normalize_decoder()
+        sae.W_enc.copy_(sae.W_dec.T + noise * torch.randn(d_in, d_sae, generator=g))
+        sae.b_enc.copy_(noise * torch.randn(d_sae, generator=g))
+        sae.b_dec.copy_(noise * torch.randn(d_in, generator=g))
+        if architecture == "jumprelu":
+            sae.threshold.copy_(torch.rand(d_sae, generator=g) + 0.1)
+    return sae
 
 
 def _check_shapes(t: dict[str, torch.Tensor], source: str, arch: str) -> tuple[int, int]:

@@ -5,8 +5,6 @@ scaled to mean norm sqrt(d_in) while training (the scale is folded back into the
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import os
 import random
 import time
@@ -17,10 +15,12 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import write_json
 from ..config import Config, check_model_path, setting
 from ..data import doc_batches, read_documents
 from ..errors import ConfigError
 from ..models import capture_layer, check_layer, hidden_size, run_to_layer
+from .architectures import ARCHITECTURES
 from .metrics import OUTLIER_NORM, typical_tokens
 from .model import SAE, SAEConfig
 
@@ -100,7 +100,7 @@ class SAETrainConfig(Config):
             raise ConfigError(
                 f"format=sparsify holds TopK SAEs only, not architecture={self.architecture}; use format=saelens"
             )
-        _shares(self)  # a Feature Choice setting that cannot add up fails here, before the model is loaded
+        ARCHITECTURES[self.architecture].check(self)  # e.g. Feature Choice shares that cannot add up
 
 
 # ---------------------------------------------------------------- activations
@@ -162,94 +162,33 @@ def shuffle_buffer(
         buf = buf[half:]
 
 
-# ---------------------------------------------------------------- JumpReLU straight-through estimators
-def _rect(z: torch.Tensor) -> torch.Tensor:
-    return ((z > -0.5) & (z < 0.5)).to(z.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, threshold, bandwidth):
-        ctx.save_for_backward(x, threshold)
-        ctx.bandwidth = bandwidth
-        return x * (x > threshold).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        gx = (x > threshold).to(x.dtype) * grad
-        gt = -(threshold / eps) * _rect((x - threshold) / eps) * grad
-        return gx, gt.sum(0), None
-
-
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, threshold, bandwidth):
-        ctx.save_for_backward(x, threshold)
-        ctx.bandwidth = bandwidth
-        return (x > threshold).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        gt = -(1.0 / eps) * _rect((x - threshold) / eps) * grad
-        return torch.zeros_like(x), gt.sum(0), None
-
-
 # ---------------------------------------------------------------- training
-SPARSE_ARCHS = (
-    "topk",
-    "batchtopk",
-    "featurechoice",
-)  # k-sparse by construction: unit-norm decoder rows, AuxK revives dead latents
-THRESHOLD_ARCHS = (
-    "batchtopk",
-    "featurechoice",
-)  # trained by a selection rule, saved as JumpReLU with the threshold it implies
-
-
 def init_sae(cfg: SAETrainConfig, d_in: int, first: torch.Tensor, layer: int, model_name: str) -> SAE:
     """Decoder rows random unit vectors (scaled by 0.1 for L1/L0-penalised SAEs), encoder their transpose, b_dec the
-    mean of the first batch. BatchTopK and Feature Choice SAEs are JumpReLU SAEs whose threshold training estimates."""
+    mean of the first batch; then what the architecture sets itself (thresholds). BatchTopK and Feature Choice SAEs
+    are JumpReLU SAEs whose threshold training estimates."""
+    arch = ARCHITECTURES[cfg.architecture]
     # the layer enters the seed: SAEs of two layers must not share a random init, or matching their
     # latents (SAE Match) would find the shared init rather than shared features
     g = torch.Generator().manual_seed(cfg.seed * 1009 + layer)
-    arch = "jumprelu" if cfg.architecture in THRESHOLD_ARCHS else cfg.architecture
-    extra = {"trained_as": cfg.architecture, "k": cfg.k} if cfg.architecture in THRESHOLD_ARCHS else {}
-    sae = SAE(
-        SAEConfig(
-            d_in,
-            cfg.d_sae,
-            arch,
-            k=cfg.k if arch == "topk" else None,
-            apply_b_dec_to_input=True,
-            layer=layer,
-            model=model_name,
-            extra=extra,
-        )
-    )
+    extra = {"trained_as": cfg.architecture, "k": cfg.k} if arch.learns_threshold else {}
+    k = cfg.k if arch.saved_as == "topk" else None
+    sae = SAE(SAEConfig(d_in, cfg.d_sae, arch.saved_as, k=k, layer=layer, model=model_name, extra=extra))
     with torch.no_grad():
         w = torch.randn(cfg.d_sae, d_in, generator=g)
         w /= w.norm(dim=-1, keepdim=True)
-        if cfg.architecture not in SPARSE_ARCHS:
+        if not arch.sparse:
             w *= 0.1
         sae.W_dec.copy_(w)
         sae.W_enc.copy_(w.T)
         sae.b_dec.copy_(first.mean(0))
-        if cfg.architecture in SPARSE_ARCHS:
-            sae.W_enc.mul_(_init_encoder_scale(sae, first, cfg))
-        if cfg.architecture == "jumprelu":
-            sae.threshold.fill_(cfg.jumprelu_init_threshold)
-        if cfg.architecture in THRESHOLD_ARCHS:
-            sae.threshold.fill_(-1.0)  # unset: the decay phase's batches set it
-    if cfg.architecture in THRESHOLD_ARCHS:
-        sae.threshold.requires_grad_(False)
+        if arch.sparse:
+            sae.W_enc.mul_(init_encoder_scale(sae, first, cfg))
+        arch.init(sae, cfg)
     return sae
 
 
-def _init_encoder_scale(sae: SAE, first: torch.Tensor, cfg: SAETrainConfig) -> float:
+def init_encoder_scale(sae: SAE, first: torch.Tensor, cfg: SAETrainConfig) -> float:
     """The least-squares scale of the first batch's reconstruction: with the encoder the decoder's transpose the k
     selected latents add up to far more than the input (about 2x its norm at k = d_in / 2), an overshoot the first
     steps spend undoing, worst at large k. Scaling the encoder changes no latent's selection (TopK and BatchTopK
@@ -257,7 +196,7 @@ def _init_encoder_scale(sae: SAE, first: torch.Tensor, cfg: SAETrainConfig) -> f
     c = (
         first.to(sae.W_enc.device, sae.W_enc.dtype) - sae.b_dec
     )  # the SAE is built on the CPU, the batch may be on a GPU
-    r = _sparse_codes(sae, c @ sae.W_enc, cfg.architecture, cfg.k, _shares(cfg))[0] - sae.b_dec
+    r = ARCHITECTURES[cfg.architecture].codes(sae, c @ sae.W_enc, cfg)[0] - sae.b_dec
     return float(((c * r).sum() / r.pow(2).sum().clamp(min=1e-12)).clamp(min=1e-3, max=1.0))
 
 
@@ -267,153 +206,26 @@ def input_scale(x: torch.Tensor) -> float:
     return float(x.shape[-1] ** 0.5 / x.norm(dim=-1).mean().clamp(min=1e-8))
 
 
-def _rows_times(idx: torch.Tensor, vals: torch.Tensor, y: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """``F^T @ y`` for the k-sparse codes F [tokens, n_rows] given as (idx, vals) [tokens, k]: a sparse-dense
-    product, about 2.5x faster on a CPU than the dense one at 1024 latents and k <= 64, and than ``index_add`` of
-    the [tokens * k, d] outer products (sparsify's)."""
-    n, k = idx.shape
-    tok = torch.arange(n, device=idx.device).repeat_interleave(k)
-    f_t = torch.sparse_coo_tensor(
-        torch.stack([idx.reshape(-1), tok]), vals.reshape(-1), (n_rows, n), check_invariants=False
-    )
-    return torch.sparse.mm(f_t, y)
-
-
-class _EncodeTopK(torch.autograd.Function):
-    """The k largest of ``x @ W_enc + b`` per token (values, ids). Backward only reaches the k selected latents per
-    token, so the encoder's gradient is a sparse product instead of a dense [d_in, tokens] x [tokens, d_sae] one."""
-
-    @staticmethod
-    def forward(ctx, x, w_enc, b, k):
-        vals, idx = torch.addmm(b, x, w_enc).topk(k, dim=-1, sorted=False)
-        ctx.save_for_backward(x, w_enc, idx)
-        ctx.d_sae = w_enc.shape[1]
-        ctx.mark_non_differentiable(idx)
-        return vals, idx
-
-    @staticmethod
-    def backward(ctx, g, _):
-        x, w_enc, idx = ctx.saved_tensors
-        g_x = (
-            torch.nn.functional.embedding_bag(idx, w_enc.T, per_sample_weights=g, mode="sum")
-            if ctx.needs_input_grad[0]
-            else None
-        )
-        g_w = _rows_times(idx, g, x, ctx.d_sae).T if ctx.needs_input_grad[1] else None
-        g_b = torch.zeros(ctx.d_sae, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return g_x, g_w, g_b, None
-
-
-@functools.lru_cache(maxsize=8)
-def feature_choice_shares(d_sae: int, k: float, zipf: float = 0.0, max_share: float = 1.0) -> torch.Tensor:
-    """Share of a batch's tokens each Feature Choice latent takes: proportional to 1/(i+1)^zipf, none above
-    ``max_share``, summing to k (so the mean L0 is k). zipf 0 is the paper's equal share k / d_sae; above 0, the
-    first latents may track frequent features (a language model's feature frequencies fall off like a power law)
-    and the last ones rare ones, none of them dead or dense."""
-    if not 0 < max_share <= 1 or zipf < 0:
-        raise ConfigError(f"featurechoice: fc_max_share={max_share} must lie in (0, 1] and fc_zipf={zipf} must be >= 0")
-    if k / d_sae > max_share:
-        raise ConfigError(
-            f"featurechoice: k={k} over d_sae={d_sae} latents needs a share of {k / d_sae:.3f} per latent, above fc_max_share={max_share}"
-        )
-    w = torch.arange(1, d_sae + 1, dtype=torch.float64) ** -zipf
-    lo, hi = 0.0, max_share / float(w[-1])  # at hi every latent sits at the cap, which sums to d_sae * max_share >= k
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if float((mid * w).clamp(max=max_share).sum()) < k else (lo, mid)
-    return (hi * w).clamp(max=max_share).float()
-
-
-def _shares(cfg: SAETrainConfig) -> torch.Tensor | None:
-    return (
-        feature_choice_shares(cfg.d_sae, cfg.k, cfg.fc_zipf, cfg.fc_max_share)
-        if cfg.architecture == "featurechoice"
-        else None
-    )
-
-
-def _sparse_codes(
-    sae: SAE, pre: torch.Tensor, arch: str, k: int, shares: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_hat, active latent ids, L0, smallest value kept). TopK keeps the k largest per token; BatchTopK keeps
-    the k * tokens largest of the whole batch (so a token gets more or fewer); Feature Choice (Ayonrinde 2024,
-    arXiv:2411.02124) keeps each latent's share of the tokens (``shares``, from ``feature_choice_shares``), its
-    largest, so every latent fires as often as its share says in training and the smallest value kept is one per
-    latent."""
-    if arch == "topk":
-        vals, idx = pre.topk(k, dim=-1, sorted=False) if torch.is_tensor(pre) else _EncodeTopK.apply(*pre, k)
-        vals = vals.relu()
-        return sae.decode_sparse(idx, vals), idx[vals > 0], (vals > 0).sum(-1).float().mean(), vals.detach().min()
-    n = pre.shape[0]
-    if arch == "featurechoice":
-        m = (shares.to(pre.device) * n).round().clamp(1, n).long()
-        low = pre.detach().topk(int(m.max()), dim=0, sorted=True).values.gather(0, (m - 1)[None]).squeeze(0)
-        chosen = pre.detach() >= low
-        # ReLU forward, identity backward: a latent whose chosen tokens have all turned negative would get no
-        # gradient and stay dead; this way the reconstruction error still pulls its encoder towards tokens it helps
-        f = (pre + (pre.relu() - pre).detach()) * chosen
-        live = chosen & (pre.detach() > 0)
-        return sae.decode(f), live.any(0).nonzero().squeeze(1), live.sum().float() / n, low.clamp(min=0)
-    vals, flat = pre.relu().flatten().topk(k * n, sorted=False)
-    f = torch.zeros(n * sae.d_sae, dtype=pre.dtype, device=pre.device).scatter(0, flat, vals).view(n, sae.d_sae)
-    live = vals.detach() > 0
-    low = vals.detach()[live].min() if live.any() else vals.new_zeros(())
-    return sae.decode(f), flat[live] % sae.d_sae, live.sum().float() / n, low
-
-
 def sae_loss(sae: SAE, x: torch.Tensor, cfg: SAETrainConfig, dead: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    """Loss and metrics for one batch. TopK/BatchTopK: the centring is folded into the encoder bias
-    (``(x - b_dec) W + b = x W + (b - b_dec W)``), so b_dec's gradient through the encoder costs a vector-matrix
-    product, not a third [tokens, d_sae] x [d_sae, d_in] one; AuxK's pre-activations are computed for the dead
-    latents only. On a CPU the TopK encoder's backward reaches only the k selected latents (``_EncodeTopK``)."""
-    arch = cfg.architecture
-    aux = torch.zeros((), device=x.device)
-    if arch in SPARSE_ARCHS:
-        b_eff = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
-        pre = (x, sae.W_enc, b_eff) if arch == "topk" and x.device.type == "cpu" else torch.addmm(b_eff, x, sae.W_enc)
-        x_hat, fired_idx, l0, low = _sparse_codes(sae, pre, arch, cfg.k, _shares(cfg))
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, fired_idx, True)
-    else:
-        pre = sae.encode_pre(x)
-        if arch == "jumprelu":
-            thr = sae.threshold
-            f = _JumpReLU.apply(torch.relu(pre), thr, cfg.jumprelu_bandwidth)
-            l0_ste = _Step.apply(torch.relu(pre), thr, cfg.jumprelu_bandwidth).sum(-1).mean()
-        else:
-            f = sae.activate(pre)
-        x_hat = sae.decode(f)
-        fired = (f > 0).any(0)
-        l0 = (f > 0).float().sum(-1).mean()
-        low = None
-    err = x - x_hat
+    """Loss and metrics for one batch: the MSE and the architecture's penalty (``architectures``)."""
+    arch = ARCHITECTURES[cfg.architecture]
+    codes = arch.forward(sae, x, cfg)
+    err = x - codes.x_hat
     mse = err.pow(2).sum(-1).mean()
     var = (x - x.mean(0)).pow(2).sum(-1).mean()
-    if arch in SPARSE_ARCHS:
-        loss = mse
-        n_dead = int(dead.sum()) if dead is not None else 0
-        if n_dead:
-            k_aux = min(cfg.aux_k or max(1, x.shape[-1] // 2), n_dead)
-            ids = dead.nonzero().squeeze(1)  # only the dead latents' pre-activations are needed
-            a_vals, pos = torch.addmm(b_eff[ids], x, sae.W_enc[:, ids]).topk(k_aux, dim=-1, sorted=False)
-            e_hat = sae.decode_sparse(ids[pos], a_vals.relu(), bias=False)
-            target = err.detach()
-            aux = (e_hat - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean().clamp(min=1e-8)
-            loss = loss + cfg.aux_coeff * aux
-    elif arch == "jumprelu":
-        loss = mse + cfg.l0_coeff * l0_ste
-    else:
-        loss = mse + cfg.l1_coeff * (f * sae.W_dec.norm(dim=-1)).sum(-1).mean()
-    return loss, {
+    penalty, aux = arch.penalty(sae, x, err, codes, cfg, dead)
+    metrics = {
         "mse": mse.detach(),
         "ev": 1 - mse.detach() / var.clamp(min=1e-8),
-        "l0": l0.detach(),
+        "l0": codes.l0.detach(),
         "aux": aux.detach(),
-        "fired": fired,
-        "low": low,
+        "fired": codes.fired,
+        "low": codes.low,
     }
+    return mse + penalty, metrics
 
 
-class _Fit:
+class Fit:
     """One SAE's optimiser state and step. Adam, constant learning rate then linear decay over the last 20%;
     TopK/BatchTopK decoder rows kept unit-norm; a latent is dead once it has not fired for ``cfg.dead_tokens``
     tokens. With ``cfg.normalize`` every batch is scaled by ``input_scale(first)`` and the SAE is rescaled back at
@@ -431,7 +243,8 @@ class _Fit:
             self.opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / (steps - decay_from))
         )
         self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=first.device)
-        self.sparse = cfg.architecture in SPARSE_ARCHS
+        self.arch = ARCHITECTURES[cfg.architecture]
+        self.sparse = self.arch.sparse
         self.n = 0
 
     def step(self, x: torch.Tensor) -> dict:
@@ -446,14 +259,7 @@ class _Fit:
                 g -= (g * w).sum(-1, keepdim=True) * w
         self.opt.step()
         self.sched.step()
-        with torch.no_grad():
-            if self.sparse:
-                sae.normalize_decoder()
-            if cfg.architecture == "jumprelu":
-                sae.threshold.clamp_(min=1e-6)
-            if cfg.architecture in THRESHOLD_ARCHS and self.n >= self.decay_from:
-                i = self.n - self.decay_from
-                sae.threshold.copy_((sae.threshold * i + m["low"]) / (i + 1))
+        self.arch.after_step(sae, m["low"], self.n, self.decay_from)
         self.since_fired += len(x)
         self.since_fired[m["fired"]] = 0
         self.n += 1
@@ -473,7 +279,7 @@ class _Fit:
         if not len(dead):
             return 0
         b_eff = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
-        err = x - _sparse_codes(sae, torch.addmm(b_eff, x, sae.W_enc), cfg.architecture, cfg.k, _shares(cfg))[0]
+        err = x - self.arch.codes(sae, torch.addmm(b_eff, x, sae.W_enc), cfg)[0]
         w = err.pow(2).sum(-1)
         g = torch.Generator(device=x.device).manual_seed(cfg.seed * 7919 + self.n)
         pick = torch.multinomial(w / w.sum(), len(dead), replacement=len(dead) > len(x), generator=g)
@@ -499,8 +305,9 @@ def fit_many(
     saes: list[SAE], first: torch.Tensor, stream: Iterator[torch.Tensor], cfg: SAETrainConfig, progress: bool = False
 ) -> list[torch.Tensor]:
     """Train one SAE per layer on batches [tokens, layers, d_in] (``first``, then ``stream``) for ``cfg.tokens``
-    tokens: each batch feeds every SAE, so the model runs once for all layers. Returns tokens since each latent fired."""
-    fits = [_Fit(sae, first[:, i], cfg) for i, sae in enumerate(saes)]
+    tokens: each batch feeds every SAE, so the model runs once for all layers. Returns, per SAE, the tokens since
+    each latent last fired."""
+    fits = [Fit(sae, first[:, i], cfg) for i, sae in enumerate(saes)]
     steps = max(1, cfg.tokens // cfg.batch_tokens)
     bar = tqdm(range(steps), desc=f"sae {cfg.architecture}", disable=not progress)
     x = first
@@ -606,7 +413,6 @@ def train_sae(cfg: SAETrainConfig, model=None, tokenizer=None) -> tuple[SAE, dic
         report["train_tokens_per_s"] = cfg.tokens / train_s
         out = os.path.join(cfg.out, f"layers.{layer}") if cfg.layers else cfg.out
         sae.save(out, extra={"train_config": asdict(cfg), "eval": report}, format=cfg.format)
-        with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(os.path.join(out, "eval.json"), report, indent=2)
         reports[layer] = report
     return saes[0], (reports if cfg.layers else reports[layers[0]])
