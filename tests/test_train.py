@@ -6,7 +6,8 @@ import torch
 from conftest import margin
 
 from featalign.errors import TrainingDivergedError
-from featalign.train import TrainConfig, Trainer, run_train
+from featalign.train import TrainConfig, run_train
+from featalign.trainer import Trainer
 
 
 def cfg_for(world, tmp_path, method, **kw):
@@ -104,7 +105,7 @@ def test_fpo_with_a_cache_never_loads_the_reference(world, world_sae, tmp_path, 
         )
         == 0
     )
-    import featalign.train as T
+    import featalign.trainer as T
 
     loads = []
     real = T.load_model
@@ -159,13 +160,13 @@ def test_resume_reaches_the_same_weights(world, tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_step_and_batch(world, tmp_path, monkeypatch):
-    import featalign.train as T
+    import featalign.trainer as T
 
     def nan_loss(method, terms, **kw):
         return terms["policy_chosen_logps"].sum() * float("nan"), {}
 
     monkeypatch.setattr(T, "compute_loss", nan_loss)
-    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 0 on pairs \["):
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 1 on the data's kept pairs \["):
         run_train(cfg_for(world, tmp_path, "simpo"))
 
 
@@ -200,7 +201,8 @@ LAUNCH_ARGS = [
 
 @pytest.fixture(scope="module")
 def one_process(world, tmp_path_factory):
-    """method -> the metrics of one process x 8 pairs, run once per module: the baseline the multi-process runs match."""
+    """method -> the metrics of one process x 8 pairs, run once per module: the baseline the multi-process runs
+    match."""
     import subprocess
     import sys
 
@@ -384,19 +386,19 @@ def test_fsdp_on_two_gloo_processes_matches_one_process(world, tmp_path, one_pro
 )
 def test_fsdp1_on_cpu_that_needs_a_gpu_is_a_config_error(world, tmp_path, monkeypatch, env, refused):
     """Checked from the launcher's settings before accelerate is asked, whatever accelerate's own error would say."""
+    from featalign.distributed import check_fsdp_on_cpu
     from featalign.errors import ConfigError
-    from featalign.train import _check_fsdp_on_cpu
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     if refused:
         with pytest.raises(ConfigError, match=f"cannot use {refused}"):
-            _check_fsdp_on_cpu()
+            check_fsdp_on_cpu()
         with pytest.raises(ConfigError, match="fsdp_sync_module_states: false"):
             Trainer(cfg_for(world, tmp_path, "dpo"))
     else:
-        _check_fsdp_on_cpu()
+        check_fsdp_on_cpu()
 
 
 def test_lora_with_gradient_checkpointing_saves_a_merged_model(world, world_sae, tmp_path):
@@ -451,7 +453,7 @@ def test_length_grouping_pads_less_and_is_a_seeded_permutation():
 def test_lora_live_reference_is_the_adapter_off_policy(world, tmp_path, monkeypatch):
     """TDPO-2 + LoRA loads one model, and its losses equal a run with a separately loaded reference."""
     pytest.importorskip("peft", reason="peft (test extra) is not installed")
-    import featalign.train as T
+    import featalign.trainer as T
 
     loads = []
     real = T.load_model
@@ -471,7 +473,7 @@ def test_lora_live_reference_is_the_adapter_off_policy(world, tmp_path, monkeypa
 
 
 def test_offline_cache_is_built_from_the_policy_without_a_second_load(world, tmp_path, monkeypatch):
-    import featalign.train as T
+    import featalign.trainer as T
 
     loads = []
     real = T.load_model

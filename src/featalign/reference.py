@@ -263,7 +263,8 @@ def build_cache(
             for kk, v in new.items():
                 parts.setdefault(kk, []).append(v.cpu())
             bar.update(n)
-        atomic_file(shard_path, lambda tmp: save_file({kk: torch.cat(v).contiguous() for kk, v in parts.items()}, tmp))
+        shard = {kk: torch.cat(v).contiguous() for kk, v in parts.items()}
+        atomic_file(shard_path, lambda tmp, shard=shard: save_file(shard, tmp))
     bar.close()
     write_json(
         mpath,
@@ -317,3 +318,26 @@ class ReferenceCache:
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.tensors.values())
+
+
+@torch.no_grad()
+def update_reference(policy, ref_model, a: float, adapter_off: bool) -> None:
+    """TR-DPO: theta_ref <- a * theta + (1 - a) * theta_ref (a = 1: hard copy).
+
+    With LoRA the reference is the base weights W and the policy W + BA, so the update is W <- W + a BA,
+    B <- (1 - a) B: the policy is unchanged and the reference (adapter off) is exactly the mix."""
+    if adapter_off:
+        from peft.tuners.lora import LoraLayer
+
+        for m in policy.modules():
+            if isinstance(m, LoraLayer):
+                for name in m.active_adapters:
+                    if name in m.lora_A:
+                        base = m.get_base_layer().weight
+                        base.add_(m.get_delta_weight(name).to(base.dtype), alpha=a)
+                        m.lora_B[name].weight.mul_(1 - a)
+        return
+    pol = policy.state_dict()
+    for name, p in ref_model.state_dict().items():
+        if p.dtype.is_floating_point:
+            p.mul_(1 - a).add_(pol[name].to(p.dtype), alpha=a)

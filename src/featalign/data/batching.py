@@ -156,3 +156,36 @@ def group_by_length(
     ]
     chunks = [ranked[s : s + batch_size] for s in range(0, n_full, batch_size)]
     return [i for k in torch.randperm(len(chunks), generator=generator).tolist() for i in chunks[k]] + order[n_full:]
+
+
+def epoch_batches(
+    n: int, lengths: list[int] | None, seed: int, epoch: int, batch_size: int, world: int = 1, rank: int = 0
+) -> list[list[int]]:
+    """This process's micro-batches of pair indices for an epoch: a permutation seeded by (seed, epoch), grouped by
+    length when ``lengths`` are given, cut into global batches of ``batch_size * world`` and split across processes.
+    A pure function of its arguments, so a resumed run sees the batches the killed one would have."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    global_bs = batch_size * world
+    if lengths is not None:
+        perm = group_by_length(perm, lengths, global_bs, g)
+    return [
+        perm[i + rank * batch_size : i + (rank + 1) * batch_size]
+        for i in range(0, len(perm) - global_bs + 1, global_bs)
+    ]
+
+
+def micro_batches(epoch_batches_of, accum: int, step: int = 0):
+    """Micro-batches from optimiser step ``step`` on, endlessly, each epoch's last incomplete accumulation dropped;
+    ``epoch_batches_of(epoch)`` gives an epoch's micro-batches."""
+    micro = step * accum
+    epoch = 0
+    while True:
+        batches = epoch_batches_of(epoch)
+        n_full = (len(batches) // accum) * accum
+        if micro < n_full:
+            yield from batches[micro:n_full]
+            micro = 0
+        else:
+            micro -= n_full
+        epoch += 1

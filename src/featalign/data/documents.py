@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import DataError
 from .chat import renderer
-from .records import DataStats, Drop, _messages, read_records, to_pair
+from .records import DataStats, Drop, message_list, read_records, to_pair
 
 
 def read_documents(path: str, tokenizer, split: str = "train", stats: DataStats | None = None) -> list[list[int]]:
@@ -24,7 +24,7 @@ def read_documents(path: str, tokenizer, split: str = "train", stats: DataStats 
         if isinstance(rec.get("text"), str):
             docs.append(tokenizer(rec["text"])["input_ids"])
         elif "messages" in rec:
-            docs.append(r.conversation_ids(_messages(rec["messages"], path, line, "messages")))
+            docs.append(r.conversation_ids(message_list(rec["messages"], path, line, "messages")))
         elif "chosen" in rec and "rejected" in rec:
             try:
                 pair = to_pair(rec, path, line)

@@ -204,7 +204,7 @@ def _text(value: Any, path: str, line: int, name: str) -> str:
     return value
 
 
-def _messages(value: Any, path: str, line: int, name: str) -> list[dict]:
+def message_list(value: Any, path: str, line: int, name: str) -> list[dict]:
     if not isinstance(value, list):
         raise DataError(
             f"expected a list of messages (the other response is one), got {type(value).__name__}", path, line, name
@@ -219,7 +219,7 @@ def _messages(value: Any, path: str, line: int, name: str) -> list[dict]:
 
 def _prompt(prompt: Any, path: str, line: int) -> str | list[dict]:
     if isinstance(prompt, list):
-        return _messages(prompt, path, line, "prompt")
+        return message_list(prompt, path, line, "prompt")
     if not _text(prompt, path, line, "prompt").strip():
         raise DataError("is empty", path, line, "prompt")
     return prompt
@@ -275,7 +275,7 @@ def to_pair(rec: Any, path: str = "<records>", line: int = 0) -> PreferencePair:
     src = f"{path}:{line}"
     chosen, rejected, prompt = rec["chosen"], rec["rejected"], rec.get("prompt")
     if isinstance(chosen, list) or isinstance(rejected, list):
-        c, r = _messages(chosen, path, line, "chosen"), _messages(rejected, path, line, "rejected")
+        c, r = message_list(chosen, path, line, "chosen"), message_list(rejected, path, line, "rejected")
         for name, msgs in (("chosen", c), ("rejected", r)):
             if msgs[-1]["role"] != "assistant":
                 raise DataError("the last message must be the assistant's answer", path, line, name)
@@ -327,7 +327,8 @@ def load_pairs(
     stats.kept = len(pairs)
     if not pairs:
         raise DataError(
-            f"holds no usable preference pairs ({stats.records} records read, dropped: {dict(stats.dropped) or 'none'})",
+            f"holds no usable preference pairs ({stats.records} records read, "
+            f"dropped: {dict(stats.dropped) or 'none'})",
             path,
         )
     return pairs
