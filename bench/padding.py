@@ -1,8 +1,9 @@
 """Random vs length-grouped vs packed batches: share of padded positions, training tokens per second, memory.
 
-The same DPO run (offline cache, the quick world's SFT model and train pairs) with ``group_by_length`` off
-(padded), on (padded), and on with ``--pack`` (one padding-free row per micro-batch), each in its own process, alternating over ``--rounds`` so a slow spell of the shared machine hits both;
-each keeps its fastest round. Tokens are real (unpadded) tokens, so padding shows as lost throughput.
+The same DPO run (offline cache, the quick world's SFT model and train pairs) with ``group_by_length`` off (padded),
+on (padded), and on with ``--pack`` (one padding-free row per micro-batch), each in its own process, alternating
+over ``--rounds`` so a slow spell of the shared machine hits both; each keeps its fastest round. Tokens are real
+(unpadded) tokens, so padding shows as lost throughput.
 
 Usage: python bench/padding.py [--steps 30 --batch-size 8]  -> bench/results/padding-<cpu|gpu>.json
 """

@@ -10,16 +10,15 @@ Usage: python bench/sae_layers.py [--layers 1,2,3 --tokens 200000] -> bench/resu
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import quick_world, scratch, write_result  # noqa: E402
+from common import parser, quick_world, scratch, write_result  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--layers", default="1,2,3")
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--d-sae", type=int, default=512)

@@ -10,28 +10,31 @@ Usage: python bench/sae_match.py [--d-sae 16384 --d-in 2304] -> bench/results/sa
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import peak_mb, random_sae, write_result  # noqa: E402
+from common import device, parser, peak_mb, write_result  # noqa: E402
 
-from featalign.sae import SAE, SAEConfig  # noqa: E402
+from featalign.sae import (  # noqa: E402
+    SAE,
+    SAEConfig,
+    random_sae,  # noqa: E402
+)
 from featalign.sae.match import match_saes, summarize  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--d-in", type=int, default=2304)
     ap.add_argument("--noise", type=float, default=0.02, help="std of the noise added to B's decoder entries")
     a = ap.parse_args()
     torch.manual_seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    A = random_sae(a.d_in, a.d_sae, k=64)
+    dev = device()
+    A = random_sae(a.d_in, a.d_sae, "topk", k=64, noise=0.0)
     perm = torch.randperm(a.d_sae)
     B = SAE(SAEConfig(a.d_in, a.d_sae, "topk", k=64))
     with torch.no_grad():

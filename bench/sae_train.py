@@ -17,7 +17,6 @@ Usage: python bench/sae_train.py [--tokens 400000 --d-sae 1024 --ks 16,32,64] ->
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import ROOT, peak_mb, quick_world, run_worker, scratch, sync, write_result  # noqa: E402
+from common import ROOT, device, parser, peak_mb, quick_world, run_worker, scratch, sync, write_result  # noqa: E402
 
 
 def collect(path: str, tokens: int, layer: int) -> dict:
@@ -54,7 +53,7 @@ def _split(a):
     outside every library's timed loop (featalign builds its optimiser inside ``fit``, the others before timing)."""
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     x = torch.load(a.acts)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = device()
     n_eval = a.eval_tokens
     return x[n_eval:].to(dev), x[:n_eval].to(dev)
 
@@ -181,7 +180,7 @@ WORKERS = {"featalign": featalign_worker, "saelens": saelens_worker, "sparsify":
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--worker", choices=list(WORKERS))
     ap.add_argument("--acts")
     ap.add_argument("--tokens", type=int, default=400_000)

@@ -10,13 +10,14 @@ Usage: python bench/scaling.py -> bench/results/scaling-<cpu|gpu>.json and scali
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import RESULTS, bench_llama, device_tag, random_sae, timeit, write_result  # noqa: E402
+from common import RESULTS, bench_llama, device_tag, parser, timeit, write_result  # noqa: E402
+
+from featalign.sae import random_sae  # noqa: E402
 
 
 def step(model, sae, layer: int, batch: int, seq: int, vocab: int, method: str, dev: str, k: int = 50):
@@ -73,7 +74,7 @@ def measure(model, sae, layer, batch, seq, vocab, method, dev, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
@@ -96,7 +97,7 @@ def main():
         out[knob] = []
         for v in values:
             p = {**base, knob: v}
-            sae = random_sae(hidden, p["d_sae"]).to(dev).requires_grad_(False)
+            sae = random_sae(hidden, p["d_sae"], "topk", k=32, noise=0.0).to(dev).requires_grad_(False)
             row = {knob: v}
             for method in ("fpo", "dpo"):
                 r = measure(model, sae, layer, p["batch"], p["seq"], vocab, method, dev, a.repeats)

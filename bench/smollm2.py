@@ -8,7 +8,6 @@ Usage: python bench/smollm2.py [--pairs 96] [--steps 12] [--batch-size 4]
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -16,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, ROOT, device_label, device_tag
+from common import RESULTS, ROOT, device_label, device_tag, parser
 
 POS = "wonderful lovely bright calm warm gentle cheerful delightful pleasant kind".split()
 NEG = "dull grey tiring cold harsh gloomy boring dreary unpleasant sad".split()
@@ -31,9 +30,10 @@ def chat_pairs(n: int, seed: int = 0) -> list[dict]:
         topic = rng.choice(NOUNS)
         q = f"Tell me what you think about {topic}."
 
-        def answer(words):
+        def answer(words, topic=topic):
             sents = [
-                f"I find {topic} {rng.choice(words)} and {rng.choice(words)}, especially when the day is {rng.choice(words)}."
+                f"I find {topic} {rng.choice(words)} and {rng.choice(words)}, "
+                f"especially when the day is {rng.choice(words)}."
                 for _ in range(rng.randint(2, 5))
             ]
             return " ".join(sents)
@@ -63,7 +63,7 @@ def run(cmd: list[str]) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--pairs", type=int, default=96)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=4)

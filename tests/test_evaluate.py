@@ -1,4 +1,5 @@
-"""`featalign eval` with a judge: reward, win rates against the reference's own samples, diversity, saved generations."""
+"""`featalign eval` with a judge: reward, win rates against the reference's own samples, diversity, saved
+generations."""
 
 import json
 

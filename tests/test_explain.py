@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import margin
 
-from featalign.errors import ConfigError
 from featalign.attribute import AttributeConfig, run_attribute, spliced_score
+from featalign.errors import ConfigError
 from featalign.explain import ExplainConfig, run_explain
 from featalign.models import decoder_layers, load_model, load_tokenizer
 

@@ -112,24 +112,17 @@ def test_reward_model_scores_with_the_last_logit(tmp_path):
     """A tiny seed-built sequence-classification model: the judge's scores equal its own forward's last logit."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "good", "bad", "movie", "the", "[UNK]"])}
     t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="[UNK]")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=0,
-    )
-    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    from tiny import tiny_lm
+
+    tiny_lm(
+        vocab=len(vocab), hidden=16, intermediate=32, layers=1, heads=2, task="classify", num_labels=1, pad_token_id=0
+    ).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     j = make_judge(reward_model=str(tmp_path))
     scores = j(["the movie", "the"], [" good", " bad movie"])

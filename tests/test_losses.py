@@ -124,23 +124,20 @@ def test_registry_and_defaults():
 
 def _seeded_llama(tok, seed: int):
     """A tiny Llama built from a seed, no training: its weights do not depend on the CPU that runs the test."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny import tiny_lm
 
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+    return tiny_lm(
+        vocab=len(tok),
+        hidden=64,
+        intermediate=128,
+        kv_heads=4,
+        seed=seed,
         max_position_embeddings=128,
         initializer_range=0.3,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
+    ).eval()
 
 
 def test_matches_trl_dpo_losses():

@@ -4,25 +4,13 @@ import copy
 
 import pytest
 import torch
+from tiny import tiny_lm
 
 from featalign.mlp import lean_mlp
 
 
 def tiny(kind: str):
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=200,
-        hidden_size=32,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    if kind == "gemma2":  # gelu (tanh) gate instead of SiLU
-        return Gemma2ForCausalLM(Gemma2Config(head_dim=8, **common))
-    return LlamaForCausalLM(LlamaConfig(**common))
+    return tiny_lm(kind, vocab=200, intermediate=96)  # Gemma-2's MLP gates with gelu (tanh) instead of SiLU
 
 
 def saved_bytes(model, ids):

@@ -133,7 +133,8 @@ def test_token_ids_equal_trls_dpo_tokenisation(smol):
 
 @pytest.mark.slow
 def test_every_command_on_smollm2(smol, tmp_path):
-    """SAE on a middle layer, offline cache, FPO and DPO steps, evaluation: the path a user with their own model takes."""
+    """SAE on a middle layer, offline cache, FPO and DPO steps, evaluation: the path a user with their own model
+    takes."""
     from featalign.evaluate import EvalConfig, evaluate_policy
     from featalign.reference import CacheConfig, run_cache
     from featalign.sae.train import SAETrainConfig, train_sae

@@ -207,7 +207,8 @@ def attribute_table(result: dict) -> str:
         "",
         f"validation by zero-ablation: Pearson r(predicted, real change) = {v['pearson_predicted_vs_ablation']:.3f}; "
         f"mean |change| top {v['mean_abs_change_top']:.4f} vs random active {v['mean_abs_change_random']:.4f}; "
-        f"joint ablation of the positive top features: predicted {joint['predicted']:+.4f}, real {joint['change']:+.4f}",
+        f"joint ablation of the positive top features: predicted {joint['predicted']:+.4f}, "
+        f"real {joint['change']:+.4f}",
     ]
     return "\n".join(lines)
 

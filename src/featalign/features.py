@@ -53,8 +53,12 @@ def reward_relation(texts: list[tuple], pooled: torch.Tensor, shift: torch.Tenso
     y = {n: torch.tensor([s[n] for s in scores], dtype=torch.float32) for n in names}
     corr = torch.stack([columnwise_corr(pooled, v) for v in y.values()], 1)
     summary = {n: float(columnwise_corr(shift[:, None], corr[:, i])[0]) for i, n in enumerate(y)}
-    info = {"judge": judge.name, "parts": names, "shift_vs_feature_reward_corr": summary,
-            "mean_reward_parts": {n: float(v.mean()) for n, v in y.items()}}  # fmt: skip
+    info = {
+        "judge": judge.name,
+        "parts": names,
+        "shift_vs_feature_reward_corr": summary,
+        "mean_reward_parts": {n: float(v.mean()) for n, v in y.items()},
+    }
     return corr, info
 
 

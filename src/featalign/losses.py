@@ -31,6 +31,15 @@ def _metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejec
     return m
 
 
+def _per_token_ratios(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_len, rejected_len
+):
+    """The length-normalised log-ratios r(y_w)/|y_w| and r(y_l)/|y_l| (a response of no tokens counts as one)."""
+    cr = (policy_chosen_logps - ref_chosen_logps) / chosen_len.clamp(min=1)
+    rr = (policy_rejected_logps - ref_rejected_logps) / rejected_len.clamp(min=1)
+    return cr, rr
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1):
     """DPO: u = beta * (r(y_w) - r(y_l)), r = summed log-ratio."""
     cr, rr = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
@@ -48,8 +57,9 @@ def dpo_ln_loss(
     beta: float = 0.1,
 ):
     """DPO with length-normalised log-ratios (TRL ``sigmoid_norm``)."""
-    cr = (policy_chosen_logps - ref_chosen_logps) / chosen_len.clamp(min=1)
-    rr = (policy_rejected_logps - ref_rejected_logps) / rejected_len.clamp(min=1)
+    cr, rr = _per_token_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_len, rejected_len
+    )
     u = beta * (cr - rr)
     return -F.logsigmoid(u).mean(), _metrics(beta * cr, beta * rr, policy_chosen_logps, policy_rejected_logps, u)
 
@@ -64,8 +74,9 @@ def ipo_loss(
     beta: float = 0.1,
 ):
     """IPO, length-averaged as TRL ``ipo``: (r_w/|y_w| - r_l/|y_l| - 1/(2 beta))^2."""
-    cr = (policy_chosen_logps - ref_chosen_logps) / chosen_len.clamp(min=1)
-    rr = (policy_rejected_logps - ref_rejected_logps) / rejected_len.clamp(min=1)
+    cr, rr = _per_token_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_len, rejected_len
+    )
     h = cr - rr
     loss = (h - 1 / (2 * beta)) ** 2
     return loss.mean(), _metrics(

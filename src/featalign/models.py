@@ -165,8 +165,9 @@ def capture_layer(model, layer: int, stop: bool = False, first: bool = False):
     """Capture the residual-stream output of decoder ``layer`` in ``box['h']`` via a forward hook.
 
     With ``first=True`` only the first forward pass in the block is kept (a LoRA run's reference pass, the same
-    model with its adapter off, would otherwise overwrite the policy's activations). With ``stop=True`` the forward pass is cut short after that layer (an exception caught here), which
-    saves the rest of the model's compute when only the activations are wanted.
+    model with its adapter off, would otherwise overwrite the policy's activations). With ``stop=True`` the forward
+    pass is cut short after that layer (an exception caught here), which saves the rest of the model's compute when
+    only the activations are wanted.
     """
     layer = check_layer(model, layer)
     box: dict[str, torch.Tensor] = {}

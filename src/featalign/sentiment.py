@@ -161,14 +161,15 @@ def task_paths(out: str) -> dict[str, str]:
     }
 
 
-def build_task(out: str, cfg: SentimentConfig = SentimentConfig(), progress: bool = True) -> dict:
-    """The task's folder: ``model/`` (HF folder), ``train.jsonl`` and ``test.jsonl`` (prompt/chosen/rejected, the
+def build_task(out: str, cfg: SentimentConfig | None = None, progress: bool = True) -> dict:
+    """The task's folder: ``train.jsonl`` and ``test.jsonl`` (prompt/chosen/rejected, the
     chat template applies at tokenisation), ``manifest.json``. Reused when built with the same settings and model."""
     from . import data as D
     from .generate import sample
     from .models import load_model, load_tokenizer, resolve_model
     from .reference import path_hash
 
+    cfg = cfg or SentimentConfig()
     model_path = cfg.model or smollm2_gguf()
     if not model_path:
         raise ConfigError(

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as D
-from ..atomic import replace_dir
+from ..atomic import replace_dir, write_json
 from ..config import Config, setting
 from . import lang
 from .probe import mood_oracle, mood_probe, probe_examples, topic_blind, topic_probe
@@ -298,7 +298,6 @@ def build_world(
         "build_seconds": round(time.time() - t0, 1),
         "paths": {k: os.path.relpath(v, out) for k, v in paths.items() if k != "root"},
     }
-    with open(tpaths["manifest"], "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_json(tpaths["manifest"], manifest, indent=2)
     replace_dir(tmp, out)
     return manifest

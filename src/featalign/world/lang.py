@@ -41,7 +41,8 @@ TOPICS: dict[str, dict[str, list[str]]] = {
     },
     "sports": {
         "nouns": "football tennis coach team goal match stadium referee player ball racket league "
-        "trophy marathon sprint swimmer bicycle helmet score tournament athlete whistle jersey court season_pass".split(),
+        "trophy marathon sprint swimmer bicycle helmet score tournament athlete whistle jersey "
+        "court season_pass".split(),
         "verbs": "scores kicks runs trains wins races passes throws defends tackles".split(),
         "adjs": "athletic competitive fast agile strong tactical sporty quick".split(),
     },
@@ -65,7 +66,8 @@ TOPICS: dict[str, dict[str, list[str]]] = {
     },
     "tech": {
         "nouns": "computer laptop phone robot software server keyboard screen chip network code "
-        "algorithm database browser app camera battery sensor cable router printer tablet drone satellite processor".split(),
+        "algorithm database browser app camera battery sensor cable router printer tablet drone "
+        "satellite processor".split(),
         "verbs": "computes crashes downloads uploads boots charges scans encrypts streams updates".split(),
         "adjs": "digital wireless electronic virtual smart automated binary portable".split(),
     },
@@ -83,7 +85,8 @@ TOPICS: dict[str, dict[str, list[str]]] = {
     },
     "city": {
         "nouns": "street bridge tower subway market museum library park traffic building taxi cafe "
-        "plaza avenue skyscraper apartment bakery theater alley tram crowd neighborhood sidewalk mayor district".split(),
+        "plaza avenue skyscraper apartment bakery theater alley tram crowd neighborhood sidewalk "
+        "mayor district".split(),
         "verbs": "bustles commutes crowds builds honks parks shops rents hurries gathers".split(),
         "adjs": "urban busy crowded modern historic noisy downtown concrete".split(),
     },
