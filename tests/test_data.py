@@ -90,6 +90,41 @@ def tok():
     return D.prepare_tokenizer(build_tokenizer())
 
 
+def test_a_path_that_can_only_be_local_is_missing_and_an_owner_name_goes_to_the_hub(tmp_path, monkeypatch):
+    for path in ("/nope/pairs.jsonl", "./pairs", "data/sub/pairs", "pairs.parquet"):
+        with pytest.raises(DataError, match="no such file"):
+            list(D.read_records(path))
+    asked = []
+
+    class FakeDatasets:  # the hub, offline: what `datasets` is asked for is what matters here
+        @staticmethod
+        def load_dataset(name, split):
+            asked.append((name, split))
+            return [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+
+    import featalign.data.records as R
+
+    monkeypatch.setattr(R, "_datasets", lambda path: FakeDatasets)
+    assert list(D.read_records("Anthropic/hh-rlhf", split="test")) == [
+        (1, {"prompt": "p", "chosen": "a", "rejected": "b"})
+    ]
+    assert asked == [("Anthropic/hh-rlhf", "test")]
+
+
+def test_a_chat_template_that_refuses_a_role_is_one_line(tok):
+    """Gemma's templates raise on a system turn; that is a ConfigError naming the roles, not a jinja traceback."""
+    import copy
+
+    strict = copy.deepcopy(tok)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ m['content'] }} {% endfor %}"
+    )
+    r = D.renderer(strict)
+    with pytest.raises(ConfigError, match="refuses a conversation of roles system/user: no system role"):
+        r.prompt_ids([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+
+
 def test_tokenise_masks_and_length_policy(tok):
     pair = D.PreferencePair("tell me about the bread", "the soup is lovely .", "it is a terrible cake . " * 10, "x:1")
     stats = D.DataStats()

@@ -74,6 +74,10 @@ def test_stale_cache_is_refused_naming_the_part(world, setup, tmp_path, world_sa
     sae2.save(other_sae)
     with pytest.raises(CacheMismatchError, match="the SAE changed"):
         ReferenceCache(out, expected_manifest(world["sft"], data, other_sae, settings) | {"data": man["data"]})
+    plain = str(tmp_path / "plain")  # built without an SAE, then asked for FPO's features
+    build_cache(model, tok, pairs, plain, expected_manifest(world["sft"], data, None, settings), progress=False)
+    with pytest.raises(CacheMismatchError, match="built without an SAE, so it holds no SAE features"):
+        ReferenceCache(plain, man)
     cache = ReferenceCache(out, man)
     assert cache.has_features and cache.tensors["chosen_feat_idx"].shape == (len(pairs), 10)
     vals = cache.tensors["chosen_feat_val"]

@@ -161,6 +161,11 @@ def check_manifest(cache_dir: str, expected: dict) -> dict:
     with open(path) as f:
         found = json.load(f)
     names = {"model": "the reference model's weights", "data": "the data file", "sae": "the SAE"}
+    if expected.get("sae") is not None and found.get("sae") is None:
+        raise CacheMismatchError(
+            f"{cache_dir}: built without an SAE, so it holds no SAE features; FPO needs a cache "
+            "built with --sae (and --layer)"
+        )
     for part, what in names.items():
         if part == "sae" and expected.get("sae") is None:
             continue

@@ -37,7 +37,9 @@ class DataOptions(Config):
         "", "preference data: a .jsonl, .json or .parquet file, a `datasets` folder, or a `datasets` name"
     )
     split: str = setting("train", "split to read from a `datasets` folder or name")
-    limit: int | None = setting(None, "use only the first N clean pairs", ge=1)
+    limit: int | None = setting(
+        None, "use only the first N pairs that pass the record checks (before length drops)", ge=1
+    )
     max_length: int = setting(512, "most tokens of prompt plus answer", ge=2)
     max_prompt_length: int | None = setting(
         None, "most prompt tokens kept (cut on the left) when a pair is too long; default: half of max_length", ge=1

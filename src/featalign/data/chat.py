@@ -55,10 +55,21 @@ class Renderer:
         suffix = text[at + len(_SENTINEL) :].rstrip() if at >= 0 else ""
         return suffix or (self.tok.eos_token or "")
 
+    def render(self, messages: list[dict], **kw) -> str:
+        """The chat template applied; a template that refuses the conversation (a role it does not take, say) is a
+        one-line error naming the roles."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, **kw)
+        except TemplateError as e:
+            roles = "/".join(m.get("role", "?") for m in messages)
+            raise ConfigError(f"the tokenizer's chat template refuses a conversation of roles {roles}: {e}") from None
+
     def prompt_text(self, prompt: str | list[dict], raw_prompt: str | None = None) -> str:
         if self.template:
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return self.render(msgs, add_generation_prompt=True)
         if raw_prompt is not None:
             return raw_prompt
         if isinstance(prompt, list):
@@ -82,9 +93,7 @@ class Renderer:
     def conversation_ids(self, messages: list[dict]) -> list[int]:
         """A whole conversation (SAE training documents)."""
         if self.template:
-            return self.tok(self.tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
-                "input_ids"
-            ]
+            return self.tok(self.render(messages), add_special_tokens=False)["input_ids"]
         return self.tok("\n".join(f"{m['role']}: {m['content']}" for m in messages))["input_ids"]
 
 

@@ -131,7 +131,9 @@ def read_records(path: str, split: str = "train") -> Iterator[tuple[int, Any]]:
         yield from _read_saved_dataset(path, split)
         return
     if not os.path.exists(path):
-        if os.path.sep in path or path.endswith((".jsonl", ".json", ".parquet")):
+        # a name that can only be a local path is missing; anything else may be a hub dataset such as org/name
+        local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+        if local or path.endswith((".jsonl", ".json", ".parquet")):
             raise DataError("no such file", path)
         yield from _read_hub_dataset(path, split)
         return
