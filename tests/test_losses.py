@@ -79,6 +79,12 @@ def test_fpo_closed_form():
     assert m["logits"].tolist() == pytest.approx(u, rel=1e-5)
     assert loss.item() == pytest.approx(sum(map(_lsig, u)) / 2, rel=1e-6)
     assert m["fpo/feature_mse_rejected"].item() == pytest.approx(0.7)
+    # the paper's rewards are beta * the length-normalised margin; the released code's add D: beta * (margin + D)
+    cr = [1 / 5, -1 / 10]  # per-token log-ratios of the chosen answers
+    assert m["rewards/chosen"].item() == pytest.approx(0.1 * sum(cr) / 2, rel=1e-5)
+    loss2, m2 = L.fpo_loss(PC, PR, CL, RL, rc_avg, rr_avg, dc, dr, beta=0.1, alpha=0.5, rewards_add_d=True)
+    assert loss2.item() == loss.item() and m2["logits"].tolist() == m["logits"].tolist()  # the same loss
+    assert m2["rewards/chosen"].item() == pytest.approx(0.1 * (cr[0] + 0.2 + cr[1] + 0.0) / 2, rel=1e-5)
 
 
 def test_stop_gradient_terms():

@@ -77,6 +77,31 @@ def test_every_method_trains(world, world_sae, tmp_path, method):
     AutoModelForCausalLM.from_pretrained(tmp_path / method / "final")
 
 
+def test_released_fpo_trains_from_a_cache_of_dense_sums(world, world_sae, tmp_path):
+    """--fpo-variant released: the cache stores the reference's unnormalised final-norm feature sums (dense), training
+    reads them, and its rewards add D; a cache of the paper's variant is refused, naming the setting."""
+    from featalign.errors import CacheMismatchError
+    from featalign.reference import ReferenceCache
+
+    kw = dict(sae=world_sae["path"], layer=2, k=20, limit=16, max_steps=2)
+    s = run_train(cfg_for(world, tmp_path, "fpo", fpo_variant="released", **kw))
+    cache = ReferenceCache(str(tmp_path / "fpo" / "ref_cache"))
+    assert cache.has_features and cache.tensors["chosen_feat_sum"].shape == (16, 256)
+    assert s["final"]["fpo/feature_mse_chosen"] > 0 and not s["reference_model_loaded"]
+    run_train(cfg_for(world, tmp_path / "paper", "fpo", **kw))
+    with pytest.raises(CacheMismatchError, match="setting 'fpo_variant' was paper at build time, now released"):
+        run_train(
+            cfg_for(
+                world,
+                tmp_path / "mixed",
+                "fpo",
+                fpo_variant="released",
+                cache=str(tmp_path / "paper" / "fpo" / "ref_cache"),
+                **kw,
+            )
+        )
+
+
 def test_fpo_with_a_cache_never_loads_the_reference(world, world_sae, tmp_path, monkeypatch):
     from featalign import cli
 

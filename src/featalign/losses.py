@@ -143,18 +143,21 @@ def fpo_loss(
     feat_mse_rejected,
     beta: float = 0.1,
     alpha: float = 0.5,
+    rewards_add_d: bool = False,
 ):
     """FPO: u = beta * (r_w/|y_w| - r_l/|y_l|) - alpha * (beta * D_l - sg(beta * D_w)).
 
     The reference enters only through its length-normalised log-probs (an offline cache) and the feature
     discrepancies D, which ``feature_mse`` computes against cached sparse reference activations.
+    ``rewards_add_d``: report rewards as the released code does, beta * (margin + D), instead of beta * margin.
     """
     cr = policy_chosen_logps / chosen_len.clamp(min=1) - ref_chosen_avg_logps
     rr = policy_rejected_logps / rejected_len.clamp(min=1) - ref_rejected_avg_logps
     u = beta * (cr - rr) - alpha * (beta * feat_mse_rejected - (beta * feat_mse_chosen).detach())
+    shown_c, shown_r = (cr + feat_mse_chosen, rr + feat_mse_rejected) if rewards_add_d else (cr, rr)
     return -F.logsigmoid(u).mean(), _metrics(
-        beta * cr,
-        beta * rr,
+        beta * shown_c,
+        beta * shown_r,
         policy_chosen_logps,
         policy_rejected_logps,
         u,

@@ -192,6 +192,24 @@ class _StopForward(Exception):
     pass
 
 
+@contextlib.contextmanager
+def capture_final(model, first: bool = False):
+    """Capture the decoder's final-norm output (what HF models return as ``hidden_states[-1]``) in ``box['h']``."""
+    from .head import unwrap
+
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _inputs, output):
+        if not (first and "h" in box):
+            box["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = unwrap(model).get_decoder().register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
 def run_to_layer(model, layer: int, **inputs) -> torch.Tensor:
     """Residual stream after decoder ``layer``, without computing the layers above it."""
     with capture_layer(model, layer, stop=True) as box:

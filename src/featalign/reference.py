@@ -16,6 +16,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -77,6 +78,7 @@ class CacheSettings:
     truncate_responses: bool = False
     split: str = "train"
     limit: int | None = None
+    fpo_variant: str = "paper"  # what of the SAE features is stored (feature_terms.reference_features)
 
     def __post_init__(self):
         from .data import prompt_limit
@@ -84,8 +86,9 @@ class CacheSettings:
         self.max_prompt_length = prompt_limit(self.max_length, self.max_prompt_length)
 
 
-def cache_settings(opts: DataOptions, layer: int | None, k: int) -> CacheSettings:
-    """The cache settings of a command's data options (``layer`` only when the cache holds SAE features)."""
+def cache_settings(opts: DataOptions, layer: int | None, k: int, fpo_variant: str = "paper") -> CacheSettings:
+    """The cache settings of a command's data options (``layer`` and the variant only when the cache holds SAE
+    features)."""
     return CacheSettings(
         layer=layer,
         k=k,
@@ -94,6 +97,7 @@ def cache_settings(opts: DataOptions, layer: int | None, k: int) -> CacheSetting
         truncate_responses=opts.truncate_responses,
         split=opts.split,
         limit=opts.limit,
+        fpo_variant=fpo_variant if layer is not None else "paper",
     )
 
 
@@ -110,6 +114,9 @@ class CacheConfig(DataOptions):
     k: int = setting(50, "top-k pooled SAE activations stored per response (FPO's k)", ge=1)
     batch_size: int = setting(16, "pairs per forward pass", ge=1)
     shard_size: int = setting(512, "pairs per shard (the unit a resumed build skips)", ge=1)
+    fpo_variant: Literal["paper", "released"] = setting(
+        "paper", "the FPO whose reference features to store: the paper's (top-k), or its released code's (dense sums)"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -118,7 +125,7 @@ class CacheConfig(DataOptions):
         check_model_path(self.model)
 
     def settings(self, layer: int | None) -> CacheSettings:
-        return cache_settings(self, layer, self.k)
+        return cache_settings(self, layer, self.k, self.fpo_variant)
 
 
 def run_cache(cfg: CacheConfig) -> str:
@@ -138,7 +145,17 @@ def run_cache(cfg: CacheConfig) -> str:
         layer = resolve_layer(sae, cfg.layer, model, cfg.sae)
     manifest = expected_manifest(cfg.model, cfg.data, cfg.sae, cfg.settings(layer))
     build_cache(
-        model, tok, pairs, cfg.out, manifest, sae, layer, cfg.k, batch_size=cfg.batch_size, shard_size=cfg.shard_size
+        model,
+        tok,
+        pairs,
+        cfg.out,
+        manifest,
+        sae,
+        layer,
+        cfg.k,
+        batch_size=cfg.batch_size,
+        shard_size=cfg.shard_size,
+        fpo_variant=cfg.fpo_variant,
     )
     return cfg.out
 
@@ -175,7 +192,7 @@ def check_manifest(cache_dir: str, expected: dict) -> dict:
                 f"({part} hash {found.get(part)} != {expected.get(part)}); rebuild with `featalign cache`"
             )
     for key, val in expected["settings"].items():
-        if key == "layer" and expected.get("sae") is None:
+        if key in ("layer", "fpo_variant") and expected.get("sae") is None:  # features only
             continue
         if found["settings"].get(key) != val:
             raise CacheMismatchError(
@@ -202,11 +219,13 @@ def build_cache(
     batch_size: int = 16,
     shard_size: int = 512,
     progress: bool = True,
+    fpo_variant: str = "paper",
 ) -> str:
     """Compute the reference's log-probs (and top-k pooled SAE activations) for every pair, in shards."""
     from .data import collate_pairs
+    from .feature_terms import capture, reference_features
     from .logprobs import response_positions, response_terms
-    from .models import capture_layer, check_layer
+    from .models import check_layer
 
     t0 = time.time()
     if sae is not None:
@@ -242,11 +261,9 @@ def build_cache(
             b = collate_pairs(mb, tokenizer.pad_token_id)
             positions = response_positions(b["response_mask"])
             b = {kk: v.to(device) for kk, v in b.items()}
-            with capture_layer(model, layer) if sae is not None else contextlib.nullcontext() as box:
+            with capture(model, layer, fpo_variant) if sae is not None else contextlib.nullcontext() as box:
                 r = response_terms(model, b["input_ids"], b["attention_mask"], b["response_mask"], positions)
-            if sae is not None:
-                pooled = sae.encode_pooled(box["h"], b["response_mask"])
-                vals, idx = pooled.topk(min(k, pooled.shape[-1]), dim=-1)
+            feats = reference_features(sae, box["h"], b["response_mask"], k, fpo_variant) if sae is not None else {}
             lp, length = r["logps"], r["length"]
             n = len(mb)
             new = {
@@ -256,15 +273,8 @@ def build_cache(
                 "chosen_len": length[:n],
                 "rejected_len": length[n:],
             }
-            if sae is not None:
-                new.update(
-                    {
-                        "chosen_feat_idx": idx[:n].int(),
-                        "chosen_feat_val": vals[:n],
-                        "rejected_feat_idx": idx[n:].int(),
-                        "rejected_feat_val": vals[n:],
-                    }
-                )
+            for name, v in feats.items():
+                new[f"chosen_{name}"], new[f"rejected_{name}"] = v[:n], v[n:]
             for kk, v in new.items():
                 parts.setdefault(kk, []).append(v.cpu())
             bar.update(n)
@@ -310,7 +320,7 @@ class ReferenceCache:
         self.n = len(order)
         if n_pairs is not None and n_pairs != self.n:
             raise CacheMismatchError(f"{cache_dir}: cache holds {self.n} pairs, the data has {n_pairs}")
-        self.has_features = "chosen_feat_idx" in self.tensors
+        self.has_features = "chosen_feat_idx" in self.tensors or "chosen_feat_sum" in self.tensors
 
     def batch(self, index: torch.Tensor, device=None) -> dict[str, torch.Tensor]:
         """The rows of ``index`` (on any device; the cache itself stays in CPU memory), moved to ``device``."""

@@ -39,6 +39,9 @@ class TrainConfig(D.DataOptions):
     topk_from: Literal["union", "policy"] = setting(
         "union", "FPO: features compared, the top-k of policy and reference (paper) or of the policy"
     )
+    fpo_variant: Literal["paper", "released"] = setting(
+        "paper", "FPO as the paper writes it, or as its released code computes D (the docs' Methods page lists how)"
+    )
     trdpo_alpha: float = setting(
         0.6, "TR-DPO: weight of the policy when the reference is updated (1: hard copy)", gt=0, le=1
     )

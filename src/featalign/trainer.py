@@ -32,13 +32,13 @@ from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint, save_f
 from .data.batching import epoch_batches, micro_batches, pair_length
 from .distributed import check_fsdp_on_cpu, deepspeed_batch_size, env_true, fsdp_on_cpu
 from .errors import ConfigError, TrainingDivergedError
-from .feature_terms import fpo_discrepancy
+from .feature_terms import capture, fpo_discrepancy
 from .fused import can_fuse, fused_loss
 from .head import splittable
 from .logprobs import response_positions
 from .losses import METHODS, compute_loss
 from .mlp import lean_mlp
-from .models import capture_layer, load_model, load_tokenizer
+from .models import load_model, load_tokenizer
 from .packing import packing_ok
 from .reference import update_reference
 from .runlog import RunLog
@@ -194,7 +194,7 @@ class Trainer:
         from .reference import ReferenceCache, build_cache, cache_settings, expected_manifest
 
         cfg = self.cfg
-        settings = cache_settings(cfg, cfg.layer if self.sae is not None else None, cfg.k)
+        settings = cache_settings(cfg, cfg.layer if self.sae is not None else None, cfg.k, cfg.fpo_variant)
         ref_path = cfg.ref_model or cfg.model
         expected = expected_manifest(ref_path, cfg.data, cfg.sae if self.sae is not None else None, settings)
         cache_dir = cfg.cache
@@ -214,6 +214,7 @@ class Trainer:
                     cfg.layer,
                     cfg.k,
                     progress=cfg.progress,
+                    fpo_variant=cfg.fpo_variant,
                 )
                 del ref
             self.acc.wait_for_everyone()
@@ -232,7 +233,7 @@ class Trainer:
         cfg = self.cfg
         ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         positions = (batch["response_rows"], batch["response_cols"]) if "response_rows" in batch else None
-        with capture_layer(model, cfg.layer, first=True) if self.sae is not None else contextlib.nullcontext() as box:
+        with capture(model, cfg.layer, cfg.fpo_variant) if self.sae is not None else contextlib.nullcontext() as box:
             fw = L.forward(
                 model,
                 ids,
@@ -255,7 +256,7 @@ class Trainer:
             )
             if self.sae is not None:
                 h = box["h"] if fw.packing is None else fw.packing.unpack(box["h"])
-                other.update(fpo_discrepancy(self.sae, h, resp, c, cfg.k, cfg.topk_from))
+                other.update(fpo_discrepancy(self.sae, h, resp, c, cfg.k, cfg.topk_from, cfg.fpo_variant))
         return fw, other
 
     def batch_terms(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -267,7 +268,7 @@ class Trainer:
         """The method's loss and metrics. When training, each pair's logits are computed once and the head's
         gradients with them (``fused.fused_loss``); the same loss as ``compute_loss`` on ``batch_terms``."""
         c = self.cfg
-        hp = dict(beta=c.beta, alpha=c.alpha, gamma=c.gamma)
+        hp = dict(beta=c.beta, alpha=c.alpha, gamma=c.gamma, rewards_add_d=c.fpo_variant == "released")
         fw, other = self.batch_forward(model, batch)
         if not (c.fused_head and can_fuse(fw)):
             return compute_loss(c.method, {**pair_terms(fw.terms()), **other}, **hp)

@@ -201,6 +201,9 @@ class CompareConfig(Config):
     trdpo_tau: int | None = setting(None, "TR-DPO reference update period (default: a quarter of the steps)", ge=1)
     trdpo_alpha: float = setting(0.6, "TR-DPO reference update weight", gt=0, le=1)
     k: int = setting(50, "FPO's k", ge=1)
+    fpo_variant: Literal["paper", "released"] = setting(
+        "paper", "FPO as the paper writes it, or as its released code computes D"
+    )
     sae_arch: Literal["topk", "batchtopk", "featurechoice"] | None = setting(
         None, "SAE architecture (default: world featurechoice, real model topk)"
     )

@@ -76,6 +76,7 @@ def train_config(
         resume=False,
         cache=cache_dir if spec.ref_logps and not spec.live_reference else None,
         sae=src.sae if spec.features else None,
+        fpo_variant=cfg.fpo_variant,
         **{KNOB[method]: value},
     )
 
@@ -163,10 +164,17 @@ def _shared_cache(cfg: CompareConfig, src: Source, b: Budget, ref, tok) -> str:
     from ..sae import load_sae
 
     cache_dir = os.path.join(cfg.out, "ref_cache")
-    settings = CacheSettings(layer=src.layer, k=cfg.k, max_length=b.max_length, max_prompt_length=b.max_prompt_length)
+    settings = CacheSettings(
+        layer=src.layer,
+        k=cfg.k,
+        max_length=b.max_length,
+        max_prompt_length=b.max_prompt_length,
+        fpo_variant=cfg.fpo_variant,
+    )
     pairs = tokenize_pairs(load_pairs(src.train), tok, b.max_length, b.max_prompt_length)
     manifest = expected_manifest(src.sft, src.train, src.sae, settings)
-    build_cache(ref, tok, pairs, cache_dir, manifest, load_sae(src.sae, src.layer), src.layer, cfg.k)
+    sae = load_sae(src.sae, src.layer)
+    build_cache(ref, tok, pairs, cache_dir, manifest, sae, src.layer, cfg.k, fpo_variant=cfg.fpo_variant)
     return cache_dir
 
 
