@@ -55,6 +55,86 @@ def test_gemma_scope_npz_round_trip(tmp_path):
     assert torch.allclose(again.forward(x), sae.forward(x), atol=1e-6)
 
 
+def _gemma_scope2_folder(path, config=None, d_in=16, d_sae=40, seed=0):
+    """A folder laid out as Gemma Scope 2 publishes one SAE: params.safetensors with lower-case w_enc [d_in, d_sae],
+    w_dec, b_enc, b_dec, threshold, and a config.json beside it."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    params = {
+        "w_enc": torch.randn(d_in, d_sae, generator=g),
+        "w_dec": torch.randn(d_sae, d_in, generator=g),
+        "b_enc": torch.randn(d_sae, generator=g),
+        "b_dec": torch.randn(d_in, generator=g),
+        "threshold": torch.rand(d_sae, generator=g),
+    }
+    os.makedirs(path)
+    save_file(params, os.path.join(path, "params.safetensors"))
+    if config is not None:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f)
+    return params
+
+
+def test_gemma_scope2_folder(tmp_path):
+    """JumpReLU without input centring: f = relu(pre) * (pre > threshold) with pre = x w_enc + b_enc (b_dec is not
+    subtracted first); the layer comes from hf_hook_point_in (the output of decoder layer 5)."""
+    cfg = {"hf_hook_point_in": "model.language_model.layers.5.output", "width": 40, "type": "sae"}
+    cfg |= {"architecture": "jump_relu", "model_name": "google/gemma-3-270m"}
+    p = _gemma_scope2_folder(str(tmp_path / "resid_post" / "layer_5_width_16k_l0_small"), cfg)
+    sae = load_sae(str(tmp_path / "resid_post" / "layer_5_width_16k_l0_small"))
+    assert sae.cfg.architecture == "jumprelu" and not sae.cfg.apply_b_dec_to_input
+    assert sae.cfg.layer == 5 and sae.cfg.model == "google/gemma-3-270m"
+    x = torch.randn(8, 16)
+    pre = x @ p["w_enc"] + p["b_enc"]
+    assert torch.allclose(sae.encode(x), pre.relu() * (pre > p["threshold"]), atol=1e-5)
+    assert torch.allclose(sae.decode(sae.encode(x)), sae.encode(x) @ p["w_dec"] + p["b_dec"], atol=1e-5)
+    # no config.json: the folder's name gives the layer; an explicit layer wins
+    _gemma_scope2_folder(str(tmp_path / "layer_9_width_16k_l0_big"))
+    assert load_sae(str(tmp_path / "layer_9_width_16k_l0_big")).cfg.layer == 9
+    assert load_sae(str(tmp_path / "layer_9_width_16k_l0_big"), layer=4).cfg.layer == 4
+
+
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        ({"type": "transcoder", "hf_hook_point_in": "model.layers.5.pre_feedforward_layernorm.output"}, "transcoder"),
+        ({"hf_hook_point_in": "model.layers.5.self_attn.o_proj.input"}, "not a decoder layer's output"),
+        ({"hf_hook_point_in": "model.layers.5.output", "width": 64}, "width 64"),
+        ({"architecture": "topk"}, "architecture 'topk'"),
+    ],
+)
+def test_gemma_scope2_refuses_what_it_cannot_read(tmp_path, config, says):
+    _gemma_scope2_folder(str(tmp_path / "sae"), config)
+    with pytest.raises(ConfigError, match=says):
+        load_sae(str(tmp_path / "sae"))
+
+
+def test_gemma_scope2_must_fit_the_model(tmp_path, world):
+    from featalign.models import load_model
+
+    _gemma_scope2_folder(str(tmp_path / "sae"), {"hf_hook_point_in": "model.layers.1.output"}, d_in=17)
+    with pytest.raises(ConfigError, match="d_in=17 does not match"):
+        check_fits(load_sae(str(tmp_path / "sae")), load_model(world["sft"]), 1)
+
+
+@pytest.mark.parametrize(
+    "hook, layer",
+    [
+        ("blocks.6.hook_resid_post", 6),
+        ("blocks.6.hook_resid_pre", 5),  # the input of block 6 is the output of block 5
+        ("blocks.0.hook_resid_pre", None),  # the embeddings: no decoder layer's output
+        ("blocks.6.hook_mlp_out", None),
+        ("model.layers.12.output", 12),
+        ("model.language_model.layers.3.output", 3),
+        ("layers.2", 2),
+        (None, None),
+    ],
+)
+def test_hook_names_map_to_decoder_layers(hook, layer):
+    assert sae_model.hook_layer(hook) == layer
+
+
 def test_sparse_decode_equals_dense():
     sae = random_sae("topk")
     f = sae.encode(torch.randn(10, 16))

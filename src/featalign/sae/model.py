@@ -278,6 +278,64 @@ def load_gemma_scope(path: str, layer: int | None = None, model: str | None = No
     return from_tensors(t, cfg, path)
 
 
+_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+_HF_OUTPUT = re.compile(r"^(?:model\.)?(?:language_model\.)?layers\.(\d+)(?:\.output)?$")
+
+
+def hook_layer(hook: str | None) -> int | None:
+    """The decoder layer whose output a hook point reads, in featalign's numbering (the output of decoder layer L):
+    TransformerLens' ``blocks.L.hook_resid_post`` is L and ``blocks.L.hook_resid_pre`` is L - 1 (the input of block
+    L); HF's ``model.layers.L.output`` (Gemma Scope 2) and featalign's ``layers.L`` are L; anything else (attention or
+    MLP outputs, a resid_pre of block 0) reads no decoder layer's output, so None."""
+    if not hook:
+        return None
+    m = _RESID.match(hook)
+    if m:
+        layer = int(m.group(1)) - (m.group(2) == "pre")
+        return layer if layer >= 0 else None
+    m = _HF_OUTPUT.match(hook)
+    return int(m.group(1)) if m else None
+
+
+def load_gemma_scope2(path: str, layer: int | None = None) -> SAE:
+    """A Gemma Scope 2 folder (``params.safetensors`` with ``w_enc`` [d_in, d_sae], ``w_dec``, ``b_enc``, ``b_dec``,
+    ``threshold``, and where present ``config.json``): a JumpReLU SAE without input centring, on the residual stream
+    after the decoder layer ``hf_hook_point_in`` names (else the folder's ``layer_N_...`` name)."""
+    from safetensors.torch import load_file
+
+    w_path = os.path.join(path, "params.safetensors")
+    raw = {}
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+    if raw.get("type", "sae") != "sae" or raw.get("affine_connection"):
+        raise ConfigError(f"{path}: a Gemma Scope 2 {raw.get('type', 'transcoder')}, not an SAE of the residual stream")
+    arch = str(raw.get("architecture", "jump_relu")).replace("_", "")
+    if arch != "jumprelu":
+        raise ConfigError(
+            f"{path}: architecture {raw['architecture']!r}; Gemma Scope 2 SAEs featalign reads are JumpReLU"
+        )
+    hook = raw.get("hf_hook_point_in")
+    if hook is not None and hook_layer(hook) is None:
+        raise ConfigError(f"{path}: reads {hook!r}, not a decoder layer's output (the residual stream featalign hooks)")
+    folder = re.match(r"^layer_(\d+)_", os.path.basename(os.path.normpath(path)))
+    found = hook_layer(hook) if hook else (int(folder.group(1)) if folder else None)
+    t = {k.replace("w_", "W_"): v for k, v in load_file(w_path).items()}
+    d_in, d_sae = _check_shapes(t, w_path, "jumprelu")
+    if "width" in raw and int(raw["width"]) != d_sae:
+        raise ConfigError(f"{path}: config.json says width {raw['width']}, {os.path.basename(w_path)} holds {d_sae}")
+    cfg = SAEConfig(
+        d_in,
+        d_sae,
+        "jumprelu",
+        k=None,
+        apply_b_dec_to_input=False,
+        layer=layer if layer is not None else found,
+        model=raw.get("model_name"),
+    )
+    return from_tensors(t, cfg, w_path)
+
+
 def load_saelens(path: str) -> SAE:
     from safetensors.torch import load_file
 
@@ -294,7 +352,8 @@ def load_saelens(path: str) -> SAE:
         raise ConfigError(f"{cfg_path}: normalize_activations={raw['normalize_activations']!r} is not supported yet")
     fa = raw.get("featalign", {})
     meta = raw.get("metadata") or {}
-    layer = fa.get("layer", raw.get("hook_layer", meta.get("hook_layer")))
+    hook = raw.get("hook_name") or meta.get("hook_name")
+    layer = fa.get("layer", hook_layer(hook) if hook else raw.get("hook_layer", meta.get("hook_layer")))
     cfg = SAEConfig(
         d_in=int(raw["d_in"]),
         d_sae=int(raw["d_sae"]),
@@ -364,7 +423,11 @@ def load_sae(path: str, layer: int | None = None) -> SAE:
     multi-layer folder of such folders (``layers.N/``, as sparsify and ``featalign sae train --layers`` write)."""
     if path.endswith(".npz"):
         sae = load_gemma_scope(path, layer)
-    elif os.path.isdir(path) and not os.path.exists(os.path.join(path, "cfg.json")):
+    elif (
+        os.path.isdir(path)
+        and not os.path.exists(os.path.join(path, "cfg.json"))
+        and not os.path.isfile(os.path.join(path, "params.safetensors"))
+    ):
         layers = _layer_dirs(path)
         if not layers:
             raise ConfigError(
@@ -377,10 +440,12 @@ def load_sae(path: str, layer: int | None = None) -> SAE:
         return load_sae(layers[layer], layer)
     elif os.path.isfile(os.path.join(path, "sae.safetensors")):
         sae = load_sparsify(path, layer)
+    elif os.path.isfile(os.path.join(path, "params.safetensors")):
+        sae = load_gemma_scope2(path, layer)
     elif os.path.isdir(path):
         sae = load_saelens(path)
     else:
-        raise ConfigError(f"{path}: not an SAE (expected a params.npz file or a folder with cfg.json)")
+        raise ConfigError(f"{path}: not an SAE (expected params.npz, or a folder with cfg.json or params.safetensors)")
     if layer is not None:
         sae.cfg.layer = layer
     return sae.eval().requires_grad_(False)
