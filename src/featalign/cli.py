@@ -57,6 +57,12 @@ def _attribute(result, cfg) -> str:
     return attribute_table(result) + f"\nwritten to {cfg.out}/attribution.{{json,pt,png}}"
 
 
+def _selected(result, cfg) -> str:
+    from .select_features import select_table
+
+    return select_table(result) + f"\nwritten to {cfg.out}/features.{{json,md}}"
+
+
 def _generated(out, cfg) -> str:
     return f"written to {out}/model_outputs.json (AlpacaEval), generations.jsonl, settings.json"
 
@@ -139,6 +145,13 @@ COMMANDS = [
         "featalign.attribute:run_attribute",
         _attribute,
         "attribute a margin or reward to SAE features, checked by ablation",
+    ),
+    Command(
+        ("select-features",),
+        "featalign.select_features:SelectFeaturesConfig",
+        "featalign.select_features:run_select_features",
+        _selected,
+        "the SAE features that tell chosen from rejected answers, for the feature controls",
     ),
     Command(
         ("eval",),

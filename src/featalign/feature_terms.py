@@ -42,8 +42,15 @@ def released_sums(sae, h: torch.Tensor, response_mask: torch.Tensor) -> torch.Te
     return pooled(sae, h, response_mask, predicting=True, padded=True) * (response_mask.shape[1] - 1)
 
 
-def fpo_discrepancy(sae, h: torch.Tensor, response_mask: torch.Tensor, cache_rows: dict[str, torch.Tensor], k: int,
-                    topk_from: str = "union", variant: str = "paper") -> dict[str, torch.Tensor]:  # fmt: skip
+def fpo_discrepancy(
+    sae,
+    h: torch.Tensor,
+    response_mask: torch.Tensor,
+    cache_rows: dict[str, torch.Tensor],
+    k: int,
+    topk_from: str = "union",
+    variant: str = "paper",
+) -> dict[str, torch.Tensor]:
     """D of each pair's chosen and rejected response (``feat_mse_chosen``, ``feat_mse_rejected``) from the policy's
     captured hidden states ``h`` [2n, T, d] and the cache's rows for the batch."""
     n = h.shape[0] // 2

@@ -79,6 +79,8 @@ class CacheSettings:
     split: str = "train"
     limit: int | None = None
     fpo_variant: str = "paper"  # what of the SAE features is stored (feature_terms.reference_features)
+    ablate: list[int] | None = None  # features projected out of the reference's layer (feature controls)
+    named: list[int] | None = None  # features whose pooled values are stored (feature controls' preserve)
 
     def __post_init__(self):
         from .data import prompt_limit
@@ -86,9 +88,17 @@ class CacheSettings:
         self.max_prompt_length = prompt_limit(self.max_length, self.max_prompt_length)
 
 
-def cache_settings(opts: DataOptions, layer: int | None, k: int, fpo_variant: str = "paper") -> CacheSettings:
-    """The cache settings of a command's data options (``layer`` and the variant only when the cache holds SAE
-    features)."""
+def cache_settings(
+    opts: DataOptions,
+    layer: int | None,
+    k: int,
+    fpo_variant: str = "paper",
+    ablate: list[int] | None = None,
+    named: list[int] | None = None,
+) -> CacheSettings:
+    """The cache settings of a command's data options (``layer`` and what of the SAE is stored only when the cache
+    holds SAE features)."""
+    features = layer is not None
     return CacheSettings(
         layer=layer,
         k=k,
@@ -97,7 +107,9 @@ def cache_settings(opts: DataOptions, layer: int | None, k: int, fpo_variant: st
         truncate_responses=opts.truncate_responses,
         split=opts.split,
         limit=opts.limit,
-        fpo_variant=fpo_variant if layer is not None else "paper",
+        fpo_variant=fpo_variant if features else "paper",
+        ablate=(ablate or None) if features else None,
+        named=(named or None) if features else None,
     )
 
 
@@ -220,8 +232,13 @@ def build_cache(
     shard_size: int = 512,
     progress: bool = True,
     fpo_variant: str = "paper",
+    ablate_basis: torch.Tensor | None = None,
+    named: list[int] | None = None,
 ) -> str:
-    """Compute the reference's log-probs (and top-k pooled SAE activations) for every pair, in shards."""
+    """Compute the reference's log-probs (and top-k pooled SAE activations) for every pair, in shards. With
+    ``ablate_basis`` the reference runs with those directions projected out of its SAE layer (as the policy trains);
+    ``named`` features also get their pooled values stored (``named_val``), what ``preserve`` holds the policy to."""
+    from .controls import ablation
     from .data import collate_pairs
     from .feature_terms import capture, reference_features
     from .logprobs import response_positions, response_terms
@@ -261,9 +278,12 @@ def build_cache(
             b = collate_pairs(mb, tokenizer.pad_token_id)
             positions = response_positions(b["response_mask"])
             b = {kk: v.to(device) for kk, v in b.items()}
-            with capture(model, layer, fpo_variant) if sae is not None else contextlib.nullcontext() as box:
+            capturing = capture(model, layer, fpo_variant) if sae is not None else contextlib.nullcontext()
+            with ablation([model], layer, ablate_basis), capturing as box:
                 r = response_terms(model, b["input_ids"], b["attention_mask"], b["response_mask"], positions)
             feats = reference_features(sae, box["h"], b["response_mask"], k, fpo_variant) if sae is not None else {}
+            if named:
+                feats["named_val"] = sae.encode_pooled(box["h"], b["response_mask"])[:, named]
             lp, length = r["logps"], r["length"]
             n = len(mb)
             new = {

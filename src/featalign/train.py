@@ -42,6 +42,13 @@ class TrainConfig(D.DataOptions):
     fpo_variant: Literal["paper", "released"] = setting(
         "paper", "FPO as the paper writes it, or as its released code computes D (the docs' Methods page lists how)"
     )
+    ablate_features: str = setting(
+        "", "features to project out of the SAE layer's output in training: indices (3,17) or a features file"
+    )
+    preserve_features: str = setting("", "features held near the reference's activations (an MSE, from the cache)")
+    preserve_weight: float = setting(1.0, "weight of the preserved features' MSE", ge=0)
+    suppress_features: str = setting("", "features whose pooled activation is penalised")
+    suppress_weight: float = setting(1.0, "weight of the suppressed features' penalty", ge=0)
     trdpo_alpha: float = setting(
         0.6, "TR-DPO: weight of the policy when the reference is updated (1: hard copy)", gt=0, le=1
     )
@@ -87,6 +94,17 @@ class TrainConfig(D.DataOptions):
             raise ConfigError("max_steps: must be -1 (from epochs) or at least 1, got 0")
         if METHODS[self.method].features and self.sae is None:
             raise ConfigError("FPO needs an SAE (--sae, and --layer if the SAE does not record its layer)")
+        if self.wants_controls() and self.sae is None:
+            raise ConfigError(
+                "feature controls name SAE features: give the SAE (--sae, and --layer if it does not record it)"
+            )
+        if self.wants_controls() and self.fpo_variant == "released":
+            raise ConfigError(
+                "feature controls read the chosen layer, the released FPO variant the final norm: use one"
+            )
+
+    def wants_controls(self) -> bool:
+        return bool(self.ablate_features or self.preserve_features or self.suppress_features)
 
 
 def run_train(cfg: TrainConfig) -> dict:

@@ -29,6 +29,7 @@ from . import data as D
 from . import logprobs as L
 from .atomic import write_json
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint, save_final
+from .controls import Controls, ablation, ablation_basis
 from .data.batching import epoch_batches, micro_batches, pair_length
 from .distributed import check_fsdp_on_cpu, deepspeed_batch_size, env_true, fsdp_on_cpu
 from .errors import ConfigError, TrainingDivergedError
@@ -151,14 +152,18 @@ class Trainer:
         return acc
 
     def _sae_and_reference(self) -> None:
-        """FPO's SAE; the reference: a live model, the policy with its adapter off, or the offline cache."""
+        """The SAE (FPO's, or the feature controls'); the reference: a live model, the policy with its adapter off,
+        or the offline cache (also for the reference's values of preserved features)."""
         cfg = self.cfg
-        self.sae = None
-        if self.spec.features:
+        self.sae, self.controls, self.ablate_basis = None, Controls(), None
+        if self.spec.features or cfg.wants_controls():
             from .sae import load_sae, resolve_layer
 
             self.sae = load_sae(cfg.sae, cfg.layer).to(self.device)
             cfg.layer = resolve_layer(self.sae, cfg.layer, self.model, cfg.sae)
+            self.controls = Controls.of(cfg, self.sae.d_sae)
+            if self.controls.ablate:
+                self.ablate_basis = ablation_basis(self.sae, self.controls.ablate)
         self.ref_model = None
         self.ref_adapter_off = False
         self.cache = None
@@ -166,7 +171,7 @@ class Trainer:
             self.ref_adapter_off = True  # the reference is the policy with its adapter disabled: no second model
         elif self.spec.live_reference:
             self.ref_model = load_model(cfg.ref_model or cfg.model).to(self.device).eval().requires_grad_(False)
-        elif self.spec.ref_logps:
+        if (self.spec.ref_logps and not self.spec.live_reference) or self.controls.preserve:
             self.cache = self._offline_reference()
 
     def _optimizer(self) -> None:
@@ -194,7 +199,14 @@ class Trainer:
         from .reference import ReferenceCache, build_cache, cache_settings, expected_manifest
 
         cfg = self.cfg
-        settings = cache_settings(cfg, cfg.layer if self.sae is not None else None, cfg.k, cfg.fpo_variant)
+        settings = cache_settings(
+            cfg,
+            cfg.layer if self.sae is not None else None,
+            cfg.k,
+            cfg.fpo_variant,
+            self.controls.ablate,
+            self.controls.preserve,
+        )
         ref_path = cfg.ref_model or cfg.model
         expected = expected_manifest(ref_path, cfg.data, cfg.sae if self.sae is not None else None, settings)
         cache_dir = cfg.cache
@@ -215,6 +227,8 @@ class Trainer:
                     cfg.k,
                     progress=cfg.progress,
                     fpo_variant=cfg.fpo_variant,
+                    ablate_basis=self.ablate_basis,
+                    named=self.controls.preserve,
                 )
                 del ref
             self.acc.wait_for_everyone()
@@ -227,13 +241,16 @@ class Trainer:
         update_reference(self.acc.unwrap_model(self.model), self.ref_model, self.cfg.trdpo_alpha, self.ref_adapter_off)
 
     # ------------------------------------------------------------------ one batch
-    def batch_forward(self, model, batch: dict[str, torch.Tensor]) -> tuple[L.Forward, dict[str, torch.Tensor]]:
-        """One forward pass of the policy (and of a live reference), and the per-pair terms that do not come
-        from the LM head: cached reference log-probs, FPO's feature discrepancies."""
+    def batch_forward(self, model, batch: dict[str, torch.Tensor]):
+        """One forward pass of the policy (and of a live reference), and what does not come from the LM head: the
+        per-pair terms (cached reference log-probs, FPO's feature discrepancies), and the feature controls' penalty
+        with its metrics. Returns (forward, per-pair terms, (penalty, metrics))."""
         cfg = self.cfg
         ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         positions = (batch["response_rows"], batch["response_cols"]) if "response_rows" in batch else None
-        with capture(model, cfg.layer, cfg.fpo_variant) if self.sae is not None else contextlib.nullcontext() as box:
+        capturing = capture(model, cfg.layer, cfg.fpo_variant) if self.sae is not None else contextlib.nullcontext()
+        # the ablation hook goes first, so the captured stream is the one the rest of the model sees
+        with ablation([model, self.ref_model], cfg.layer, self.ablate_basis), capturing as box:
             fw = L.forward(
                 model,
                 ids,
@@ -246,36 +263,42 @@ class Trainer:
                 pack=self.packed,
             )
         other: dict[str, torch.Tensor] = {}
-        if self.ref_model is None and not self.ref_adapter_off and self.cache is not None:
-            c = self.cache.batch(batch["index"], self.device)
+        c = self.cache.batch(batch["index"], self.device) if self.cache is not None else None
+        if c is not None and self.ref_model is None and not self.ref_adapter_off:
             other.update(
                 ref_chosen_logps=c["chosen_logps"],
                 ref_rejected_logps=c["rejected_logps"],
                 ref_chosen_avg_logps=c["chosen_logps"] / c["chosen_len"].clamp(min=1),
                 ref_rejected_avg_logps=c["rejected_logps"] / c["rejected_len"].clamp(min=1),
             )
-            if self.sae is not None:
-                h = box["h"] if fw.packing is None else fw.packing.unpack(box["h"])
+        penalty = (torch.zeros((), device=self.device), {})
+        if self.sae is not None:
+            h = box["h"] if fw.packing is None else fw.packing.unpack(box["h"])
+            if self.spec.features:
                 other.update(fpo_discrepancy(self.sae, h, resp, c, cfg.k, cfg.topk_from, cfg.fpo_variant))
-        return fw, other
+            if self.controls.preserve or self.controls.suppress:
+                penalty = self.controls.terms(self.sae.encode_pooled(h, resp), c)
+        return fw, other, penalty
 
     def batch_terms(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-pair tensors the losses need (the plain autograd path)."""
-        fw, other = self.batch_forward(model, batch)
+        fw, other, _ = self.batch_forward(model, batch)
         return {**pair_terms(fw.terms()), **other}
 
     def loss(self, model, batch):
-        """The method's loss and metrics. When training, each pair's logits are computed once and the head's
-        gradients with them (``fused.fused_loss``); the same loss as ``compute_loss`` on ``batch_terms``."""
+        """The method's loss (plus the feature controls' penalty) and metrics. When training, each pair's logits are
+        computed once and the head's gradients with them (``fused.fused_loss``); the same loss as ``compute_loss``
+        on ``batch_terms``."""
         c = self.cfg
         hp = dict(beta=c.beta, alpha=c.alpha, gamma=c.gamma, rewards_add_d=c.fpo_variant == "released")
-        fw, other = self.batch_forward(model, batch)
+        fw, other, (penalty, control_metrics) = self.batch_forward(model, batch)
         if not (c.fused_head and can_fuse(fw)):
-            return compute_loss(c.method, {**pair_terms(fw.terms()), **other}, **hp)
+            loss, metrics = compute_loss(c.method, {**pair_terms(fw.terms()), **other}, **hp)
+            return loss + penalty, {**metrics, **control_metrics}
         loss, rows = fused_loss(fw, lambda r, ex: compute_loss(c.method, {**pair_terms(r), **ex}, **hp)[0], other)
         with torch.no_grad():
             _, metrics = compute_loss(c.method, {**pair_terms(rows), **{k: v.detach() for k, v in other.items()}}, **hp)
-        return loss, metrics
+        return loss + penalty, {**metrics, **control_metrics}
 
     def _device_batch(self, idx: list[int]) -> dict:
         """Collate on the CPU (response positions and token count included, so no step reads the device back)

@@ -204,6 +204,11 @@ class CompareConfig(Config):
     fpo_variant: Literal["paper", "released"] = setting(
         "paper", "FPO as the paper writes it, or as its released code computes D"
     )
+    ablate_features: str = setting("", "feature controls for every run: features projected out in training")
+    preserve_features: str = setting("", "features held near the reference's activations in every run")
+    preserve_weight: float = setting(1.0, "weight of the preserved features' MSE", ge=0)
+    suppress_features: str = setting("", "features whose pooled activation every run penalises")
+    suppress_weight: float = setting(1.0, "weight of the suppressed features' penalty", ge=0)
     sae_arch: Literal["topk", "batchtopk", "featurechoice"] | None = setting(
         None, "SAE architecture (default: world featurechoice, real model topk)"
     )

@@ -44,7 +44,8 @@ def summarise_points(runs: list[dict]) -> list[dict]:
     out = []
     for (m, v), rs in groups.items():
         row = {"method": m, "knob": rs[0]["knob"], "value": v}
-        for key in METRICS:
+        parts = sorted({k for r in rs for k in r if k.startswith("gt_")} - set(METRICS))  # the judge's own parts
+        for key in METRICS + parts:
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
                 row[key] = _mean_sd(vals)

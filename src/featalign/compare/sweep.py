@@ -56,6 +56,14 @@ def train_config(
     methods that read one, the source's SAE for FPO."""
     spec = METHODS[method]
     lr = cfg.simpo_lr if method == "simpo" and cfg.simpo_lr else b.lr
+    controls = {
+        name: getattr(cfg, name)
+        for name in ("ablate_features", "preserve_features", "preserve_weight", "suppress_features", "suppress_weight")
+    }
+    controlled = bool(cfg.ablate_features or cfg.preserve_features or cfg.suppress_features)
+    # a run with feature controls builds its own cache: the shared one holds neither a reference run under ablation
+    # nor the preserved features' values
+    shared = spec.ref_logps and not spec.live_reference and not controlled
     return TrainConfig(
         method=method,
         model=src.sft,
@@ -74,9 +82,10 @@ def train_config(
         log_every=5,
         progress=False,
         resume=False,
-        cache=cache_dir if spec.ref_logps and not spec.live_reference else None,
-        sae=src.sae if spec.features else None,
+        cache=cache_dir if shared else None,
+        sae=src.sae if spec.features or controlled else None,
         fpo_variant=cfg.fpo_variant,
+        **controls,
         **{KNOB[method]: value},
     )
 
