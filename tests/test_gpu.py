@@ -3,6 +3,7 @@ SAE tools run on the GPU. Skipped without CUDA (CI has none); run on a GPU machi
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,10 +18,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def gpu_world(tmp_path_factory):
     """The quick world (reused from data/world-quick when built there) and a TopK SAE trained on the GPU."""
+    import quick_world
+
     from featalign.sae.train import SAETrainConfig, train_sae
     from featalign.world import WorldConfig, build_world, world_paths
 
     path = os.path.join(ROOT, "data", "world-quick")
+    if quick_world.committed_is_current() and not os.path.exists(os.path.join(path, "world.json")):
+        shutil.copytree(quick_world.ROOT, path, dirs_exist_ok=True)  # the committed copy: no minutes of training
     build_world(path, WorldConfig.quick(), progress=False)
     wp = world_paths(path)
     sae_dir = str(tmp_path_factory.mktemp("sae") / "topk")

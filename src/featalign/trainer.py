@@ -40,6 +40,7 @@ from .logprobs import response_positions
 from .losses import METHODS, compute_loss
 from .mlp import lean_mlp
 from .models import load_model, load_tokenizer
+from .optim import BackwardAdamW
 from .packing import packing_ok
 from .reference import update_reference
 from .runlog import RunLog
@@ -184,10 +185,19 @@ class Trainer:
         if fsdp1:
             self.model = self.acc.prepare(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        if cfg.optim_in_backward:
+            if self.acc.num_processes > 1 or self.fsdp:
+                raise ConfigError(
+                    "optim_in_backward steps each weight as its gradient completes, before any all-reduce: one process"
+                )
+            self.opt = BackwardAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total_steps, warmup))
+            self.model = self.acc.prepare(self.model)
+            return
         # fused AdamW on GPU: no parameter-sized temporaries at the step (what HF Trainer uses there too)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-        warmup = int(cfg.warmup_ratio * self.total_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total_steps, warmup))
         if fsdp1:
             self.opt = self.acc.prepare(self.opt)
@@ -387,7 +397,7 @@ class Trainer:
                     loss, metrics = self.loss(self.model, batch)
                     seen.append((self.step, idx))
                     self.acc.backward(loss)
-                    if self.acc.sync_gradients and cfg.max_grad_norm:
+                    if self.acc.sync_gradients and cfg.max_grad_norm and not cfg.optim_in_backward:
                         self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                     self.opt.step()
                     if self.acc.sync_gradients:

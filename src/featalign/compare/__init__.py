@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 from .budget import ALL_METHODS, KNOB, Budget, CompareConfig
 from .report import report_lines, summary_lines, verdict, write_report
-from .sources import Source, make_source, sentiment_source, user_source, world_source
+from .sources import Source, make_source, task_source, user_source, world_source
 from .stats import default_levels, frontier, summarise_points
 from .sweep import sweep
 
@@ -52,7 +52,7 @@ __all__ = [
     "make_source",
     "report_lines",
     "run_compare",
-    "sentiment_source",
+    "task_source",
     "summarise_points",
     "summary_lines",
     "sweep",

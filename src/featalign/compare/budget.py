@@ -26,14 +26,20 @@ GRID = {
     "tdpo1": [0.03, 0.1, 0.3, 1.0, 3.0],
     "trdpo": [0.03, 0.1, 0.3, 1.0, 3.0],
     "tdpo2": [0.02, 0.05, 0.2, 0.5, 2.0],
-    "fpo": [0.05, 0.2, 0.5, 2.0, 8.0],
+    "fpo": [0.5, 2.0, 10.0, 50.0, 200.0],
 }
+# FPO's grid on a real model sits above its published 0.5: on SmolLM2 (sentiment, 12 steps) alpha 0.2 and 2 left the
+# KL at 4.7 and 4.3 nats, and only alpha 20 brought it to 2.8, where DPO's knob values lie
 # on the built-in world FPO's grid sits lower: the world SAE's feature term binds harder, and at alpha 0.2-2 FPO's KL
 # stays below most of the range DPO's grid covers, so the two frontiers would barely overlap
 WORLD_GRID = {**GRID, "fpo": [0.003, 0.01, 0.03, 0.1, 0.3]}
 # the papers' own settings: a one-value sweep runs each method where it was published
 PUBLISHED = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "dpo_ln": 0.1, "tdpo1": 0.1, "trdpo": 0.1, "tdpo2": 0.5, "fpo": 0.5}
-PRESET_JUDGE = {"world": "featalign.world.judge:reward", "sentiment": "featalign.sentiment:reward"}
+PRESET_JUDGE = {
+    "world": "featalign.world.judge:reward",
+    "sentiment": "featalign.sentiment:reward",
+    "arithmetic": "featalign.arithmetic:reward",
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class Budget:
     steps: int
     batch_size: int
     lr: float
+    simpo_lr: float
     trdpo_tau: int
     n_prompts: int  # held-out prompts sampled per evaluation
     max_length: int
@@ -85,6 +92,7 @@ class Tier:
     sae_fc_zipf: float
     sae_lr: float
     sae_dead_tokens: int
+    simpo_lr_ratio: float = 1.0  # SimPO's learning rate over the others' (it has no reference to hold it back)
 
 
 # The world's SAE is Feature Choice with Zipf-shaped token shares: on the world's narrow layer-2 stream (about 200
@@ -115,8 +123,8 @@ WORLD_TIERS = {
         _WORLD, methods=ALL_METHODS, grid_values=5, seeds=3, steps=300, n_prompts=300, sae_tokens=4_000_000
     ),
 }
-# a real LM (--model, --preset sentiment): full fine-tuning at a small lr and an SAE 8x the hidden size; the default
-# tier runs the sentiment preset's four methods on SmolLM2-135M on 2 CPU cores in about 20 minutes
+# a real LM (--model, a task preset): full fine-tuning at a small lr and an SAE 8x the hidden size; the default tier
+# runs the sentiment preset's four methods on SmolLM2-135M on 2 CPU cores in about 20 minutes
 _REAL = Tier(
     ("dpo", "simpo", "tdpo2", "fpo"),
     1,
@@ -139,7 +147,12 @@ _REAL = Tier(
 REAL_TIERS = {
     "quick": replace(_REAL, methods=("dpo", "fpo"), steps=4, n_prompts=16, sae_tokens=20_000, lr=5e-5),
     "default": _REAL,
-    "full": replace(_REAL, grid_values=3, seeds=2, steps=60, n_prompts=128, sae_tokens=400_000, lr=5e-5),
+    # three knob values and three seeds of the four methods in under an hour on 2 CPU cores: few, small steps, so that
+    # KL to the SFT model stays within about 1-5 nats, and SimPO (no reference to hold it) at half the learning rate,
+    # where its KLs meet the others'
+    "full": replace(
+        _REAL, grid_values=3, seeds=3, steps=12, n_prompts=56, sae_tokens=100_000, lr=4e-5, simpo_lr_ratio=0.5
+    ),
 }
 
 
@@ -155,8 +168,10 @@ class CompareConfig(Config):
     """`featalign compare`: every method trained from one SFT model on one budget, judged at matched KL."""
 
     out: str = setting("reports/compare", "report folder (report.md, results.json, frontier.png, curves.png, runs/)")
-    preset: Literal["world", "sentiment"] = setting(
-        "world", "world: the built-in world; sentiment: SmolLM2 (or --model) made more positive, judged by VADER"
+    preset: Literal["world", "sentiment", "arithmetic"] = setting(
+        "world",
+        "world: the built-in world; sentiment: SmolLM2 (or --model) made more positive, judged by VADER; "
+        "arithmetic: Gemma 3 270M (or --model) answering two-digit sums, judged exactly",
     )
     model: str | None = setting(
         None, "your starting (SFT) model: HF folder, hub id or .gguf file; with data, replaces the world"
@@ -175,12 +190,14 @@ class CompareConfig(Config):
     reward_model: str | None = setting(None, "judge: a sequence-classification reward model folder")
     world: str = setting(
         "data/world",
-        "built-in world folder (built when missing); with the sentiment preset, the task's (data/sentiment)",
+        "built-in world folder (built when missing); with a task preset, the task's (data/<preset>)",
     )
     world_seed: int = setting(0, "seed of the built-in world: its corpus, SFT model and SAE")
     quick: bool = setting(False, "quick tier: small world, DPO and FPO, two knob values, one seed (a few minutes)")
     full: bool = setting(
-        False, "full tier: every method, five knob values, three seeds, longer runs (hours on 2 cores)"
+        False,
+        "full tier: world: every method, five knob values, three seeds (hours on 2 cores); real model: the preset's "
+        "methods, three knob values, three seeds (under an hour for sentiment)",
     )
     seeds: int | None = setting(None, "training seeds per knob value (default: the tier's)", ge=1)
     methods: list[Literal[ALL_METHODS]] | None = setting(None, "comma-separated methods (default: the tier's)")
@@ -197,7 +214,7 @@ class CompareConfig(Config):
     steps: int | None = setting(None, "training steps per run (default: the tier's)", ge=1)
     batch_size: int | None = setting(None, "pairs per step (default: world 16, real model 8)", ge=1)
     lr: float | None = setting(None, "learning rate of every method (default: the tier's)", gt=0)
-    simpo_lr: float | None = setting(None, "SimPO's own learning rate (default: lr)", gt=0)
+    simpo_lr: float | None = setting(None, "SimPO's own learning rate (default: the tier's, else lr)", gt=0)
     trdpo_tau: int | None = setting(None, "TR-DPO reference update period (default: a quarter of the steps)", ge=1)
     trdpo_alpha: float = setting(0.6, "TR-DPO reference update weight", gt=0, le=1)
     k: int = setting(50, "FPO's k", ge=1)
@@ -251,7 +268,7 @@ class CompareConfig(Config):
 
     @property
     def real(self) -> bool:
-        """A real language model (the sentiment preset, or --model), rather than the built-in world."""
+        """A real language model (a task preset, or --model), rather than the built-in world."""
         return self.preset != "world" or bool(self.model)
 
     def budget(self) -> Budget:
@@ -277,6 +294,7 @@ class CompareConfig(Config):
             steps=steps,
             batch_size=pick("batch_size"),
             lr=pick("lr"),
+            simpo_lr=self.simpo_lr or pick("lr") * t.simpo_lr_ratio,
             trdpo_tau=self.trdpo_tau or max(1, steps // 4),
             n_prompts=pick("n_prompts"),
             max_length=pick("max_length"),

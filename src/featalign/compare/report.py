@@ -96,11 +96,12 @@ def _settings_lines(cfg: CompareConfig, results: dict) -> list[str]:
     """The judge, the budget, the generation settings and the SAE."""
     b, src = results["budget"], results["source"]
     grid = "; ".join(f"{m} {KNOB[m]} {', '.join(f'{v:g}' for v in vals)}" for m, vals in b["grid"].items())
+    simpo = f" (SimPO {b['simpo_lr']:g})" if "simpo" in b["grid"] and b.get("simpo_lr", b["lr"]) != b["lr"] else ""
     lines = [
         f"Judge (the ground truth here): {src['reward_fn'] or src['reward_model']}. Starting model: {src['sft']}.",
         "",
-        f"Budget: {b['steps']} steps x batch {b['batch_size']} pairs per run, lr {b['lr']}; grid {grid}; TR-DPO tau "
-        f"{b['trdpo_tau']}, alpha {cfg.trdpo_alpha}; FPO k={cfg.k} at layer {src['layer']}. Generations: "
+        f"Budget: {b['steps']} steps x batch {b['batch_size']} pairs per run, lr {b['lr']}{simpo}; grid {grid}; "
+        f"TR-DPO tau {b['trdpo_tau']}, alpha {cfg.trdpo_alpha}; FPO k={cfg.k} at layer {src['layer']}. Generations: "
         f"{b['n_prompts']} held-out prompts per run, temperature 1.0, no top-k, max {b['max_new_tokens']} new tokens, "
         "sampling seed 1234 + training seed. KL: sequence KL(policy || SFT) on the policy's own samples. Feature MSE: "
         "FPO's D on held-out chosen responses.",

@@ -1,5 +1,6 @@
 """Where a comparison trains from and is judged on: a ``Source`` (SFT model, preference pairs, SAE, judge), built
-for the built-in world, for a user's own model and data, or for the sentiment preset. The sweep sees only this."""
+for the built-in world, for a user's own model and data, or for a task preset (sentiment, arithmetic). The sweep sees
+only this."""
 
 from __future__ import annotations
 
@@ -157,22 +158,25 @@ def user_source(
     )
 
 
-def sentiment_source(cfg: CompareConfig, progress: bool = True) -> Source:
-    """The sentiment preset: its task built (or reused) in ``cfg.world`` (default ``data/sentiment``), then a
-    real-model source."""
-    from ..sentiment import SentimentConfig, build_task
+def task_source(cfg: CompareConfig, progress: bool = True) -> Source:
+    """A task preset (sentiment, arithmetic): its pairs built (or reused) from the starting model in ``cfg.world``
+    (default ``data/<preset>``), then a real-model source judged by the task's ground truth."""
+    import importlib
 
-    folder = "data/sentiment" if cfg.world == "data/world" else cfg.world
-    m = build_task(folder, SentimentConfig(model=cfg.model or ""), progress)
-    judge = cfg.reward_fn or (None if cfg.reward_model else PRESET_JUDGE["sentiment"])
+    from ..tasks import TaskConfig, build_task
+
+    task = importlib.import_module(f"featalign.{cfg.preset}").TASK
+    folder = f"data/{cfg.preset}" if cfg.world == "data/world" else cfg.world
+    m = build_task(folder, task, TaskConfig(**{**task.settings, "model": cfg.model or ""}), progress)
+    judge = cfg.reward_fn or (None if cfg.reward_model else PRESET_JUDGE[cfg.preset])
     src = user_source(cfg, model=m["model"], data=m["train"], test_data=m["test"], reward_fn=judge, progress=progress)
     src.info["task"] = m
     return src
 
 
 def make_source(cfg: CompareConfig, progress: bool = True) -> Source:
-    if cfg.preset == "sentiment":
-        return sentiment_source(cfg, progress)
+    if cfg.preset != "world":
+        return task_source(cfg, progress)
     if cfg.model or cfg.data:
         return user_source(cfg, progress=progress)
     return world_source(cfg, progress)

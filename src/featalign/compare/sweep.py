@@ -55,7 +55,7 @@ def train_config(
     """One run's training settings: the budget's, the method's knob at ``value``, the shared offline cache for the
     methods that read one, the source's SAE for FPO."""
     spec = METHODS[method]
-    lr = cfg.simpo_lr if method == "simpo" and cfg.simpo_lr else b.lr
+    lr = b.simpo_lr if method == "simpo" else b.lr
     controls = {
         name: getattr(cfg, name)
         for name in ("ablate_features", "preserve_features", "preserve_weight", "suppress_features", "suppress_weight")
