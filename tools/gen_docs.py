@@ -1,7 +1,8 @@
 """Write the docs pages that come from code and result files, so that they cannot drift from them:
 
 - ``docs/reference/cli.md``: every command's flags, defaults, choices and help, read off its config dataclass;
-- ``docs/results/benchmarks.md``: every ``bench/results/*.json``, described by its script's docstring.
+- ``docs/results/benchmarks.md``: every ``bench/results/*.json``, described by its script's docstring;
+- the marked spans of hand-written pages: ``compare``'s grids and tiers in ``docs/compare.md``.
 
 ``python tools/gen_docs.py`` writes them; ``--check`` writes nothing and exits 1 when a committed page differs from
 what the code and results give now (the test suite runs it).
@@ -145,7 +146,78 @@ def benchmarks() -> str:
     return "\n".join(out)
 
 
+def _num(v: float) -> str:
+    return f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e3 else f"{v:g}"
+
+
+def grid_table() -> str:
+    from featalign.compare.budget import GRID, KNOB, PUBLISHED, WORLD_GRID
+
+    rows = ["| method | knob | grid on a real model | grid on the built-in world | published value |"]
+    rows.append("|---|---|---|---|---|")
+    groups: dict[tuple, list[str]] = {}
+    for m in GRID:
+        groups.setdefault((KNOB[m], tuple(GRID[m]), tuple(WORLD_GRID[m]), PUBLISHED[m]), []).append(m)
+    for (knob, real, world, pub), methods in groups.items():
+        same = "same" if real == world else ", ".join(map(_num, world))
+        names = ", ".join(f"`{m}`" for m in methods)
+        rows.append(f"| {names} | `{knob}` | {', '.join(map(_num, real))} | {same} | {pub:g} |")
+    return "\n".join(rows)
+
+
+def tier_table(tiers: dict) -> str:
+    from featalign.compare.budget import ALL_METHODS
+
+    def methods(t):
+        return "all eight" if set(t.methods) == set(ALL_METHODS) else ", ".join(t.methods)
+
+    def values(t):
+        return f"{t.grid_values} (published)" if t.grid_values == 1 else f"{t.grid_values}"
+
+    lines = [
+        ("methods", methods),
+        ("knob values per method", values),
+        ("seeds", lambda t: str(t.seeds)),
+        ("steps per run", lambda t: str(t.steps)),
+        ("pairs per step", lambda t: str(t.batch_size)),
+        ("learning rate", lambda t: f"{t.lr:g}" + (f" (SimPO x{t.simpo_lr_ratio:g})" if t.simpo_lr_ratio != 1 else "")),
+        ("held-out prompts sampled per run", lambda t: str(t.n_prompts)),
+        ("new tokens per sampled answer", lambda t: str(t.max_new_tokens)),
+        ("max length (prompt)", lambda t: f"{t.max_length} ({t.max_prompt_length or 'half'})"),
+        ("SAE training tokens", lambda t: _num(t.sae_tokens)),
+    ]
+    out = ["| | `--quick` | default | `--full` |", "|---|---|---|---|"]
+    out += [f"| {name} | " + " | ".join(f(tiers[k]) for k in ("quick", "default", "full")) + " |" for name, f in lines]
+    return "\n".join(out)
+
+
+def compare_blocks() -> dict[str, str]:
+    from featalign.compare.budget import ARITHMETIC_TIERS, REAL_TIERS, WORLD_TIERS
+
+    return {
+        "grids": grid_table(),
+        "world-tiers": tier_table(WORLD_TIERS),
+        "real-tiers": tier_table(REAL_TIERS),
+        "arithmetic-tiers": tier_table(ARITHMETIC_TIERS),
+    }
+
+
+def fill_blocks(text: str, blocks: dict[str, str], source: str) -> str:
+    """Replace each ``<!-- generated: NAME -->`` ... ``<!-- end generated -->`` span of a hand-written page."""
+    import re
+
+    for name, body in blocks.items():
+        head = f"<!-- generated: {name} (from {source}) -->"
+        pattern = re.compile(rf"({re.escape(head)}\n).*?(<!-- end generated -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"docs: no '{head}' block to fill")
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
 PAGES = {"docs/reference/cli.md": cli_reference, "docs/results/benchmarks.md": benchmarks}
+# hand-written pages with generated spans
+BLOCKS = {"docs/compare.md": (compare_blocks, "featalign/compare/budget.py")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,10 +235,19 @@ def main(argv: list[str] | None = None) -> int:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "w") as f:
                     f.write(text)
+    for rel, (make, source) in BLOCKS.items():
+        path = os.path.join(ROOT, rel)
+        old = open(path).read()
+        text = fill_blocks(old, make(), source)
+        if old != text:
+            stale.append(rel)
+            if not a.check:
+                with open(path, "w") as f:
+                    f.write(text)
     if a.check and stale:
         print(f"out of date: {', '.join(stale)} (run `make docs`)", file=sys.stderr)
         return 1
-    print(f"{'checked' if a.check else 'wrote'} {', '.join(PAGES)}")
+    print(f"{'checked' if a.check else 'wrote'} {', '.join([*PAGES, *BLOCKS])}")
     return 0
 
 
