@@ -156,3 +156,13 @@ def test_quick_sweep_writes_frontiers_and_reuses_finished_runs(world, tmp_path):
     assert redone == [lost]
     first = {r["run_dir"]: r["gt_reward"] for r in trained}
     assert all(r["gt_reward"] == first[r["run_dir"]] for r in again["runs"] if r["method"] != "sft" and r["reused"])
+
+
+def test_report_names_the_starting_model_as_given_not_by_this_machines_cache_path(monkeypatch, tmp_path):
+    from featalign.compare.report import _model_name
+
+    monkeypatch.setenv("FEATALIGN_CACHE", str(tmp_path))
+    conv = str(tmp_path / "gguf" / "SmolLM2-135M-Instruct.Q4_1-fb79cc876cfd")
+    assert _model_name({"sft": conv, "info": {"model": None}}) == "SmolLM2-135M-Instruct.Q4_1-fb79cc876cfd"
+    assert _model_name({"sft": conv, "info": {"model": "packaged:smollm2"}}) == "packaged:smollm2"
+    assert _model_name({"sft": "data/world/sft", "info": {}}) == "data/world/sft"

@@ -92,13 +92,26 @@ def _point_lines(cfg: CompareConfig, results: dict) -> list[str]:
     return lines
 
 
+def _model_name(src: dict) -> str:
+    """The starting model as the user named it; a GGUF conversion in featalign's cache by its folder name, not this
+    machine's path to it."""
+    from ..models import cache_root
+
+    named = (src.get("info") or {}).get("model")
+    if named:
+        return named
+    sft = src["sft"]
+    return os.path.basename(sft.rstrip("/")) if os.path.abspath(sft).startswith(cache_root()) else sft
+
+
 def _settings_lines(cfg: CompareConfig, results: dict) -> list[str]:
     """The judge, the budget, the generation settings and the SAE."""
     b, src = results["budget"], results["source"]
     grid = "; ".join(f"{m} {KNOB[m]} {', '.join(f'{v:g}' for v in vals)}" for m, vals in b["grid"].items())
     simpo = f" (SimPO {b['simpo_lr']:g})" if "simpo" in b["grid"] and b.get("simpo_lr", b["lr"]) != b["lr"] else ""
     lines = [
-        f"Judge (the ground truth here): {src['reward_fn'] or src['reward_model']}. Starting model: {src['sft']}.",
+        f"Judge (the ground truth here): {src['reward_fn'] or src['reward_model']}. "
+        f"Starting model: {_model_name(src)}.",
         "",
         f"Budget: {b['steps']} steps x batch {b['batch_size']} pairs per run, lr {b['lr']}{simpo}; grid {grid}; "
         f"TR-DPO tau {b['trdpo_tau']}, alpha {cfg.trdpo_alpha}; FPO k={cfg.k} at layer {src['layer']}. Generations: "
