@@ -7,7 +7,7 @@ import torch
 from conftest import margin
 
 from featalign.errors import ConfigError
-from featalign.sae import SAE, SAEConfig, check_fits, load_sae
+from featalign.sae import SAE, SAEConfig, check_fits, hook_layer, load_sae
 from featalign.sae import model as sae_model
 from featalign.sae.metrics import evaluate_sae, typical_tokens
 
@@ -132,7 +132,7 @@ def test_gemma_scope2_must_fit_the_model(tmp_path, world):
     ],
 )
 def test_hook_names_map_to_decoder_layers(hook, layer):
-    assert sae_model.hook_layer(hook) == layer
+    assert hook_layer(hook) == layer
 
 
 def test_sparse_decode_equals_dense():

@@ -36,7 +36,7 @@ _EXPORTS = {
     "run_sae_match": "sae.match",
     "match_saes": "sae.match",
     "SAE": "sae.model",
-    "load_sae": "sae.model",
+    "load_sae": "sae.formats",
     "evaluate_sae": "sae.metrics",
     "ExplainConfig": "explain",
     "run_explain": "explain",

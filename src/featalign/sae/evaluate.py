@@ -12,8 +12,9 @@ import torch
 from ..atomic import write_json
 from ..config import Config, check_model_path, setting
 from ..errors import ConfigError
+from .formats import load_sae
 from .metrics import OUTLIER_NORM, decoder_cosine_to_init, evaluate_sae, format_table
-from .model import SAE, load_sae, resolve_layer
+from .model import SAE, resolve_layer
 
 # the sparsity knob's sweep when none is given: k for TopK, a multiplier of the learnt thresholds for JumpReLU
 DEFAULT_FRONTIER = {"topk": [4.0, 8.0, 16.0, 32.0, 64.0], "jumprelu": [0.5, 0.75, 1.0, 1.5, 2.0]}

@@ -303,7 +303,7 @@ def run_sae_match(cfg: SAEMatchConfig) -> dict:
     cosine histogram (``match.png``); with a model and data, the transfer check."""
     import os
 
-    from .model import load_sae
+    from .formats import load_sae
 
     cfg.validate()
     a, b = load_sae(cfg.sae_a, cfg.layer_a), load_sae(cfg.sae_b, cfg.layer_b)
