@@ -106,7 +106,7 @@ def main() -> None:
     res["massive_activations"] = massive_activations(model_dir, [r["prompt"] + r["chosen"] for r in rows[:32]], layer)
 
     sae, cache = os.path.join(work, "sae"), os.path.join(work, "cache")
-    lengths = ["--max-length", "96", "--max-prompt-length", "88"]
+    lengths = ["--max-length", "80", "--max-prompt-length", "64"]
     steps = [
         ("sae train", ["sae", "train", "--model", MODEL, "--data", train, "--layer", str(layer), "--out", sae,
                        "--tokens", str(a.sae_tokens), "--no-progress"]),

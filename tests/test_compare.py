@@ -86,7 +86,7 @@ def test_tiers_and_grid_override():
     assert CompareConfig(preset="sentiment", full=True, simpo_lr=1e-6).budget().simpo_lr == 1e-6
     # the arithmetic preset has its own tiers: DPO against FPO, short answers, prompts long enough for four shots
     a, af = CompareConfig(preset="arithmetic").budget(), CompareConfig(preset="arithmetic", full=True).budget()
-    assert set(a.grid) == {"dpo", "fpo"} and a.max_new_tokens == 8 and a.max_prompt_length >= 96
+    assert set(a.grid) == {"dpo", "fpo"} and a.max_new_tokens == 8 and a.max_prompt_length >= 56
     assert af.seeds == 3 and all(len(v) == 3 for v in af.grid.values()) and af.grid["fpo"] == rf
     with pytest.raises(ConfigError, match="preset"):
         CompareConfig(preset="vibes").validate()

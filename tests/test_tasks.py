@@ -10,18 +10,19 @@ from featalign.tasks import Task, TaskConfig, build_task
 
 
 def test_arithmetic_judge_reads_the_first_integer_of_the_answer():
-    q = arithmetic.question(12, 30)
-    assert q.endswith("Q: 12 + 30 = ?\nA:") and q.startswith("Q: 23 + 41 = ?\nA: 64\n")
-    assert arithmetic.reward(q, " 42") == {"reward": 1.0, "answered": 1.0}
+    q = arithmetic.question(33, 9)
+    assert q.endswith("\n33 + 9 =") and q.startswith("23 + 4 = 27\n70 + 8 = 78\n")
+    assert arithmetic.reward(q, " 42") == {"reward": 1.0, "answered": 1.0}  # 33 + 9, not a shot's sum
     assert arithmetic.reward(q, " 41, or 42") == {"reward": 0.0, "answered": 1.0}  # the first number counts
     assert arithmetic.reward(q, " forty-two") == {"reward": 0.0, "answered": 0.0}
     assert arithmetic.reward(q, "The sum is 42.")["reward"] == 1.0
-    assert arithmetic.first_line(" 42\nQ: 1 + 2 = ?") == " 42"
+    assert arithmetic.reward(q, " 27")["reward"] == 0.0  # the first shot's answer
+    assert arithmetic.first_line(" 42\n1 + 2 = 3") == " 42"
 
 
-def test_arithmetic_prompts_are_every_two_digit_sum_once():
+def test_arithmetic_prompts_are_every_two_digit_plus_one_digit_sum_once():
     ps = arithmetic.prompts()
-    assert len(ps) == len(set(ps)) == 90 * 90 - len(arithmetic.SHOTS)
+    assert len(ps) == len(set(ps)) == 90 * 9 - len(arithmetic.SHOTS)
     assert ps == arithmetic.prompts()  # a fixed order: the split is the same on every machine
 
 

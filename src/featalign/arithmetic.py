@@ -1,9 +1,12 @@
-"""A verifiable ground truth for a base model: two-digit sums, judged exactly.
+"""A verifiable ground truth for a base model: a two-digit number plus a one-digit one, judged exactly.
 
-Prompts are few-shot text (``Q: 23 + 41 = ?\\nA: 64\\n...Q: a + b = ?\\nA:``) that a base model without a chat
-template continues; an answer is kept up to its first line break. The judge reads the first integer of the answer:
-reward 1 when it is the sum, else 0 (``featalign.arithmetic:reward``). Unlike a sentiment lexicon, this judge cannot
-be pleased by anything but the right number, so a method that games the judge has nothing to find.
+Prompts are four-shot text (``23 + 4 = 27\\n70 + 8 = 78\\n...a + b =``) that a base model without a chat template
+continues; an answer is kept up to its first line break. The size of the sums is set by what Gemma 3 270M gets
+right part of the time, since a pair needs one right and one wrong answer among the samples: sampled at
+temperature 1 it answers about 30% of these correctly, against 1-6% of two-digit sums and of a ``Q: ... A:``
+layout. The judge reads the first integer of the answer: reward 1 when it is the sum, else 0
+(``featalign.arithmetic:reward``). Unlike a sentiment lexicon, this judge cannot be pleased by anything but the
+right number, so a method that games the judge has nothing to find.
 """
 
 from __future__ import annotations
@@ -14,19 +17,19 @@ import re
 from .packaged import gemma3_gguf
 from .tasks import Task
 
-SHOTS = [(23, 41), (70, 18), (35, 47)]
-_QUESTION = re.compile(r"Q: (\d+) \+ (\d+) = \?")
+SHOTS = [(23, 4), (70, 8), (35, 7), (12, 9)]
+_QUESTION = re.compile(r"^(\d+) \+ (\d+) =", re.MULTILINE)
 _NUMBER = re.compile(r"-?\d+")
 
 
 def question(a: int, b: int) -> str:
-    shots = "".join(f"Q: {x} + {y} = ?\nA: {x + y}\n" for x, y in SHOTS)
-    return f"{shots}Q: {a} + {b} = ?\nA:"
+    shots = "".join(f"{x} + {y} = {x + y}\n" for x, y in SHOTS)
+    return f"{shots}{a} + {b} ="
 
 
 def prompts() -> list[str]:
-    """Every two-digit sum but the shots', in a fixed shuffled order."""
-    out = [question(a, b) for a in range(10, 100) for b in range(10, 100) if (a, b) not in SHOTS]
+    """Every two-digit plus one-digit sum but the shots', in a fixed shuffled order."""
+    out = [question(a, b) for a in range(10, 100) for b in range(1, 10) if (a, b) not in SHOTS]
     random.Random(0).shuffle(out)
     return out
 
@@ -47,7 +50,7 @@ def first_line(text: str) -> str:
 
 TASK = Task(
     name="arithmetic",
-    version=1,
+    version=2,
     prompts=prompts,
     reward=reward,
     default_model=gemma3_gguf,

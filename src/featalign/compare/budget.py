@@ -159,15 +159,15 @@ REAL_TIERS = {
 
 
 # the arithmetic preset (Gemma 3 270M, base): DPO against FPO, whose paper trains Gemma; answers are a few tokens, so
-# evaluation samples 8 new tokens on 128 held-out prompts; the four-shot prompts run to about 75 tokens
+# evaluation samples 8 new tokens on 128 held-out prompts; the four-shot prompts are 47 tokens
 _ARITHMETIC = replace(
     _REAL,
     methods=("dpo", "fpo"),
     steps=12,
     lr=4e-5,
     n_prompts=128,
-    max_length=128,
-    max_prompt_length=112,
+    max_length=80,
+    max_prompt_length=64,
     max_new_tokens=8,
     sae_tokens=60_000,
 )
@@ -193,7 +193,7 @@ class CompareConfig(Config):
     preset: Literal["world", "sentiment", "arithmetic"] = setting(
         "world",
         "world: the built-in world; sentiment: SmolLM2 (or --model) made more positive, judged by VADER; "
-        "arithmetic: Gemma 3 270M (or --model) answering two-digit sums, judged exactly",
+        "arithmetic: Gemma 3 270M (or --model) adding a one-digit number to a two-digit one, judged exactly",
     )
     model: str | None = setting(
         None, "your starting (SFT) model: HF folder, hub id or .gguf file; with data, replaces the world"
