@@ -101,7 +101,6 @@ def main() -> None:
     )
     res["task"] = {"build_s": round(time.time() - t, 1), **task["stats"]}
     rows = [json.loads(line) for line in open(task["train"])]
-    res["task"]["sampled_accuracy"] = sum(r["chosen_reward"] for r in rows) / max(1, len(rows))
     train, test = task["train"], task["test"]
     res["massive_activations"] = massive_activations(model_dir, [r["prompt"] + r["chosen"] for r in rows[:32]], layer)
 
@@ -141,7 +140,7 @@ def main() -> None:
         ev = json.load(f)
     res["sae"] = {k: ev.get(k) for k in ("explained_variance", "l0", "dead_share", "dense_share", "outlier_tokens")}
     with open(os.path.join(work, "sae-eval", "eval.json")) as f:
-        res["sae_eval"] = {k: v for k, v in json.load(f).items() if not isinstance(v, list | dict)}
+        res["sae_eval"] = {k: v for k, v in json.load(f).items() if isinstance(v, int | float | bool)}
     res["all_ran"] = all(r["rc"] == 0 for r in res["commands"].values())
     write_result("gemma", res)
 
