@@ -193,7 +193,7 @@ class CompareConfig(Config):
     preset: Literal["world", "sentiment", "arithmetic"] = setting(
         "world",
         "world: the built-in world; sentiment: SmolLM2 (or --model) made more positive, judged by VADER; "
-        "arithmetic: Gemma 3 270M (or --model) adding a one-digit number to a two-digit one, judged exactly",
+        "arithmetic: Gemma 3 270M adding up, judged exactly",
     )
     model: str | None = setting(
         None, "your starting (SFT) model: HF folder, hub id or .gguf file; with data, replaces the world"
@@ -218,8 +218,8 @@ class CompareConfig(Config):
     quick: bool = setting(False, "quick tier: small world, DPO and FPO, two knob values, one seed (a few minutes)")
     full: bool = setting(
         False,
-        "full tier: world: every method, five knob values, four seeds (hours on 2 cores); real model: the preset's "
-        "methods, three knob values, three seeds (under an hour for sentiment)",
+        "full tier: every method, five knob values, four seeds on the world (hours on 2 cores); three knob values "
+        "and three seeds on a real model",
     )
     seeds: int | None = setting(None, "training seeds per knob value (default: the tier's)", ge=1)
     methods: list[Literal[ALL_METHODS]] | None = setting(None, "comma-separated methods (default: the tier's)")
