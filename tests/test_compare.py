@@ -87,7 +87,8 @@ def test_tiers_and_grid_override():
     # the arithmetic preset has its own tiers: DPO against FPO, short answers, prompts long enough for four shots
     a, af = CompareConfig(preset="arithmetic").budget(), CompareConfig(preset="arithmetic", full=True).budget()
     assert set(a.grid) == {"dpo", "fpo"} and a.max_new_tokens == 8 and a.max_prompt_length >= 56
-    assert af.seeds == 3 and all(len(v) == 3 for v in af.grid.values()) and af.grid["fpo"] == rf
+    assert af.seeds == 3 and all(len(v) == 3 for v in af.grid.values()) and af.grid["fpo"] == [3e-4, 3e-3, 3e-2]
+    assert a.lr < CompareConfig(preset="sentiment").budget().lr  # Gemma collapses at SmolLM2's learning rate
     with pytest.raises(ConfigError, match="preset"):
         CompareConfig(preset="vibes").validate()
 

@@ -151,17 +151,21 @@ def _num(v: float) -> str:
 
 
 def grid_table() -> str:
-    from featalign.compare.budget import GRID, KNOB, PUBLISHED, WORLD_GRID
+    from featalign.compare.budget import ARITHMETIC_GRID, GRID, KNOB, PUBLISHED, WORLD_GRID
 
-    rows = ["| method | knob | grid on a real model | grid on the built-in world | published value |"]
-    rows.append("|---|---|---|---|---|")
+    rows = [
+        "| method | knob | grid on a real model | on the built-in world | on Gemma (arithmetic) | published value |"
+    ]
+    rows.append("|---|---|---|---|---|---|")
     groups: dict[tuple, list[str]] = {}
     for m in GRID:
-        groups.setdefault((KNOB[m], tuple(GRID[m]), tuple(WORLD_GRID[m]), PUBLISHED[m]), []).append(m)
-    for (knob, real, world, pub), methods in groups.items():
+        key = (KNOB[m], tuple(GRID[m]), tuple(WORLD_GRID[m]), tuple(ARITHMETIC_GRID[m]), PUBLISHED[m])
+        groups.setdefault(key, []).append(m)
+    for (knob, real, world, gemma, pub), methods in groups.items():
         same = "same" if real == world else ", ".join(map(_num, world))
+        same_g = "same" if real == gemma else ", ".join(map(_num, gemma))
         names = ", ".join(f"`{m}`" for m in methods)
-        rows.append(f"| {names} | `{knob}` | {', '.join(map(_num, real))} | {same} | {pub:g} |")
+        rows.append(f"| {names} | `{knob}` | {', '.join(map(_num, real))} | {same} | {same_g} | {pub:g} |")
     return "\n".join(rows)
 
 
