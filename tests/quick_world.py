@@ -26,6 +26,28 @@ def world_settings(seed: int = 0) -> dict:
     return {"version": WORLD_VERSION, **dataclasses.asdict(WorldConfig.quick(seed))}
 
 
+def train_config(world: dict, tmp_path, method: str, **kw):
+    """A short training run on the quick world (out: ``tmp_path/method``); keyword arguments override."""
+    from featalign.train import TrainConfig
+
+    base = dict(
+        method=method,
+        model=world["sft"],
+        data=world["train"],
+        out=str(tmp_path / method),
+        lr=1e-4,
+        batch_size=8,
+        max_steps=4,
+        limit=96,
+        max_length=96,
+        max_prompt_length=24,
+        progress=False,
+        log_every=2,
+        tensorboard=False,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
 def sae_config(world_dir: str, out: str, seed: int = 0):
     from featalign.sae.train import SAETrainConfig
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from quick_world import train_config
 from tiny import tiny_lm
 
 from featalign.controls import Controls, ablation, ablation_basis, named_features
@@ -80,22 +81,7 @@ def test_training_with_each_control(world, world_sae, tmp_path, control):
     from featalign.train import TrainConfig, run_train
 
     kw = {f"{control}_features": "3,17", "sae": world_sae["path"], "layer": 2}
-    cfg = TrainConfig(
-        method="dpo",
-        model=world["sft"],
-        data=world["train"],
-        out=str(tmp_path / control),
-        lr=1e-4,
-        batch_size=8,
-        max_steps=2,
-        limit=16,
-        max_length=96,
-        max_prompt_length=24,
-        progress=False,
-        tensorboard=False,
-        log_every=1,
-        **kw,
-    )
+    cfg = train_config(world, tmp_path, "dpo", out=str(tmp_path / control), max_steps=2, limit=16, log_every=1, **kw)
     s = run_train(cfg)
     assert s["steps"] == 2 and torch.isfinite(torch.tensor(s["final"]["loss"]))
     cache = ReferenceCache(str(tmp_path / control / "ref_cache"))

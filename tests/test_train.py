@@ -4,30 +4,11 @@ import os
 import pytest
 import torch
 from conftest import margin
+from quick_world import train_config as cfg_for
 
 from featalign.errors import ConfigError, TrainingDivergedError
 from featalign.train import TrainConfig, run_train
 from featalign.trainer import Trainer
-
-
-def cfg_for(world, tmp_path, method, **kw):
-    base = dict(
-        method=method,
-        model=world["sft"],
-        data=world["train"],
-        out=str(tmp_path / method),
-        lr=1e-4,
-        batch_size=8,
-        max_steps=4,
-        limit=96,
-        max_length=96,
-        max_prompt_length=24,
-        progress=False,
-        log_every=2,
-        tensorboard=False,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 @pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "dpo_ln", "tdpo1", "tdpo2", "trdpo", "fpo"])
@@ -157,29 +138,41 @@ class _Stop(Exception):
     pass
 
 
+def _killed_at_first_save_then_resumed(cfg, monkeypatch, at_save=lambda t: None) -> tuple[int, dict]:
+    """Train ``cfg`` until its first checkpoint is written (``at_save`` sees the trainer then), die, resume in a new
+    Trainer and train to the end; returns the step the resume started from and the final weights."""
+    real_save = Trainer.save_checkpoint
+
+    def save_then_die(self):
+        at_save(self)
+        real_save(self)
+        raise _Stop
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(_Stop):
+        Trainer(cfg).train()
+    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
+    resumed = Trainer(cfg)
+    assert resumed.load_checkpoint()
+    step = resumed.step
+    resumed.train()
+    return step, resumed.acc.unwrap_model(resumed.model).state_dict()
+
+
+def _assert_same_weights(want: dict, got: dict) -> None:
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-6), k
+
+
 def test_resume_reaches_the_same_weights(world, tmp_path, monkeypatch):
     full = Trainer(cfg_for(world, tmp_path / "a", "tdpo2", max_steps=6, grad_accum=2, batch_size=4))
     full.train()
     want = full.acc.unwrap_model(full.model).state_dict()
 
     cfg = cfg_for(world, tmp_path / "b", "tdpo2", max_steps=6, grad_accum=2, batch_size=4, save_every=3)
-    interrupted = Trainer(cfg)
-    real_save = Trainer.save_checkpoint
-
-    def save_then_die(self):
-        real_save(self)
-        raise _Stop
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
-    with pytest.raises(_Stop):
-        interrupted.train()
-    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
-    resumed = Trainer(cfg)
-    assert resumed.load_checkpoint() and resumed.step == 3
-    resumed.train()
-    got = resumed.acc.unwrap_model(resumed.model).state_dict()
-    for k in want:
-        assert torch.allclose(want[k], got[k], atol=1e-6), k
+    step, got = _killed_at_first_save_then_resumed(cfg, monkeypatch)
+    assert step == 3
+    _assert_same_weights(want, got)
     hist = [json.loads(line)["step"] for line in open(tmp_path / "b" / "tdpo2" / "metrics.jsonl")]
     assert hist == [2, 4, 6]
 
@@ -195,24 +188,13 @@ def test_optimizer_in_backward_reaches_adamws_weights(world, world_sae, tmp_path
     want = plain.acc.unwrap_model(plain.model).state_dict()
 
     cfg = cfg_for(world, tmp_path / "ib", method, optim_in_backward=True, save_every=2, **kw)
-    t = Trainer(cfg)
-    real_save = Trainer.save_checkpoint
 
-    def save_then_die(self):
-        assert all(p.grad is None for p in self.model.parameters())
-        real_save(self)
-        raise _Stop
+    def no_gradient_left(t):
+        assert all(p.grad is None for p in t.model.parameters())
 
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
-    with pytest.raises(_Stop):
-        t.train()
-    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
-    resumed = Trainer(cfg)
-    assert resumed.load_checkpoint() and resumed.step == 2
-    resumed.train()
-    got = resumed.acc.unwrap_model(resumed.model).state_dict()
-    for k in want:
-        assert torch.allclose(want[k], got[k], atol=1e-6), k
+    step, got = _killed_at_first_save_then_resumed(cfg, monkeypatch, no_gradient_left)
+    assert step == 2
+    _assert_same_weights(want, got)
 
 
 def test_optimizer_in_backward_refuses_accumulation(world, tmp_path):
