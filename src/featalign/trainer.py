@@ -185,21 +185,21 @@ class Trainer:
         if fsdp1:
             self.model = self.acc.prepare(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        warmup = int(cfg.warmup_ratio * self.total_steps)
         if cfg.optim_in_backward:
             if self.acc.num_processes > 1 or self.fsdp:
                 raise ConfigError(
                     "optim_in_backward steps each weight as its gradient completes, before any all-reduce: one process"
                 )
             self.opt = BackwardAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total_steps, warmup))
-            self.model = self.acc.prepare(self.model)
-            return
-        # fused AdamW on GPU: no parameter-sized temporaries at the step (what HF Trainer uses there too)
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        else:
+            # fused AdamW on GPU: no parameter-sized temporaries at the step (what HF Trainer uses there too)
+            fused = {"fused": True} if self.device.type == "cuda" else {}
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total_steps, warmup))
-        if fsdp1:
+        if cfg.optim_in_backward:  # stepped by its own hooks: accelerate wraps the model only
+            self.model = self.acc.prepare(self.model)
+        elif fsdp1:
             self.opt = self.acc.prepare(self.opt)
         else:
             self.model, self.opt = self.acc.prepare(self.model, self.opt)
